@@ -1,0 +1,518 @@
+"""Settings: one frozen dataclass built once from a TOML file and `GATEWAY_*` variables.
+
+No other module reads `os.environ`; the environ mapping is injected so tests and
+the command line build settings the same way. An environment variable wins over
+the file. A bad value raises `ConfigError` whose message names the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "GATEWAY_"
+
+REGION_BASES: Mapping[str, str] = {
+    "default": "https://api.ap3api.com",
+    "au": "https://api.au.ap3api.com",
+    "eu": "https://api.eu.ap3api.com",
+}
+ACTIVITIES_PATH = "/v1/activities/create"
+
+# Ortto's own limits (activities guide): a request above them is refused by Ortto.
+ORTTO_MAX_BODY_BYTES = 2 * 1024 * 1024
+ORTTO_MAX_ACTIVITIES = 100
+ORTTO_MAX_ACTIVITY_BYTES = 16_000  # "16 kB" per activity; the decimal reading is the safe one
+ORTTO_MAX_ATTRIBUTES = 15
+
+SUBSCRIPTION_FIELDS = frozenset({"bol::p", "bol::sp", "str::s-ctx", "str::u-ctx"})
+DEFAULT_PERSON_FIELDS = ("str::email", "str::first", "str::last")
+FIELD_TYPES = frozenset({"str", "txt", "int", "bol", "dtz", "tme", "phn", "geo", "sst", "obj"})
+FIELD_NAME_RE = re.compile(
+    r"^(str|txt|int|bol|dtz|tme|phn|geo|sst|obj):([a-z0-9-]*):([a-z0-9][a-z0-9_.-]{0,99})$"
+)
+ACTIVITY_ID_RE = re.compile(r"^act:[a-z0-9-]*:[a-z0-9][a-z0-9_.-]{0,99}$")
+
+_RATE_RE = re.compile(r"^([1-9][0-9]{0,8})/([1-9][0-9]{0,6})([smhd])$")
+_SECONDS_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^([0-9]+)\s*(|b|kb|kib|mb|mib|gb|gib)$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names it and is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `count` events in any window of `window` seconds."""
+
+    count: int
+    window: float
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A listener address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ActivitySpec:
+    """One activity browsers may send, with optional declared attributes and limits."""
+
+    activity_id: str
+    attributes: frozenset[str] | None = None  # None: any well-formed attribute name
+    person_limit: Rate | None = None
+    ip_limit: Rate | None = None
+    person_fields: frozenset[str] | None = None  # None: the global allowlist
+
+
+Delivery = Literal["queue", "sync"]
+LimiterOnError = Literal["local", "open", "closed"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the gateway; defaults are safe for one machine."""
+
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    metrics_listen: HostPort = HostPort("127.0.0.1", 9108)
+    api_key: str = field(default="", repr=False)
+    region: str = "default"
+    upstream_url: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    activities: Mapping[str, ActivitySpec] = field(default_factory=dict)
+    person_limit: Rate = Rate(10, 86400.0, "10/1d")
+    ip_limit: Rate = Rate(100, 3600.0, "100/1h")
+    person_fields: frozenset[str] = frozenset(DEFAULT_PERSON_FIELDS)
+    max_body_bytes: int = 64 * 1024
+    spool_path: str = "./data/spool.sqlite3"
+    spool_max_rows: int = 1_000_000
+    spool_max_bytes: int = 1024**3
+    redis_url: str | None = field(default=None, repr=False)
+    redis_prefix: str = "ortto-gw"
+    limiter_on_error: LimiterOnError = "local"
+    limiter_max_keys: int = 1_000_000
+    upstream_rate: float = 10.0
+    upstream_concurrency: int = 4
+    upstream_timeout: float = 10.0
+    delivery: Delivery = "queue"
+    batch_max_wait: float = 0.25
+    drain_timeout: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def upstream_base(self) -> str:
+        """The base URL requests go to: the override, else the region's."""
+        return (self.upstream_url or REGION_BASES[self.region]).rstrip("/")
+
+    @property
+    def upstream_endpoint(self) -> str:
+        """`{base}/v1/activities/create`."""
+        return self.upstream_base + ACTIVITIES_PATH
+
+    def spec(self, activity_id: str) -> ActivitySpec | None:
+        """The catalogue entry for an activity id, or None when not enabled."""
+        return self.activities.get(activity_id)
+
+    def person_rate(self, spec: ActivitySpec) -> Rate:
+        """The per-person limit that applies to an activity."""
+        return spec.person_limit or self.person_limit
+
+    def ip_rate(self, spec: ActivitySpec) -> Rate:
+        """The per-IP limit that applies to an activity."""
+        return spec.ip_limit or self.ip_limit
+
+
+# -- parsers: each takes the raw value and returns the typed one or raises ValueError
+
+
+def parse_rate(text: str) -> Rate:
+    """`N/DURATION` as `10/1d`, `100/1h`, `3/2s`; strict: no spaces, no zero."""
+    m = _RATE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"expected N/DURATION such as 10/1d or 100/1h, got {text!r}")
+    count, amount, unit = int(m[1]), int(m[2]), m[3]
+    return Rate(count, amount * _UNIT_SECONDS[unit], f"{count}/{amount}{unit}")
+
+
+def parse_seconds(text: str) -> float:
+    """A duration: `250ms`, `2s`, `1.5`, `5m`; a bare number is seconds."""
+    m = _SECONDS_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"expected a duration such as 250ms, 2s or 5m, got {text!r}")
+    return float(m[1]) * _UNIT_SECONDS[m[2] or "s"]
+
+
+def parse_size(text: str) -> int:
+    """A byte size: `65536`, `64KiB`, `2MB`."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"expected a size such as 65536, 64KiB or 1GiB, got {text!r}")
+    return int(m[1]) * _SIZE_UNITS[m[2].lower()]
+
+
+def parse_host_port(text: str) -> HostPort:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return HostPort(host or "0.0.0.0", int(port))
+
+
+def parse_list(value: str | list[Any]) -> tuple[str, ...]:
+    """A comma list (env) or a TOML array of strings."""
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        items = value
+    else:
+        items = value.split(",")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def parse_bool(text: str) -> bool:
+    """`true/false`, `1/0`, `yes/no`, `on/off`."""
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _region(text: str) -> str:
+    if text not in REGION_BASES:
+        raise ValueError(f"expected one of {', '.join(REGION_BASES)}, got {text!r}")
+    return text
+
+
+def _url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("expected a base URL without query, fragment or credentials")
+    return text.strip().rstrip("/")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _cidrs(value: str | list[Any]) -> tuple[str, ...]:
+    items = parse_list(value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network such as 10.0.0.0/8") from None
+    return items
+
+
+def _origins(value: str | list[Any]) -> tuple[str, ...]:
+    items = parse_list(value)
+    for item in items:
+        parts = urlsplit(item)
+        if item == "*" or parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"{item!r} is not an origin such as https://www.example.com")
+        if parts.path not in {"", "/"} or parts.query or parts.fragment:
+            raise ValueError(f"{item!r} is not an origin: no path, query or fragment")
+    return items
+
+
+def _field_names(value: str | list[Any]) -> frozenset[str]:
+    names = parse_list(value)
+    for name in names:
+        if not FIELD_NAME_RE.match(name):
+            raise ValueError(f"{name!r} is not a field name such as str::first or str:cm:plan")
+    return frozenset(names)
+
+
+def _activity_id(text: str) -> str:
+    if not ACTIVITY_ID_RE.match(text):
+        raise ValueError(f"{text!r} is not an activity id such as act:cm:logged-in")
+    return text
+
+
+# Setting name -> parser for string values (from env or TOML strings).
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "listen": parse_host_port,
+    "metrics_listen": parse_host_port,
+    "region": _region,
+    "upstream_url": _url,
+    "allowed_origins": _origins,
+    "trusted_proxies": _cidrs,
+    "person_limit": parse_rate,
+    "ip_limit": parse_rate,
+    "person_fields": _field_names,
+    "max_body_bytes": parse_size,
+    "spool_path": str,
+    "spool_max_rows": _positive_int,
+    "spool_max_bytes": parse_size,
+    "redis_url": str,
+    "redis_prefix": str,
+    "limiter_on_error": _choice("local", "open", "closed"),
+    "limiter_max_keys": _positive_int,
+    "upstream_rate": _positive_float,
+    "upstream_concurrency": _positive_int,
+    "upstream_timeout": parse_seconds,
+    "delivery": _choice("queue", "sync"),
+    "batch_max_wait": parse_seconds,
+    "drain_timeout": parse_seconds,
+    "log_level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+_LIST_SETTINGS = {"allowed_origins", "trusted_proxies", "person_fields"}
+_SPECIAL = {"api_key", "api_key_file", "activities", "config"}
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a setting."""
+    return ENV_PREFIX + name.upper()
+
+
+def _parse_value(name: str, value: Any, where: str) -> Any:
+    parser = _PARSERS[name]
+    if isinstance(value, bool) or (
+        not isinstance(value, str) and not (name in _LIST_SETTINGS and isinstance(value, list))
+    ):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        else:
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+    try:
+        return parser(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _parse_spec(activity_id: str, raw: Any, where: str) -> ActivitySpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table of settings for the activity")
+    unknown = set(raw) - {"attributes", "person_limit", "ip_limit", "person_fields"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    attributes = None
+    if "attributes" in raw:
+        attributes = _parse_value_with(_field_names, raw["attributes"], f"{where}.attributes")
+    person_fields = None
+    if "person_fields" in raw:
+        person_fields = _parse_value_with(
+            _field_names, raw["person_fields"], f"{where}.person_fields"
+        )
+    return ActivitySpec(
+        activity_id=activity_id,
+        attributes=attributes,
+        person_limit=_parse_value("person_limit", raw["person_limit"], f"{where}.person_limit")
+        if "person_limit" in raw
+        else None,
+        ip_limit=_parse_value("ip_limit", raw["ip_limit"], f"{where}.ip_limit")
+        if "ip_limit" in raw
+        else None,
+        person_fields=person_fields,
+    )
+
+
+def _parse_value_with(parser: Callable[[Any], Any], value: Any, where: str) -> Any:
+    try:
+        return parser(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+    *,
+    require_api_key: bool = True,
+) -> Settings:
+    """Build settings from the file (`config_file` or `GATEWAY_CONFIG`) and the environ."""
+    path = config_file or environ.get(env_name("config"))
+    data = _read_file(path) if path else {}
+    file_label = f"{path}" if path else ""
+    known = set(_PARSERS) | _SPECIAL
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{file_label}: unknown setting {key!r}")
+    for key in environ:
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in known:
+            raise ConfigError(f"{key}: unknown setting (check the spelling)")
+
+    values: dict[str, Any] = {}
+    for name in _PARSERS:
+        env_key = env_name(name)
+        if env_key in environ:
+            raw = environ[env_key]
+            if name in {"upstream_url", "redis_url"} and not raw.strip():
+                continue
+            values[name] = _parse_value(name, raw, env_key)
+        elif name in data:
+            values[name] = _parse_value(name, data[name], f"{name} (in {file_label})")
+
+    values["api_key"] = _api_key(environ, data, file_label)
+    if require_api_key and not values["api_key"]:
+        raise ConfigError(
+            "GATEWAY_API_KEY: required (or GATEWAY_API_KEY_FILE); the Ortto private key"
+        )
+    values["activities"] = _activities(environ, data, file_label)
+
+    max_body = values.get("max_body_bytes", Settings.max_body_bytes)
+    if max_body > ORTTO_MAX_BODY_BYTES:
+        raise ConfigError(
+            f"{env_name('max_body_bytes')}: at most {ORTTO_MAX_BODY_BYTES} (Ortto's 2 MB), "
+            f"got {max_body}"
+        )
+    if values.get("redis_url") and not values["redis_url"].startswith(
+        ("redis://", "rediss://", "unix://", "redis+sentinel://")
+    ):
+        raise ConfigError(f"{env_name('redis_url')}: expected a redis:// URL")
+    return Settings(**values)
+
+
+def _api_key(environ: Mapping[str, str], data: Mapping[str, Any], file_label: str) -> str:
+    if environ.get(env_name("api_key")):
+        return environ[env_name("api_key")].strip()
+    key_file = environ.get(env_name("api_key_file")) or data.get("api_key_file")
+    if key_file:
+        where = env_name("api_key_file")
+        if not isinstance(key_file, str):
+            raise ConfigError(f"{where}: expected a path")
+        try:
+            return Path(key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {key_file}: {exc.strerror}") from None
+    raw = data.get("api_key", "")
+    if not isinstance(raw, str):
+        raise ConfigError(f"api_key (in {file_label}): expected a string")
+    return raw.strip()
+
+
+def _activities(
+    environ: Mapping[str, str], data: Mapping[str, Any], file_label: str
+) -> dict[str, ActivitySpec]:
+    raw = data.get("activities", {})
+    specs: dict[str, ActivitySpec] = {}
+    if isinstance(raw, list):
+        raw = {name: {} for name in raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"activities (in {file_label}): expected a list or a table")
+    for activity_id, entry in raw.items():
+        where = f"activities.{activity_id!r} (in {file_label})"
+        _parse_value_with(_activity_id, activity_id, where)
+        specs[activity_id] = _parse_spec(activity_id, entry, where)
+    env_key = env_name("activities")
+    if env_key in environ:
+        enabled = {}
+        for activity_id in parse_list(environ[env_key]):
+            _parse_value_with(_activity_id, activity_id, env_key)
+            enabled[activity_id] = specs.get(activity_id, ActivitySpec(activity_id))
+        specs = enabled
+    return specs
+
+
+def mask(secret: str) -> str:
+    """A secret as `****(40 chars, sha256:1a2b3c4d)`: comparable, yet useless to an attacker."""
+    if not secret:
+        return "(unset)"
+    digest = hashlib.sha256(secret.encode()).hexdigest()[:8]
+    return f"****({len(secret)} chars, sha256:{digest})"
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":****@")
+    return url
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain values, secrets masked (for `check-config`)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "api_key":
+            value = mask(value)
+        elif f.name == "redis_url" and value:
+            value = _mask_url(value)
+        elif f.name == "activities":
+            value = {
+                k: {
+                    "attributes": sorted(s.attributes) if s.attributes is not None else "any",
+                    "person_limit": str(settings.person_rate(s)),
+                    "ip_limit": str(settings.ip_rate(s)),
+                    "person_fields": sorted(s.person_fields or settings.person_fields),
+                }
+                for k, s in value.items()
+            }
+        elif isinstance(value, frozenset):
+            value = sorted(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Rate | HostPort):
+            value = str(value)
+        out[f.name] = value
+    out["upstream_endpoint"] = settings.upstream_endpoint
+    return out

@@ -1,0 +1,83 @@
+"""The gateway's refusals, each mapped to an HTTP status and Ortto's error shape."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+
+class GatewayError(Exception):
+    """A refusal the browser should see: status, message and the field it concerns."""
+
+    status = 400
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    def body(self, request_id: str) -> dict[str, Any]:
+        """Ortto's error shape: `{"request_id", "code", "error"}`."""
+        return {"request_id": request_id, "code": self.status, "error": self.message}
+
+
+class BadRequest(GatewayError):
+    """Malformed body, wrong types, limits of Ortto's API exceeded."""
+
+    status = 400
+
+
+class Unauthorized(GatewayError):
+    """A signed identity is missing, expired or for another person."""
+
+    status = 401
+
+
+class Forbidden(GatewayError):
+    """The origin is not allowed."""
+
+    status = 403
+
+
+class NotFound(GatewayError):
+    """The activity is unknown or not enabled for browsers (as Ortto's website path)."""
+
+    status = 404
+
+
+class MethodNotAllowed(GatewayError):
+    """Wrong HTTP method."""
+
+    status = 405
+
+
+class PayloadTooLarge(GatewayError):
+    """The body is over the configured limit."""
+
+    status = 413
+
+
+class UnsupportedMediaType(GatewayError):
+    """The body is neither `application/json` nor `text/plain`."""
+
+    status = 415
+
+
+class RateLimited(GatewayError):
+    """Every activity of the request is over a limit."""
+
+    status = 429
+
+
+class Unavailable(GatewayError):
+    """The spool is full or the gateway is shutting down."""
+
+    status = 503
+
+
+def new_request_id() -> str:
+    """A fresh request id, in the form Ortto uses (a UUID)."""
+    return str(uuid.uuid4())

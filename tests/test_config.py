@@ -1,0 +1,197 @@
+"""Settings: names, defaults, parsing, the file and the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (
+    REGION_BASES,
+    ConfigError,
+    Settings,
+    describe,
+    load_settings,
+    mask,
+    parse_rate,
+    parse_seconds,
+    parse_size,
+)
+
+KEY = "pk-test-0123456789abcdef0123456789abcdef"
+
+
+def env(**kw: str) -> dict[str, str]:
+    base = {"GATEWAY_API_KEY": KEY}
+    base.update({f"GATEWAY_{k.upper()}": v for k, v in kw.items()})
+    return base
+
+
+def test_defaults_match_the_design() -> None:
+    s = load_settings(env())
+    assert str(s.listen) == "127.0.0.1:8080"
+    assert str(s.metrics_listen) == "127.0.0.1:9108"
+    assert s.region == "default"
+    assert s.upstream_endpoint == "https://api.ap3api.com/v1/activities/create"
+    assert s.allowed_origins == ()
+    assert s.trusted_proxies == ("127.0.0.1/32", "::1/128")
+    assert s.activities == {}
+    assert (s.person_limit.count, s.person_limit.window) == (10, 86400)
+    assert (s.ip_limit.count, s.ip_limit.window) == (100, 3600)
+    assert s.spool_path == "./data/spool.sqlite3"
+    assert s.redis_url is None
+    assert s.upstream_rate == 10
+    assert s.delivery == "queue"
+    assert s.max_body_bytes == 64 * 1024
+    assert s.batch_max_wait == 0.25
+
+
+@pytest.mark.parametrize(
+    ("region", "base"), [("default", REGION_BASES["default"]), ("au", "https://api.au.ap3api.com"),
+                         ("eu", "https://api.eu.ap3api.com")]
+)
+def test_region_routing(region: str, base: str) -> None:
+    s = load_settings(env(region=region))
+    assert s.upstream_endpoint == base + "/v1/activities/create"
+
+
+def test_upstream_url_overrides_region() -> None:
+    s = load_settings(env(region="eu", upstream_url="http://127.0.0.1:9/"))
+    assert s.upstream_endpoint == "http://127.0.0.1:9/v1/activities/create"
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "window"),
+    [("10/1d", 10, 86400), ("100/1h", 100, 3600), ("3/2s", 3, 2), ("5/15m", 5, 900)],
+)
+def test_parse_rate(text: str, count: int, window: float) -> None:
+    rate = parse_rate(text)
+    assert (rate.count, rate.window, str(rate)) == (count, window, text)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "10", "10/", "/1d", "0/1d", "10/0d", "10/1w", "10 /1d", "-1/1d", "1.5/1d", "10/d"]
+)
+def test_parse_rate_is_strict(text: str) -> None:
+    with pytest.raises(ValueError, match="N/DURATION"):
+        parse_rate(text)
+
+
+def test_parse_seconds_and_size() -> None:
+    assert parse_seconds("250ms") == 0.25
+    assert parse_seconds("2") == 2
+    assert parse_seconds("5m") == 300
+    assert parse_size("64KiB") == 65536
+    assert parse_size("1GiB") == 1024**3
+    with pytest.raises(ValueError):
+        parse_seconds("soon")
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("person_limit", "10/day", "GATEWAY_PERSON_LIMIT"),
+        ("ip_limit", "x", "GATEWAY_IP_LIMIT"),
+        ("region", "us", "GATEWAY_REGION"),
+        ("listen", "localhost", "GATEWAY_LISTEN"),
+        ("upstream_url", "ftp://x", "GATEWAY_UPSTREAM_URL"),
+        ("allowed_origins", "*", "GATEWAY_ALLOWED_ORIGINS"),
+        ("allowed_origins", "https://a.com/path", "GATEWAY_ALLOWED_ORIGINS"),
+        ("trusted_proxies", "10.0.0.0/33", "GATEWAY_TRUSTED_PROXIES"),
+        ("activities", "logged-in", "GATEWAY_ACTIVITIES"),
+        ("upstream_rate", "0", "GATEWAY_UPSTREAM_RATE"),
+        ("delivery", "later", "GATEWAY_DELIVERY"),
+        ("max_body_bytes", "3MiB", "GATEWAY_MAX_BODY_BYTES"),
+        ("redis_url", "http://x", "GATEWAY_REDIS_URL"),
+    ],
+)
+def test_bad_values_name_the_setting(name: str, value: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env(**{name: value}))
+    message = str(info.value)
+    assert message.startswith(needle)
+    assert "\n" not in message
+    assert KEY not in message
+
+
+def test_unknown_env_setting_is_refused() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_PERSON_LIMTI"):
+        load_settings({**env(), "GATEWAY_PERSON_LIMTI": "1/1d"})
+
+
+def test_api_key_required_and_from_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_API_KEY"):
+        load_settings({})
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    s = load_settings({"GATEWAY_API_KEY_FILE": str(key_file)})
+    assert s.api_key == KEY
+    with pytest.raises(ConfigError, match="GATEWAY_API_KEY_FILE"):
+        load_settings({"GATEWAY_API_KEY_FILE": str(tmp_path / "missing")})
+
+
+def test_file_and_env_env_wins(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        """
+listen = "127.0.0.1:9000"
+person_limit = "5/1d"
+allowed_origins = ["https://www.example.com"]
+
+[activities."act:cm:logged-in"]
+attributes = ["str:cm:payment-plan", "bol:cm:account-owner"]
+person_limit = "3/1h"
+
+[activities."act:cm:signup"]
+"""
+    )
+    s = load_settings(env(person_limit="7/1d"), str(path))
+    assert s.listen.port == 9000
+    assert s.person_limit.count == 7
+    assert s.allowed_origins == ("https://www.example.com",)
+    spec = s.activities["act:cm:logged-in"]
+    assert spec.attributes == {"str:cm:payment-plan", "bol:cm:account-owner"}
+    assert s.person_rate(spec).count == 3
+    assert s.person_rate(s.activities["act:cm:signup"]).count == 7
+    # The env list selects the enabled ids; the file still describes them.
+    s2 = load_settings(env(activities="act:cm:logged-in"), str(path))
+    assert list(s2.activities) == ["act:cm:logged-in"]
+    assert s2.activities["act:cm:logged-in"].attributes is not None
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("listen = 8080\n[activities]\n", None),
+        ("nonsense = 1\n", "unknown setting 'nonsense'"),
+        ("person_limit = true\n", "person_limit"),
+        ('[activities."act:cm:x"]\nattributes = ["plan"]\n', "attributes"),
+        ('[activities."act:cm:x"]\nperson_limit = "x"\n', "person_limit"),
+        ('[activities."act:cm:x"]\ncolour = "red"\n', "colour"),
+        ("this is not toml", "gateway.toml"),
+    ],
+)
+def test_file_errors(tmp_path: Path, content: str, needle: str | None) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(content)
+    if needle is None:
+        with pytest.raises(ConfigError, match="listen"):
+            load_settings(env(), str(path))
+        return
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(env(), str(path))
+
+
+def test_describe_masks_secrets() -> None:
+    s = load_settings(env(redis_url="redis://:hunter2@127.0.0.1:6379/0"))
+    text = repr(describe(s)) + repr(s)
+    assert KEY not in text
+    assert "hunter2" not in text
+    assert describe(s)["api_key"] == mask(KEY)
+    assert mask("") == "(unset)"
+
+
+def test_settings_repr_hides_the_key() -> None:
+    assert KEY not in repr(Settings(api_key=KEY))
