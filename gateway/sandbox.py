@@ -1,0 +1,798 @@
+"""Sandbox upstream: a faithful stand-in for Ortto's activities API (tests, demo, staging).
+
+It answers ``POST /v1/activities/create`` the way Ortto's documentation says Ortto does
+(``X-Api-Key`` check, 100 activities / 2 MB per request, the 90-day ``created`` rule, unknown
+person fields, 50 activities per activity per contact per 24 h, ``key`` + ``created`` dedupe,
+``async`` queueing, the 15-bad-requests-in-15-s ban, an optional request rate), and records
+everything it receives so tests can assert on it. Faults (errors, delays, ambiguous failures
+that process the request and then answer an error) can be programmed in order.
+
+The control API under ``/_sandbox/`` (received activities, faults, reset, config, stats) has
+NO authentication: anyone who reaches it can read every activity received and change the API
+key. Only ever listen on loopback (127.0.0.1 / ::1) with it; it is not for production.
+
+Order of checks for each activities request: the ban (403), then the next queued fault, then
+the key (401), ``rate_per_second`` (429, counting only requests let through), Content-Type,
+size and JSON shape (400), the ``created`` rules (whole request 400), then each activity
+(unknown person field, no identifier, more than 15 attributes or 16 kB, 50 per activity per
+contact per 24 h: an ``invalid`` entry; all invalid: 400 with ``details``). All callers count as
+one client IP (the gateway), so the ban (400/401/403 answers, 15 within 15 s) is sandbox-wide.
+
+Control API (JSON): ``GET /_sandbox/received?since=N``, ``GET /_sandbox/stats``,
+``POST /_sandbox/faults`` (a Fault's fields), ``DELETE /_sandbox/faults``,
+``POST /_sandbox/reset``, ``PUT /_sandbox/config`` (``api_key``, ``latency``,
+``rate_per_second``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import math
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta, timezone
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+__all__ = [
+    "DEFAULT_PERSON_FIELDS",
+    "SANDBOX_STATE",
+    "Fault",
+    "ReceivedActivity",
+    "ReceivedRequest",
+    "SandboxState",
+    "create_sandbox_app",
+    "wait_for",
+]
+
+ACTIVITIES_PATH = "/v1/activities/create"
+MAX_BODY_BYTES = 2 * 1024 * 1024
+MAX_ACTIVITIES = 100
+MAX_ACTIVITY_BYTES = 16 * 1024
+MAX_ATTRIBUTES = 15
+CONTACT_LIMIT = 50
+CONTACT_WINDOW = 24 * 3600.0
+CREATED_MAX_AGE = timedelta(days=90)
+CREATED_MAX_FUTURE = timedelta(minutes=1)
+BAN_THRESHOLD = 15
+BAN_WINDOW = 15.0
+BAN_DURATION = 15.0
+BAD_STATUSES = frozenset({400, 401, 403})
+_UNSET: Any = object()
+
+DEFAULT_PERSON_FIELDS: frozenset[str] = frozenset(
+    {
+        "str::email",
+        "str::first",
+        "str::last",
+        "str::ei",
+        "phn::phone",
+        "geo::city",
+        "geo::country",
+        "geo::region",
+        "dtz::b",
+        "bol::p",
+        "bol::sp",
+        "str::s-ctx",
+        "str::u-ctx",
+        "str::language",
+    }
+)
+
+_FIELD_NAME = re.compile(r"^(str|txt|int|bol|dtz|tme|phn|geo|sst|obj):[a-z0-9-]*:[A-Za-z0-9_.-]+$")
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))$"
+)
+
+
+@dataclass
+class Fault:
+    """One programmed answer or behaviour, applied to the next ``count`` activity requests."""
+
+    status: int = 503
+    count: int = 1
+    retry_after: float | None = None
+    try_in_seconds: int | None = None
+    delay: float = 0.0
+    process: bool = False
+
+    def __post_init__(self) -> None:
+        """Validate the fault, so a bad one from the control API is refused up front."""
+        if not _is_int(self.status) or not 200 <= self.status <= 599:
+            raise ValueError("status must be an HTTP status between 200 and 599")
+        if self.status < 400 and not (self.process and self.status < 300):
+            raise ValueError("status below 400 needs process=true and must be 2xx")
+        if not _is_int(self.count) or self.count < 1:
+            raise ValueError("count must be an integer >= 1")
+        if self.retry_after is not None and (
+            not _is_number(self.retry_after) or self.retry_after < 0
+        ):
+            raise ValueError("retry_after must be a number >= 0 or null")
+        if self.try_in_seconds is not None and (
+            not _is_int(self.try_in_seconds) or self.try_in_seconds < 0
+        ):
+            raise ValueError("try_in_seconds must be an integer >= 0 or null")
+        if not _is_number(self.delay) or self.delay < 0:
+            raise ValueError("delay must be a number >= 0")
+        if not isinstance(self.process, bool):
+            raise ValueError("process must be a boolean")
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One POST to the activities path, as received and answered."""
+
+    time: float
+    path: str
+    api_key_ok: bool
+    status: int
+    body: bytes
+    n_activities: int
+
+
+@dataclass(frozen=True)
+class ReceivedActivity:
+    """One ingested activity, exactly as received."""
+
+    time: float
+    activity: dict[str, Any]
+
+    @property
+    def activity_id(self) -> str:
+        """The activity's ``activity_id`` (e.g. ``act:cm:logged-in``)."""
+        return str(self.activity.get("activity_id", ""))
+
+    @property
+    def email(self) -> str | None:
+        """The person's ``fields["str::email"]``, or None."""
+        return _str_or_none(_dict_or_empty(self.activity.get("fields")).get("str::email"))
+
+    @property
+    def source_ip(self) -> str | None:
+        """The ``location.source_ip``, or None."""
+        return _str_or_none(_dict_or_empty(self.activity.get("location")).get("source_ip"))
+
+    @property
+    def key(self) -> str | None:
+        """The activity's idempotency ``key``, or None."""
+        return _str_or_none(self.activity.get("key"))
+
+    @property
+    def created(self) -> str | None:
+        """The activity's ``created`` string as received, or None."""
+        return _str_or_none(self.activity.get("created"))
+
+
+@dataclass
+class _Outcome:
+    """An answer decided by the sandbox, before any delay."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _QueuedFault:
+    """A queued fault and how many more requests it applies to."""
+
+    fault: Fault
+    remaining: int
+
+
+@dataclass
+class _Merged:
+    """What a (key, created) pair was answered with the first time."""
+
+    person_id: str
+    activity_id: str
+
+
+class SandboxState:
+    """Everything the sandbox received and everything that shapes its answers."""
+
+    def __init__(
+        self,
+        api_key: str = "sandbox-key",
+        *,
+        person_fields: Iterable[str] = DEFAULT_PERSON_FIELDS,
+        clock: Callable[[], float] = time.time,
+        latency: float = 0.0,
+        rate_per_second: float | None = None,
+    ) -> None:
+        """Create a sandbox with a key, known person fields, a clock and optional pacing."""
+        fields_set = frozenset(person_fields) | DEFAULT_PERSON_FIELDS
+        for name in fields_set:
+            if not _FIELD_NAME.match(name):
+                raise ValueError(f"not a person field name (type:namespace:name): {name!r}")
+        self.api_key = api_key
+        self.person_fields = fields_set
+        self.clock = clock
+        self.latency = latency
+        self.rate_per_second = rate_per_second
+        self.requests: list[ReceivedRequest] = []
+        self.activities: list[ReceivedActivity] = []
+        self.duplicates = 0
+        self.banned_until = 0.0
+        self.bans = 0
+        self._keys_seen: collections.Counter[str] = collections.Counter()
+        self._faults: collections.deque[_QueuedFault] = collections.deque()
+        self._bad_times: collections.deque[float] = collections.deque()
+        self._rate_times: collections.deque[float] = collections.deque()
+        self._persons: dict[str, str] = {}
+        self._merged: dict[tuple[str, datetime], _Merged] = {}
+        self._per_contact: dict[tuple[str, str], collections.deque[float]] = {}
+
+    def add_fault(self, fault: Fault) -> None:
+        """Queue a fault; faults apply in the order added."""
+        self._faults.append(_QueuedFault(fault, fault.count))
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        self._faults.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        """How many requests the queued faults will still apply to."""
+        return sum(queued.remaining for queued in self._faults)
+
+    def reset(self) -> None:
+        """Forget everything received, faults, counters, people and bans (config stays)."""
+        self.requests.clear()
+        self.activities.clear()
+        self.duplicates = 0
+        self.banned_until = 0.0
+        self.bans = 0
+        self._keys_seen.clear()
+        self._faults.clear()
+        self._bad_times.clear()
+        self._rate_times.clear()
+        self._persons.clear()
+        self._merged.clear()
+        self._per_contact.clear()
+
+    def keys_seen(self) -> collections.Counter[str]:
+        """Activity ``key`` -> times received and accepted (ingested or merged as duplicate)."""
+        return collections.Counter(self._keys_seen)
+
+    def is_banned(self) -> bool:
+        """Whether the bad-request ban is in force now (clears an expired ban)."""
+        if self.banned_until and self.clock() >= self.banned_until:
+            self.banned_until = 0.0
+        return self.banned_until > 0.0
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the control API."""
+        return {
+            "requests": len(self.requests),
+            "activities": len(self.activities),
+            "duplicates": self.duplicates,
+            "bans": self.bans,
+            "banned": self.is_banned(),
+            "keys_received_twice": sum(1 for n in self._keys_seen.values() if n >= 2),
+        }
+
+    def _next_fault(self) -> Fault | None:
+        """Consume one use of the first queued fault, if any."""
+        if not self._faults:
+            return None
+        queued = self._faults[0]
+        queued.remaining -= 1
+        if queued.remaining <= 0:
+            self._faults.popleft()
+        return queued.fault
+
+    def _note_answer(self, status: int, now: float) -> None:
+        """Count a bad answer toward the ban and trip it on the threshold."""
+        if status not in BAD_STATUSES:
+            return
+        bad = self._bad_times
+        bad.append(now)
+        while bad and bad[0] <= now - BAN_WINDOW:
+            bad.popleft()
+        if len(bad) >= BAN_THRESHOLD:
+            self.banned_until = now + BAN_DURATION
+            self.bans += 1
+            bad.clear()
+
+    def _rate_limited(self, now: float) -> _Outcome | None:
+        """Apply ``rate_per_second`` over a sliding second."""
+        rate = self.rate_per_second
+        if rate is None:
+            return None
+        times = self._rate_times
+        while times and times[0] <= now - 1.0:
+            times.popleft()
+        if len(times) + 1 > rate:
+            wait = times[0] + 1.0 - now if times else 1.0
+            return _Outcome(429, _rate_limit_body(max(1, math.ceil(wait))))
+        times.append(now)
+        return None
+
+    def _process(
+        self, api_key_ok: bool, content_type: str, charset: str | None, body: bytes | None
+    ) -> _Outcome:
+        """Decide the normal answer to one activities request."""
+        if not api_key_ok:
+            return _error(401, "Invalid API key")
+        limited = self._rate_limited(self.clock())
+        if limited is not None:
+            return limited
+        if content_type != "application/json" or (
+            charset is not None and charset.lower() not in ("utf-8", "utf8")
+        ):
+            return _error(400, "Content-Type must be application/json")
+        if body is None:
+            return _error(400, "Request body exceeds the 2 MB limit")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "Invalid JSON body")
+        if not isinstance(payload, dict):
+            return _error(400, "Request body must be a JSON object")
+        activities = payload.get("activities")
+        if not isinstance(activities, list):
+            return _error(400, "activities is required and must be a list")
+        count = len(activities)
+        if count == 0:
+            return _error(400, "activities must not be empty")
+        if count > MAX_ACTIVITIES:
+            return _error(
+                400, f"Too many activities: {count} (at most {MAX_ACTIVITIES} per request)"
+            )
+        is_async = payload.get("async", False)
+        if not isinstance(is_async, bool):
+            return _error(400, "async must be a boolean")
+        merge_by = payload.get("merge_by")
+        if merge_by is not None and not (
+            isinstance(merge_by, list) and all(isinstance(m, str) for m in merge_by)
+        ):
+            return _error(400, "merge_by must be a list of strings")
+        now = self.clock()
+        created_at: list[datetime | None] = []
+        for activity in activities:
+            created, problem = _check_created(activity, now)
+            if problem is not None:
+                return _error(400, problem)
+            created_at.append(created)
+        entries: list[dict[str, Any]] = []
+        for activity, created in zip(activities, created_at, strict=True):
+            problem = self._validate(activity)
+            if problem is not None:
+                entries.append({"status": "invalid", "error": problem})
+            else:
+                entries.append(self._ingest(activity, created, is_async, now))
+        if all(entry["status"] == "invalid" for entry in entries):
+            outcome = _error(400, f"No valid contacts provided ({entries[0]['error']})")
+            outcome.body["details"] = entries
+            return outcome
+        return _Outcome(200, {"activities": entries})
+
+    def _validate(self, activity: Any) -> str | None:
+        """Return why an activity is invalid, or None."""
+        if not isinstance(activity, dict):
+            return "activity must be a JSON object"
+        activity_id = activity.get("activity_id")
+        if not isinstance(activity_id, str) or not activity_id.startswith("act:"):
+            return "activity_id is required (e.g. act:cm:logged-in)"
+        person_fields = activity.get("fields")
+        if person_fields is None:
+            person_fields = {}
+        if not isinstance(person_fields, dict):
+            return "fields must be an object"
+        for name, value in person_fields.items():
+            if name not in self.person_fields:
+                return f"failed to validate field {name} in schema: {name}: Object not found"
+            if not _value_fits(name, value):
+                return f"failed to validate field {name} in schema: {name}: invalid value"
+        if _person_key(activity) is None:
+            return "no person identifier: str::email, str::ei or person_id is required"
+        attributes = activity.get("attributes")
+        if attributes is not None and not isinstance(attributes, dict):
+            return "attributes must be an object"
+        if attributes and len(attributes) > MAX_ATTRIBUTES:
+            return f"too many attributes: {len(attributes)} (at most {MAX_ATTRIBUTES})"
+        location = activity.get("location")
+        if location is not None and not isinstance(location, dict):
+            return "location must be an object"
+        key = activity.get("key")
+        if key is not None and not isinstance(key, str):
+            return "key must be a string"
+        if len(orjson.dumps(activity)) > MAX_ACTIVITY_BYTES:
+            return "activity is larger than 16 kB"
+        return None
+
+    def _ingest(
+        self, activity: dict[str, Any], created: datetime | None, is_async: bool, now: float
+    ) -> dict[str, Any]:
+        """Record one valid activity (or merge its duplicate) and return its answer entry."""
+        key = activity.get("key")
+        pair = (key, created) if isinstance(key, str) and created is not None else None
+        if pair is not None and pair in self._merged:
+            merged = self._merged[pair]
+            self.duplicates += 1
+            self._keys_seen[pair[0]] += 1
+            if is_async:
+                return {"status": "queued", "person_status": "queued"}
+            return {
+                "person_id": merged.person_id,
+                "person_status": "updated",
+                "activity_id": merged.activity_id,
+                "status": "ingested",
+            }
+        person_key = _person_key(activity)
+        assert person_key is not None  # validated
+        times = self._per_contact.setdefault((activity["activity_id"], person_key), _deque())
+        while times and times[0] <= now - CONTACT_WINDOW:
+            times.popleft()
+        if len(times) >= CONTACT_LIMIT:
+            return {
+                "status": "invalid",
+                "error": "Activity limit of 50 per contact per 24 hours reached",
+            }
+        times.append(now)
+        person_id = self._persons.get(person_key)
+        person_status = "updated"
+        if person_id is None:
+            person_status = "created"
+            given = activity.get("person_id")
+            person_id = given if isinstance(given, str) and given else secrets.token_hex(12)
+            self._persons[person_key] = person_id
+        activity_hex = secrets.token_hex(12)
+        self.activities.append(ReceivedActivity(now, activity))
+        if isinstance(key, str):
+            self._keys_seen[key] += 1
+        if pair is not None:
+            self._merged[pair] = _Merged(person_id, activity_hex)
+        if is_async:
+            return {"status": "queued", "person_status": "queued"}
+        return {
+            "person_id": person_id,
+            "person_status": person_status,
+            "activity_id": activity_hex,
+            "status": "ingested",
+        }
+
+
+SANDBOX_STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state", SandboxState)
+
+
+def create_sandbox_app(state: SandboxState | None = None) -> web.Application:
+    """Build the sandbox aiohttp app around ``state`` (a fresh one by default)."""
+    app = web.Application(middlewares=[_ortto_errors])
+    app[SANDBOX_STATE] = state if state is not None else SandboxState()
+    app.router.add_post(ACTIVITIES_PATH, _handle_activities)
+    app.router.add_get("/_sandbox/received", _handle_received)
+    app.router.add_get("/_sandbox/stats", _handle_stats)
+    app.router.add_post("/_sandbox/faults", _handle_add_fault)
+    app.router.add_delete("/_sandbox/faults", _handle_clear_faults)
+    app.router.add_post("/_sandbox/reset", _handle_reset)
+    app.router.add_put("/_sandbox/config", _handle_config)
+    return app
+
+
+async def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float = 5.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
+    interval: float = 0.01,
+) -> None:
+    """Poll ``predicate`` until true; raise TimeoutError after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() >= deadline:
+            raise TimeoutError(f"condition not met within {timeout:g} s")
+        await asyncio.sleep(interval)
+
+
+async def _handle_activities(request: web.Request) -> web.StreamResponse:
+    """Answer ``POST /v1/activities/create`` as Ortto would, with faults and recording."""
+    state = request.app[SANDBOX_STATE]
+    body = await _read_limited(request, MAX_BODY_BYTES)
+    now = state.clock()
+    api_key = request.headers.get("X-Api-Key")
+    api_key_ok = api_key is not None and hmac.compare_digest(
+        api_key.encode("utf-8", "surrogateescape"), state.api_key.encode()
+    )
+    delay = state.latency
+    if state.is_banned():
+        outcome = _error(403, "Too many bad requests; IP banned")
+    else:
+        fault = state._next_fault()
+        if fault is not None and not fault.process:
+            outcome = _fault_outcome(fault)
+        else:
+            outcome = state._process(api_key_ok, request.content_type, request.charset, body)
+            if fault is not None and not 200 <= fault.status < 300:
+                outcome = _fault_outcome(fault)
+        if fault is not None:
+            delay += fault.delay
+            if fault.retry_after is not None:
+                outcome.headers["Retry-After"] = _seconds(fault.retry_after)
+        state._note_answer(outcome.status, now)
+    state.requests.append(
+        ReceivedRequest(
+            now, request.path, api_key_ok, outcome.status, body or b"", _count_activities(body)
+        )
+    )
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return _json(outcome.status, outcome.body, outcome.headers)
+
+
+async def _handle_received(request: web.Request) -> web.StreamResponse:
+    """List ingested activities from index ``since`` on."""
+    state = request.app[SANDBOX_STATE]
+    since_text = request.query.get("since", "0")
+    if not since_text.isascii() or not since_text.isdigit():
+        return _json(400, _error(400, "since must be a non-negative integer").body)
+    since = int(since_text)
+    items = [
+        {
+            "index": index,
+            "time": received.time,
+            "activity_id": received.activity_id,
+            "email": received.email,
+            "source_ip": received.source_ip,
+            "key": received.key,
+            "created": received.created,
+            "attributes": received.activity.get("attributes") or {},
+            "fields": received.activity.get("fields") or {},
+            "location": received.activity.get("location"),
+        }
+        for index, received in enumerate(state.activities[since:], start=since)
+    ]
+    body = {"total": len(state.activities), "duplicates": state.duplicates, "activities": items}
+    return _json(200, body)
+
+
+async def _handle_stats(request: web.Request) -> web.StreamResponse:
+    """Counters: requests, activities, duplicates, bans, banned, keys received twice."""
+    return _json(200, request.app[SANDBOX_STATE].stats())
+
+
+async def _handle_add_fault(request: web.Request) -> web.StreamResponse:
+    """Queue a fault given as a JSON object with Fault's field names."""
+    payload = await _control_json(request)
+    if isinstance(payload, web.StreamResponse):
+        return payload
+    names = {f.name for f in fields(Fault)}
+    unknown = sorted(set(payload) - names)
+    if unknown:
+        return _json(400, _error(400, f"unknown fault fields: {', '.join(unknown)}").body)
+    try:
+        fault = Fault(**payload)
+    except ValueError as exc:
+        return _json(400, _error(400, str(exc)).body)
+    request.app[SANDBOX_STATE].add_fault(fault)
+    return web.Response(status=204)
+
+
+async def _handle_clear_faults(request: web.Request) -> web.StreamResponse:
+    """Drop every queued fault."""
+    request.app[SANDBOX_STATE].clear_faults()
+    return web.Response(status=204)
+
+
+async def _handle_reset(request: web.Request) -> web.StreamResponse:
+    """Forget everything received."""
+    request.app[SANDBOX_STATE].reset()
+    return web.Response(status=204)
+
+
+async def _handle_config(request: web.Request) -> web.StreamResponse:
+    """Change ``api_key``, ``latency`` and/or ``rate_per_second``."""
+    payload = await _control_json(request)
+    if isinstance(payload, web.StreamResponse):
+        return payload
+    unknown = sorted(set(payload) - {"api_key", "latency", "rate_per_second"})
+    if unknown:
+        return _json(400, _error(400, f"unknown config fields: {', '.join(unknown)}").body)
+    api_key = payload.get("api_key", _UNSET)
+    latency = payload.get("latency", _UNSET)
+    rate = payload.get("rate_per_second", _UNSET)
+    if api_key is not _UNSET and not (isinstance(api_key, str) and api_key):
+        return _json(400, _error(400, "api_key must be a non-empty string").body)
+    if latency is not _UNSET and not (_is_number(latency) and latency >= 0):
+        return _json(400, _error(400, "latency must be a number >= 0").body)
+    if rate is not _UNSET and rate is not None and not (_is_number(rate) and rate > 0):
+        return _json(400, _error(400, "rate_per_second must be a number > 0 or null").body)
+    state = request.app[SANDBOX_STATE]
+    if isinstance(api_key, str):
+        state.api_key = api_key
+    if _is_number(latency):
+        state.latency = float(latency)
+    if rate is None or _is_number(rate):
+        state.rate_per_second = None if rate is None else float(rate)
+    return web.Response(status=204)
+
+
+@web.middleware
+async def _ortto_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer unknown paths (404) and wrong methods (405) in Ortto's error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        return _json(405, _error(405, "Method Not Allowed").body, {"Allow": exc.headers["Allow"]})
+    except web.HTTPNotFound:
+        return _json(404, _error(404, "Not Found").body)
+
+
+async def _control_json(request: web.Request) -> dict[str, Any] | web.StreamResponse:
+    """Parse a control request's JSON object body, or answer 400."""
+    try:
+        payload = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _json(400, _error(400, "Invalid JSON body").body)
+    if not isinstance(payload, dict):
+        return _json(400, _error(400, "Request body must be a JSON object").body)
+    return payload
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    """Read the request body, or return None as soon as it exceeds ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _count_activities(body: bytes | None) -> int:
+    """How many activities a request body carries (0 when it is not a valid request)."""
+    try:
+        payload = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return 0
+    activities = payload.get("activities") if isinstance(payload, dict) else None
+    return len(activities) if isinstance(activities, list) else 0
+
+
+def _check_created(activity: Any, now: float) -> tuple[datetime | None, str | None]:
+    """Parse an activity's ``created``; return it and a whole-request error, if any."""
+    if not isinstance(activity, dict) or activity.get("created") is None:
+        return None, None
+    created = _parse_rfc3339(activity["created"])
+    if created is None:
+        return None, " Created date is not a valid RFC 3339 date-time"
+    current = datetime.fromtimestamp(now, UTC)
+    if current - created > CREATED_MAX_AGE:
+        return created, " Created date is more than 90 days ago"
+    if created - current > CREATED_MAX_FUTURE:
+        return created, " Created date is in the future"
+    return created, None
+
+
+def _parse_rfc3339(value: Any) -> datetime | None:
+    """Parse an RFC 3339 date-time with any number of fraction digits; None if invalid."""
+    if not isinstance(value, str):
+        return None
+    match = _RFC3339.match(value)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zulu, sign, tz_h, tz_m = match.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    if zulu:
+        tz = UTC
+    else:
+        offset = timedelta(hours=int(tz_h), minutes=int(tz_m))
+        tz = timezone(-offset if sign == "-" else offset)
+    try:
+        parsed = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tz
+        )
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC)
+
+
+def _person_key(activity: dict[str, Any]) -> str | None:
+    """The person identifier: ``person_id``, else normalised email, else external id."""
+    person_id = activity.get("person_id")
+    if isinstance(person_id, str) and person_id.strip():
+        return "id:" + person_id.strip()
+    person_fields = _dict_or_empty(activity.get("fields"))
+    email = person_fields.get("str::email")
+    if isinstance(email, str) and email.strip():
+        return "email:" + email.strip().lower()
+    external = person_fields.get("str::ei")
+    if isinstance(external, str) and external.strip():
+        return "ei:" + external.strip()
+    return None
+
+
+def _value_fits(name: str, value: Any) -> bool:
+    """Whether a person field value has the JSON type its ``type:`` prefix asks for."""
+    if value is None:
+        return True
+    kind = name.split(":", 1)[0]
+    if kind == "str":
+        return isinstance(value, str) and len(value) <= 255
+    if kind in ("txt", "tme"):
+        return isinstance(value, str) and len(value) <= 4000
+    if kind == "int":
+        return _is_int(value)
+    if kind == "bol":
+        return isinstance(value, bool)
+    if kind == "sst":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, dict)  # dtz, phn, geo, obj
+
+
+def _fault_outcome(fault: Fault) -> _Outcome:
+    """The answer a fault gives instead of the normal one."""
+    if fault.status == 429:
+        return _Outcome(429, _rate_limit_body(fault.try_in_seconds))
+    try:
+        message = HTTPStatus(fault.status).phrase
+    except ValueError:
+        message = "Sandbox fault"
+    return _error(fault.status, message)
+
+
+def _rate_limit_body(try_in_seconds: int | None) -> dict[str, Any]:
+    """Ortto's 429 body, with ``try-in-seconds`` when known."""
+    inner: dict[str, Any] = {"code": "rate-limit", "message": "rate limit"}
+    if try_in_seconds is not None:
+        inner["try-in-seconds"] = try_in_seconds
+    return {"error": inner}
+
+
+def _error(status: int, message: str) -> _Outcome:
+    """Ortto's error shape ``{"request_id", "code", "error"}``."""
+    return _Outcome(status, {"request_id": str(uuid.uuid4()), "code": status, "error": message})
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response."""
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def _seconds(value: float) -> str:
+    """Format seconds for Retry-After (an integer when whole)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def _deque() -> collections.deque[float]:
+    """An empty deque of timestamps."""
+    return collections.deque()
+
+
+def _dict_or_empty(value: Any) -> dict[str, Any]:
+    """``value`` if it is a dict, else an empty dict."""
+    return value if isinstance(value, dict) else {}
+
+
+def _str_or_none(value: Any) -> str | None:
+    """``value`` if it is a string, else None."""
+    return value if isinstance(value, str) else None
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an int and not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float and not a bool."""
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
