@@ -1,0 +1,1072 @@
+"""Durable activity queue: SQLite (WAL, ``synchronous=FULL``) behind one writer thread.
+
+Design. A single daemon thread owns the only ``sqlite3`` connection (created in that
+thread, so ``check_same_thread`` stays on and guards against misuse). The event loop
+never touches the database: every call builds an operation carrying an
+``asyncio.Future`` and drops it on a thread-safe ``queue.SimpleQueue``. The thread
+blocks for the first operation, then takes everything else already queued (up to
+``max_group`` rows, optionally lingering ``commit_interval`` seconds for more), runs
+all writes of that group in ONE transaction with ONE commit, and only then resolves
+the futures through ``loop.call_soon_threadsafe``. While one group is being fsynced
+the next one accumulates, so the commit rate adapts to load without a timer:
+durability costs one fsync per group, not per request.
+
+Durability. WAL with ``synchronous=FULL`` fsyncs the log at every commit, so a
+commit that returned survives power loss, not only a process crash (``NORMAL``
+would only survive the latter). ``put`` resolves, and the handler answers 202,
+strictly after ``COMMIT`` returned. Each operation runs inside a SAVEPOINT, so one
+failing operation (e.g. a full spool) is undone alone while the rest of the group
+commits; a put's rows are therefore all present or all absent. Moves (ack = delete,
+dead letter = insert + delete, replay = insert + delete) are single transactions, so
+a SIGKILL or power cut at any instant leaves every committed row either queued or
+acked/dead-lettered, never both or neither. If a COMMIT fails, every operation of
+that group is reported failed (a caller may then retry: at-least-once, and Ortto
+merges repeats by ``key`` + ``created``). Row ids come from AUTOINCREMENT, so they
+are never reused and delivery order is id order, across restarts too.
+
+Leases are in memory only (owned by the writer thread): after a crash every row
+not acked is simply available again, so there is nothing to recover. Capacity
+(rows and payload bytes) is checked by the writer thread, which serialises all
+writes: concurrent puts cannot overshoot the bound and no reservation bookkeeping
+is needed. Counters (depth, bytes, oldest, dead letters) are computed once at open
+and maintained by the writer, which publishes a snapshot with every group. Another
+process may open the same file (the dead-letters CLI replaying while the gateway
+runs): SQLite's locking keeps that safe, and the writer notices foreign commits via
+``PRAGMA data_version`` (per group, and every second when idle) and recounts.
+
+``path=":memory:"`` runs the very same code against an in-memory database (not
+durable): the honest baseline for measuring what durability costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+__all__ = [
+    "MEMORY",
+    "DeadLetter",
+    "Spool",
+    "SpoolClosed",
+    "SpoolError",
+    "SpoolFull",
+    "SpoolStats",
+    "SpooledItem",
+]
+
+logger = logging.getLogger(__name__)
+
+MEMORY = ":memory:"
+SCHEMA_VERSION = 1
+# Long enough to ride out a concurrent admin process (dead-letters CLI) holding the lock.
+BUSY_TIMEOUT_MS = 5000
+# Truncate the WAL back to this size after checkpoints so a burst does not keep disk forever.
+JOURNAL_SIZE_LIMIT = 64 << 20
+# Retry-After bounds (seconds): never tell a client "now" when full, never an hour.
+RETRY_AFTER_MIN = 1.0
+RETRY_AFTER_MAX = 30.0
+# Retry-After when nothing has been drained recently (delivery stalled or just started).
+RETRY_AFTER_UNKNOWN = 5.0
+# How often an idle writer checks for commits by another process (the dead-letters CLI).
+EXTERNAL_CHECK_INTERVAL = 1.0
+# Window over which the drain rate (acks + dead letters) is measured for Retry-After.
+DRAIN_WINDOW = 60.0
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS queue (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        payload BLOB NOT NULL,
+        enqueued_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        id INTEGER PRIMARY KEY,
+        payload BLOB NOT NULL,
+        activity_id TEXT NOT NULL,
+        person_hash TEXT NOT NULL,
+        error TEXT NOT NULL,
+        failed_at REAL NOT NULL,
+        enqueued_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS dead_letters_failed_at ON dead_letters (failed_at)",
+)
+# Dead-letter filters: error_contains is bound twice (NULL means "any error").
+_DEAD_MATCHING = (
+    "SELECT id, length(payload) FROM dead_letters"
+    " WHERE (? IS NULL OR instr(lower(error), lower(?)) > 0)"
+)
+_DEAD_MATCHING_ALL = _DEAD_MATCHING + " ORDER BY id"
+_DEAD_MATCHING_ONE = _DEAD_MATCHING + " AND id = ?"
+_DEAD_LIST = (
+    "SELECT id, payload, activity_id, person_hash, error, failed_at, enqueued_at"
+    " FROM dead_letters WHERE (? IS NULL OR instr(lower(error), lower(?)) > 0)"
+    " ORDER BY failed_at DESC, id DESC LIMIT ?"
+)
+_QUEUE_ONE = "SELECT id, payload, enqueued_at, attempts FROM queue WHERE id = ?"
+_QUEUE_AFTER = (
+    "SELECT id, payload, enqueued_at, attempts FROM queue WHERE id > ? ORDER BY id LIMIT ?"
+)
+
+T = TypeVar("T")
+
+
+class SpoolError(Exception):
+    """The spool cannot do what was asked (database failure); base of the spool errors."""
+
+
+class SpoolFull(SpoolError):
+    """The queue is at its row or byte bound; nothing was written."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"spool is full; retry after {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+
+class SpoolClosed(SpoolError):
+    """The spool is not open (not opened yet, closing or closed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledItem:
+    """One queued activity as handed to the delivery worker."""
+
+    id: int
+    payload: bytes
+    enqueued_at: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An activity Ortto refused; ``id`` is the queue row id it had when it failed."""
+
+    id: int
+    payload: bytes
+    activity_id: str
+    person_hash: str
+    error: str
+    failed_at: float
+    enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    """Queue gauges from in-memory counters."""
+
+    depth: int
+    bytes: int
+    oldest_enqueued_at: float | None
+    dead_letters: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """Counters published by the writer thread after every group."""
+
+    depth: int = 0
+    bytes: int = 0
+    oldest_enqueued_at: float | None = None
+    dead_letters: int = 0
+    available: int = 0
+    leased: int = 0
+    commits: int = 0
+
+
+# --- operations: built on the loop, executed by the writer thread -------------------------
+
+
+@dataclass(eq=False)
+class _Op(Generic[T]):
+    """A unit of work and the future its caller awaits."""
+
+    future: asyncio.Future[T]
+    # Writes run in this order within a group (removals first to free room); None = read.
+    phase: ClassVar[int | None] = None
+
+    @property
+    def size(self) -> int:
+        """Rows this operation touches, counted against ``max_group``."""
+        return 1
+
+
+@dataclass(eq=False)
+class _Ack(_Op[None]):
+    phase: ClassVar[int | None] = 0
+    ids: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Rows this operation touches."""
+        return len(self.ids)
+
+
+@dataclass(eq=False)
+class _DeadLetterOp(_Op[None]):
+    phase: ClassVar[int | None] = 1
+    items: tuple[tuple[int, str, str, str], ...]
+
+    @property
+    def size(self) -> int:
+        """Rows this operation touches."""
+        return len(self.items)
+
+
+@dataclass(eq=False)
+class _Purge(_Op[int]):
+    phase: ClassVar[int | None] = 2
+    ids: tuple[int, ...] | None
+    error_contains: str | None
+
+
+@dataclass(eq=False)
+class _Release(_Op[None]):
+    phase: ClassVar[int | None] = 3
+    ids: tuple[int, ...]
+    attempt: bool
+
+    @property
+    def size(self) -> int:
+        """Rows this operation touches."""
+        return len(self.ids)
+
+
+@dataclass(eq=False)
+class _Put(_Op[list[int]]):
+    phase: ClassVar[int | None] = 4
+    payloads: tuple[bytes, ...]
+    nbytes: int
+
+    @property
+    def size(self) -> int:
+        """Rows this operation touches."""
+        return len(self.payloads)
+
+
+@dataclass(eq=False)
+class _Replay(_Op[int]):
+    phase: ClassVar[int | None] = 5
+    ids: tuple[int, ...] | None
+    error_contains: str | None
+
+
+@dataclass(eq=False)
+class _Lease(_Op[list[SpooledItem]]):
+    max_items: int
+    max_bytes: int
+
+
+@dataclass(eq=False)
+class _ListDead(_Op[list[DeadLetter]]):
+    limit: int
+    error_contains: str | None
+
+
+# (operation, succeeded, result or exception)
+_Outcome = tuple[_Op[Any], bool, object]
+
+
+@dataclass
+class _Effect:
+    """What a write changes in memory once its transaction has committed."""
+
+    rows: int = 0
+    nbytes: int = 0
+    dead: int = 0
+    drained_rows: int = 0
+    drained_bytes: int = 0
+    after: Callable[[], None] | None = None
+
+
+@dataclass
+class _Counters:
+    """Working copy of the counters while a group is being written."""
+
+    depth: int
+    nbytes: int
+    dead: int
+
+    def add(self, effect: _Effect) -> None:
+        """Apply an operation's deltas."""
+        self.depth += effect.rows
+        self.nbytes += effect.nbytes
+        self.dead += effect.dead
+
+
+class _FatalGroupError(Exception):
+    """The open transaction was lost mid-group; the whole group must fail."""
+
+
+class _Writer:
+    """The writer thread: owns the connection, the committed counters and the leases."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        loop: asyncio.AbstractEventLoop,
+        ops: queue.SimpleQueue[_Op[Any] | None],
+        path: str,
+        *,
+        max_rows: int,
+        max_bytes: int,
+        commit_interval: float,
+        max_group: int,
+    ) -> None:
+        self._spool = spool
+        self._loop = loop
+        self._ops = ops
+        self._path = path
+        self._max_rows = max_rows
+        self._max_bytes = max_bytes
+        self._commit_interval = commit_interval
+        self._max_group = max_group
+        self._db: sqlite3.Connection | None = None
+        self._data_version: object = None
+        self._depth = 0
+        self._bytes = 0
+        self._dead = 0
+        self._oldest: float | None = None
+        self._commits = 0
+        # Leases: every queued id <= _cursor is either in _leased or in _returned.
+        self._cursor = 0
+        self._leased: set[int] = set()
+        self._returned: set[int] = set()
+        self._drained: deque[tuple[float, int, int]] = deque()
+
+    # -- thread body -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Open the database, then serve groups of operations until told to stop."""
+        error: BaseException | None = None
+        try:
+            try:
+                snapshot = self._connect()
+            except BaseException as exc:
+                self._post(self._spool._on_open, exc)
+                return
+            self._post(self._spool._on_open, snapshot)
+            stop = False
+            while not stop:
+                group, stop = self._collect()
+                try:
+                    self._process(group)
+                except BaseException as exc:
+                    failure = SpoolError(f"spool writer failed: {exc!r}")
+                    self._post(
+                        self._spool._on_group,
+                        [(op, False, failure) for op in group],
+                        self._snapshot(),
+                    )
+                    raise
+        except BaseException as exc:
+            error = exc
+        finally:
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = None
+            self._post(self._spool._on_stop, error)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _collect(self) -> tuple[list[_Op[Any]], bool]:
+        """Block for one operation, then take what else is queued (the group)."""
+        while True:
+            try:
+                first = self._ops.get(timeout=EXTERNAL_CHECK_INTERVAL)
+                break
+            except queue.Empty:
+                if self._external_change():  # e.g. a replay by the CLI: wake the worker
+                    self._post(self._spool._on_group, [], self._snapshot())
+        if first is None:
+            return [], True
+        group = [first]
+        rows = first.size
+        deadline = time.monotonic() + self._commit_interval
+        while rows < self._max_group:
+            remaining = deadline - time.monotonic()
+            try:
+                op = self._ops.get(timeout=remaining) if remaining > 0 else self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if op is None:
+                return group, True
+            group.append(op)
+            rows += op.size
+        return group, False
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _connect(self) -> _Snapshot:
+        created = False
+        memory = self._path == MEMORY
+        if not memory:
+            file = Path(self._path)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            created = not file.exists()
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        self._db = db
+        mode = str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+        if not memory and mode != "wal":
+            raise SpoolError(f"cannot put {self._path} in WAL mode (journal_mode={mode})")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA fullfsync=ON")  # macOS: a real flush to media; no-op elsewhere
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+        if db.execute("PRAGMA synchronous").fetchone()[0] != 2:
+            raise SpoolError("cannot set synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise SpoolError(f"{self._path} has schema {version}, newer than this gateway")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if created:
+            _fsync_dir(Path(self._path).parent)
+        self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+        self._load_counters()
+        return self._snapshot()
+
+    def _load_counters(self) -> None:
+        assert self._db is not None
+        depth, nbytes = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM queue"
+        ).fetchone()
+        self._depth, self._bytes = int(depth), int(nbytes)
+        self._dead = int(self._db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+        self._refresh_oldest()
+
+    def _external_change(self) -> bool:
+        """Reload the counters if another connection (process) committed since we looked."""
+        assert self._db is not None
+        try:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return False
+            self._data_version = version
+            self._load_counters()
+        except sqlite3.Error:
+            logger.warning("spool: cannot check for changes by other processes", exc_info=True)
+            return False
+        return True
+
+    def _refresh_oldest(self) -> None:
+        assert self._db is not None
+        row = self._db.execute("SELECT enqueued_at FROM queue ORDER BY id LIMIT 1").fetchone()
+        self._oldest = None if row is None else float(row[0])
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(
+            depth=self._depth,
+            bytes=self._bytes,
+            oldest_enqueued_at=self._oldest,
+            dead_letters=self._dead,
+            available=self._depth - len(self._leased),
+            leased=len(self._leased),
+            commits=self._commits,
+        )
+
+    # -- one group -------------------------------------------------------------------------
+
+    def _process(self, group: list[_Op[Any]]) -> None:
+        if not group:
+            return
+        self._external_change()
+        writes = sorted((op for op in group if op.phase is not None), key=_phase)
+        reads = [op for op in group if op.phase is None]
+        outcomes: list[_Outcome] = []
+        # Operations of one group were all in flight together, so any order is a valid
+        # serialisation: writes (removals first) and their commit, then reads.
+        if writes:
+            self._write(writes, outcomes)
+            self._refresh_oldest()
+        for op in reads:
+            try:
+                outcomes.append((op, True, self._read(op)))
+            except sqlite3.Error as exc:
+                outcomes.append((op, False, _db_error(exc)))
+        self._post(self._spool._on_group, outcomes, self._snapshot())
+
+    def _write(self, ops: list[_Op[Any]], outcomes: list[_Outcome]) -> None:
+        db = self._db
+        assert db is not None
+        work = _Counters(self._depth, self._bytes, self._dead)
+        done: list[tuple[_Op[Any], object, _Effect]] = []
+        failed: list[_Outcome] = []
+        now = time.time()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                db.execute("SAVEPOINT op")
+                try:
+                    result, effect = self._apply(op, work, now)
+                except (SpoolError, sqlite3.Error) as exc:
+                    try:  # undo this operation alone; the rest of the group still commits
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
+                    except sqlite3.Error as undo:
+                        raise _FatalGroupError(f"cannot roll back one operation: {undo}") from exc
+                    failed.append(
+                        (op, False, exc if isinstance(exc, SpoolError) else _db_error(exc))
+                    )
+                else:
+                    db.execute("RELEASE op")
+                    work.add(effect)
+                    done.append((op, result, effect))
+                if not db.in_transaction:  # SQLite rolled the whole transaction back
+                    raise _FatalGroupError("transaction rolled back by SQLite")
+            db.execute("COMMIT")
+        except (sqlite3.Error, _FatalGroupError) as exc:
+            # Nothing of this group is durable: report every operation failed.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            failure = _db_error(exc)
+            outcomes.extend((op, False, failure) for op in ops)
+            return
+        outcomes.extend(failed)
+        if done:  # a group whose every operation was refused wrote nothing
+            self._commits += 1
+        self._depth, self._bytes, self._dead = work.depth, work.nbytes, work.dead
+        drained_rows = drained_bytes = 0
+        for op, result, effect in done:
+            if effect.after is not None:
+                effect.after()
+            drained_rows += effect.drained_rows
+            drained_bytes += effect.drained_bytes
+            outcomes.append((op, True, result))
+        if drained_rows:
+            self._drained.append((time.monotonic(), drained_rows, drained_bytes))
+
+    def _apply(self, op: _Op[Any], work: _Counters, now: float) -> tuple[object, _Effect]:
+        if isinstance(op, _Put):
+            return self._put(op, work, now)
+        if isinstance(op, _Ack):
+            return None, self._ack(op.ids)
+        if isinstance(op, _DeadLetterOp):
+            return None, self._dead_letter(op.items, now)
+        if isinstance(op, _Release):
+            return None, self._release(op.ids, op.attempt)
+        if isinstance(op, _Replay):
+            return self._replay(op, work, now)
+        if isinstance(op, _Purge):
+            return self._purge(op)
+        raise TypeError(f"not a write: {op!r}")
+
+    def _put(self, op: _Put, work: _Counters, now: float) -> tuple[list[int], _Effect]:
+        assert self._db is not None
+        self._check_room(work, len(op.payloads), op.nbytes)
+        ids: list[int] = []
+        for payload in op.payloads:
+            cursor = self._db.execute(
+                "INSERT INTO queue (payload, enqueued_at) VALUES (?, ?)", (payload, now)
+            )
+            assert cursor.lastrowid is not None
+            ids.append(cursor.lastrowid)
+        return ids, _Effect(rows=len(ids), nbytes=op.nbytes)
+
+    def _ack(self, ids: tuple[int, ...]) -> _Effect:
+        assert self._db is not None
+        rows = nbytes = 0
+        for row_id in dict.fromkeys(ids):
+            row = self._db.execute(
+                "SELECT length(payload) FROM queue WHERE id = ?", (row_id,)
+            ).fetchone()
+            if row is None:
+                continue
+            self._db.execute("DELETE FROM queue WHERE id = ?", (row_id,))
+            rows += 1
+            nbytes += int(row[0])
+        return _Effect(
+            rows=-rows,
+            nbytes=-nbytes,
+            drained_rows=rows,
+            drained_bytes=nbytes,
+            after=lambda: self._forget(ids),
+        )
+
+    def _dead_letter(self, items: tuple[tuple[int, str, str, str], ...], now: float) -> _Effect:
+        assert self._db is not None
+        rows = nbytes = 0
+        seen: set[int] = set()
+        for row_id, activity_id, person_hash, error in items:
+            if row_id in seen:
+                continue
+            seen.add(row_id)
+            row = self._db.execute(
+                "SELECT payload, enqueued_at FROM queue WHERE id = ?", (row_id,)
+            ).fetchone()
+            if row is None:
+                continue
+            payload, enqueued_at = row
+            self._db.execute(
+                "INSERT INTO dead_letters (id, payload, activity_id, person_hash, error,"
+                " failed_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row_id, payload, activity_id, person_hash, error, now, enqueued_at),
+            )
+            self._db.execute("DELETE FROM queue WHERE id = ?", (row_id,))
+            rows += 1
+            nbytes += len(payload)
+        return _Effect(
+            rows=-rows,
+            nbytes=-nbytes,
+            dead=rows,
+            drained_rows=rows,
+            drained_bytes=nbytes,
+            after=lambda: self._forget(tuple(seen)),
+        )
+
+    def _release(self, ids: tuple[int, ...], attempt: bool) -> _Effect:
+        assert self._db is not None
+        if attempt:
+            for row_id in dict.fromkeys(ids):
+                self._db.execute("UPDATE queue SET attempts = attempts + 1 WHERE id = ?", (row_id,))
+
+        def give_back() -> None:
+            for row_id in ids:
+                if row_id in self._leased:
+                    self._leased.discard(row_id)
+                    self._returned.add(row_id)
+
+        return _Effect(after=give_back)
+
+    def _replay(self, op: _Replay, work: _Counters, now: float) -> tuple[int, _Effect]:
+        assert self._db is not None
+        matches = self._matching_dead(op.ids, op.error_contains)
+        nbytes = sum(size for _, size in matches)
+        self._check_room(work, len(matches), nbytes)
+        for row_id, _ in matches:
+            self._db.execute(
+                "INSERT INTO queue (payload, enqueued_at, attempts)"
+                " SELECT payload, ?, 0 FROM dead_letters WHERE id = ?",
+                (now, row_id),
+            )
+            self._db.execute("DELETE FROM dead_letters WHERE id = ?", (row_id,))
+        return len(matches), _Effect(rows=len(matches), nbytes=nbytes, dead=-len(matches))
+
+    def _purge(self, op: _Purge) -> tuple[int, _Effect]:
+        assert self._db is not None
+        matches = self._matching_dead(op.ids, op.error_contains)
+        for row_id, _ in matches:
+            self._db.execute("DELETE FROM dead_letters WHERE id = ?", (row_id,))
+        return len(matches), _Effect(dead=-len(matches))
+
+    def _matching_dead(
+        self, ids: tuple[int, ...] | None, error_contains: str | None
+    ) -> list[tuple[int, int]]:
+        """(id, payload size) of the dead letters matching both filters, in id order."""
+        assert self._db is not None
+        if ids is None:
+            rows = self._db.execute(_DEAD_MATCHING_ALL, (error_contains, error_contains))
+            return [(int(i), int(size)) for i, size in rows]
+        found: list[tuple[int, int]] = []
+        for row_id in sorted(set(ids)):
+            row = self._db.execute(
+                _DEAD_MATCHING_ONE, (error_contains, error_contains, row_id)
+            ).fetchone()
+            if row is not None:
+                found.append((int(row[0]), int(row[1])))
+        return found
+
+    def _check_room(self, work: _Counters, rows: int, nbytes: int) -> None:
+        row_excess = work.depth + rows - self._max_rows
+        byte_excess = work.nbytes + nbytes - self._max_bytes
+        if row_excess > 0 or byte_excess > 0:
+            raise SpoolFull(self._retry_after(row_excess, byte_excess))
+
+    def _retry_after(self, row_excess: int, byte_excess: int) -> float:
+        """Seconds until the recent drain rate would make room, clamped."""
+        now = time.monotonic()
+        while self._drained and self._drained[0][0] < now - DRAIN_WINDOW:
+            self._drained.popleft()
+        if not self._drained:
+            return RETRY_AFTER_UNKNOWN
+        span = max(now - self._drained[0][0], 1.0)
+        row_rate = sum(rows for _, rows, _ in self._drained) / span
+        byte_rate = sum(nbytes for _, _, nbytes in self._drained) / span
+        estimate = max(max(row_excess, 0) / row_rate, max(byte_excess, 0) / max(byte_rate, 1.0))
+        return min(max(estimate, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
+
+    def _forget(self, ids: Sequence[int]) -> None:
+        for row_id in ids:
+            self._leased.discard(row_id)
+            self._returned.discard(row_id)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _read(self, op: _Op[Any]) -> object:
+        if isinstance(op, _Lease):
+            return self._lease(op.max_items, op.max_bytes)
+        if isinstance(op, _ListDead):
+            return self._list_dead(op.limit, op.error_contains)
+        raise TypeError(f"not a read: {op!r}")
+
+    def _lease(self, max_items: int, max_bytes: int) -> list[SpooledItem]:
+        assert self._db is not None
+        items: list[SpooledItem] = []
+        total = 0
+
+        def take(row: tuple[Any, ...]) -> bool:
+            nonlocal total
+            item = SpooledItem(int(row[0]), bytes(row[1]), float(row[2]), int(row[3]))
+            if items and (len(items) >= max_items or total + len(item.payload) > max_bytes):
+                return False
+            items.append(item)
+            total += len(item.payload)
+            return True
+
+        full = False
+        # Released ids are all below the cursor, hence older than anything past it.
+        for row_id in sorted(self._returned):
+            row = self._db.execute(_QUEUE_ONE, (row_id,)).fetchone()
+            if row is None:
+                self._returned.discard(row_id)
+            elif not take(row):
+                full = True
+                break
+        if not full and len(items) < max_items:
+            rows = self._db.execute(_QUEUE_AFTER, (self._cursor, max_items - len(items)))
+            for row in rows:
+                if not take(row):
+                    break
+        for item in items:
+            self._returned.discard(item.id)
+            self._leased.add(item.id)
+            self._cursor = max(self._cursor, item.id)
+        return items
+
+    def _list_dead(self, limit: int, error_contains: str | None) -> list[DeadLetter]:
+        assert self._db is not None
+        rows = self._db.execute(_DEAD_LIST, (error_contains, error_contains, limit))
+        return [
+            DeadLetter(
+                int(r[0]), bytes(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]), float(r[6])
+            )
+            for r in rows
+        ]
+
+
+def _phase(op: _Op[Any]) -> int:
+    assert op.phase is not None
+    return op.phase
+
+
+def _db_error(exc: BaseException) -> SpoolError:
+    error = SpoolError(f"spool database error: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new database file's directory entry durable (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a fire-and-forget future's outcome so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Spool:
+    """A bounded durable FIFO of encoded activities with in-memory leases."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_rows: int = 1_000_000,
+        max_bytes: int = 1 << 30,
+        commit_interval: float = 0.0,
+        max_group: int = 1000,
+    ) -> None:
+        if max_rows < 1 or max_bytes < 1 or max_group < 1 or commit_interval < 0:
+            raise ValueError("max_rows, max_bytes, max_group must be >= 1, commit_interval >= 0")
+        self._path = os.fspath(path)
+        self._max_rows = max_rows
+        self._max_bytes = max_bytes
+        self._commit_interval = commit_interval
+        self._max_group = max_group
+        self._ops: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
+        self._state = "new"  # new -> opening -> open -> closing -> closed
+        self._snapshot = _Snapshot()
+        # Rows and bytes of puts submitted but not yet answered (for has_room).
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._opened: asyncio.Future[None] | None = None
+        self._stopped: asyncio.Future[None] | None = None
+
+    @property
+    def path(self) -> str:
+        """The database path (``:memory:`` for the in-memory variant)."""
+        return self._path
+
+    @property
+    def depth(self) -> int:
+        """Rows in the queue, leased ones included."""
+        return self._snapshot.depth
+
+    @property
+    def available(self) -> int:
+        """Rows in the queue that are not leased (what ``lease`` could return now)."""
+        return self._snapshot.available
+
+    @property
+    def leased(self) -> int:
+        """Rows currently leased to a delivery worker."""
+        return self._snapshot.leased
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed since open (group-commit metric)."""
+        return self._snapshot.commits
+
+    def has_room(self, count: int, nbytes: int) -> bool:
+        """Whether a put of this size would fit now (advisory: ``put`` decides)."""
+        s = self._snapshot
+        return (
+            s.depth + self._pending_rows + count <= self._max_rows
+            and s.bytes + self._pending_bytes + nbytes <= self._max_bytes
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the directory and schema, load counters and start the writer thread."""
+        if self._state != "new":
+            raise RuntimeError("a Spool can be opened once")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._event = asyncio.Event()
+        self._opened = loop.create_future()
+        self._stopped = loop.create_future()
+        self._state = "opening"
+        writer = _Writer(
+            self,
+            loop,
+            self._ops,
+            self._path,
+            max_rows=self._max_rows,
+            max_bytes=self._max_bytes,
+            commit_interval=self._commit_interval,
+            max_group=self._max_group,
+        )
+        self._thread = threading.Thread(target=writer.run, name="spool-writer", daemon=True)
+        self._thread.start()
+        try:
+            await self._opened
+        except BaseException:
+            self._state = "closing"
+            self._ops.put(None)
+            await asyncio.shield(self._stopped)
+            self._thread.join()
+            raise
+
+    async def close(self) -> None:
+        """Commit what is pending, stop the writer thread and close the database."""
+        if self._state == "new":
+            self._state = "closed"
+            return
+        if self._state in ("opening", "open"):
+            self._state = "closing"
+            self._ops.put(None)
+        assert self._stopped is not None and self._thread is not None
+        await asyncio.shield(self._stopped)
+        self._thread.join()
+
+    async def put(self, payloads: Sequence[bytes]) -> list[int]:
+        """Durably append one request's activities together; their row ids, in order."""
+        self._check_open()
+        items = tuple(bytes(payload) for payload in payloads)
+        if not items:
+            return []
+        nbytes = sum(len(payload) for payload in items)
+        if len(items) > self._max_rows or nbytes > self._max_bytes:
+            raise ValueError("these payloads exceed the spool's total bound and can never fit")
+        self._pending_rows += len(items)
+        self._pending_bytes += nbytes
+        return await self._submit(_Put(self._future(), items, nbytes))
+
+    async def lease(self, max_items: int, max_bytes: int) -> list[SpooledItem]:
+        """The oldest unleased items within both limits (at least one if any); no waiting."""
+        self._check_open()
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        return await self._submit(_Lease(self._future(), max_items, max_bytes))
+
+    # The timeout parameter is the agreed interface (the delivery worker's idle tick).
+    async def wait_for_items(self, timeout: float | None) -> bool:  # noqa: ASYNC109
+        """Wait until unleased items exist (True) or the timeout passes (False)."""
+        self._check_open()
+        assert self._event is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while self._snapshot.available <= 0:
+                    await self._event.wait()
+                    self._check_open()
+        except TimeoutError:
+            return False
+        return True
+
+    async def ack(self, ids: Sequence[int]) -> None:
+        """Delete delivered rows (durably) and drop their leases."""
+        self._check_open()
+        if ids:
+            await self._submit(_Ack(self._future(), tuple(ids)))
+
+    async def release(self, ids: Sequence[int], *, attempt: bool = True) -> None:
+        """Give leased rows back for another try, counting an attempt unless told not to."""
+        self._check_open()
+        if ids:
+            await self._submit(_Release(self._future(), tuple(ids), attempt))
+
+    async def dead_letter(self, items: Sequence[tuple[int, str, str, str]]) -> None:
+        """Move rows (id, activity_id, person_hash, error) to the dead letters atomically."""
+        self._check_open()
+        if items:
+            await self._submit(_DeadLetterOp(self._future(), tuple(items)))
+
+    async def stats(self) -> SpoolStats:
+        """Current gauges, from counters kept in memory."""
+        s = self._snapshot
+        return SpoolStats(s.depth, s.bytes, s.oldest_enqueued_at, s.dead_letters)
+
+    async def list_dead_letters(
+        self, *, limit: int = 100, error_contains: str | None = None
+    ) -> list[DeadLetter]:
+        """Newest dead letters first; ``error_contains`` matches case-insensitively."""
+        self._check_open()
+        return await self._submit(_ListDead(self._future(), limit, error_contains))
+
+    async def replay_dead_letters(
+        self, *, ids: Sequence[int] | None = None, error_contains: str | None = None
+    ) -> int:
+        """Requeue matching dead letters at the end (new ids, attempts 0); all or none fit."""
+        self._check_open()
+        key = None if ids is None else tuple(ids)
+        return await self._submit(_Replay(self._future(), key, error_contains))
+
+    async def purge_dead_letters(
+        self, *, ids: Sequence[int] | None = None, error_contains: str | None = None
+    ) -> int:
+        """Delete matching dead letters (all of them when no filter is given)."""
+        self._check_open()
+        key = None if ids is None else tuple(ids)
+        return await self._submit(_Purge(self._future(), key, error_contains))
+
+    # -- loop side plumbing ------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise SpoolClosed(f"spool is {self._state}")
+
+    def _future(self) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        return self._loop.create_future()
+
+    async def _submit(self, op: _Op[T]) -> T:
+        self._ops.put(op)
+        return await op.future
+
+    def _apply_snapshot(self, snapshot: _Snapshot) -> None:
+        self._snapshot = snapshot
+        assert self._event is not None
+        if snapshot.available > 0 or self._state != "open":
+            self._event.set()
+        else:
+            self._event.clear()
+
+    def _settle(self, op: _Op[Any]) -> None:
+        """An operation got its answer: it no longer counts as pending."""
+        if isinstance(op, _Put):
+            self._pending_rows -= len(op.payloads)
+            self._pending_bytes -= op.nbytes
+
+    def _on_open(self, result: _Snapshot | BaseException) -> None:
+        assert self._opened is not None
+        if isinstance(result, BaseException):
+            if not self._opened.done():
+                self._opened.set_exception(result)
+            return
+        if self._state == "opening":
+            self._state = "open"
+        self._apply_snapshot(result)
+        if not self._opened.done():
+            self._opened.set_result(None)
+
+    def _on_group(self, outcomes: list[_Outcome], snapshot: _Snapshot) -> None:
+        self._apply_snapshot(snapshot)
+        for op, ok, value in outcomes:
+            self._settle(op)
+            future = op.future
+            if future.done():  # the caller was cancelled
+                if ok and isinstance(op, _Lease) and value and self._state == "open":
+                    # Nobody received these items: give them back without an attempt.
+                    assert isinstance(value, list)
+                    release = _Release(self._future(), tuple(i.id for i in value), False)
+                    release.future.add_done_callback(_consume)
+                    self._ops.put(release)
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                assert isinstance(value, BaseException)
+                future.set_exception(value)
+
+    def _on_stop(self, error: BaseException | None) -> None:
+        if error is not None:
+            logger.error("spool writer stopped", exc_info=error)
+        self._state = "closed"
+        while True:  # the writer is gone: fail whatever is still queued
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if op is None:
+                continue
+            self._settle(op)
+            if not op.future.done():
+                op.future.set_exception(SpoolClosed("spool closed"))
+        if self._event is not None:
+            self._event.set()
+        assert self._stopped is not None
+        if not self._stopped.done():
+            self._stopped.set_result(None)
