@@ -277,13 +277,13 @@ def _origins(value: str | list[Any]) -> tuple[str, ...]:
 def _field_names(value: str | list[Any]) -> frozenset[str]:
     names = parse_list(value)
     for name in names:
-        if not FIELD_NAME_RE.match(name):
+        if not FIELD_NAME_RE.fullmatch(name):
             raise ValueError(f"{name!r} is not a field name such as str::first or str:cm:plan")
     return frozenset(names)
 
 
 def _activity_id(text: str) -> str:
-    if not ACTIVITY_ID_RE.match(text):
+    if not ACTIVITY_ID_RE.fullmatch(text):
         raise ValueError(f"{text!r} is not an activity id such as act:cm:logged-in")
     return text
 

@@ -1,0 +1,637 @@
+"""Parse, validate and normalise a browser's activity request into Ortto's shape.
+
+Pure: no aiohttp, no I/O. The handler decodes the body with `decode_body` and the
+relay calls `parse_request`, which raises `GatewayError` for a whole-request
+problem and otherwise returns, per activity in order, either the normalised
+activity or the refusal for it, so one bad activity does not sink a batch.
+
+Everything a browser sends is untrusted. The gateway validates fully before
+anything reaches Ortto, because Ortto bans an IP after 15 bad requests in 15 s
+and behind one gateway that IP is every visitor's. The normalised activity is a
+fresh dict holding only what was checked: `activity_id`, `fields` and
+`attributes` (each omitted when empty), `location` (always present, `{}` unless
+the browser gave a `custom` or `address` location) and `person_id` when given.
+A browser's `created`, `key` and `location.source_ip` are dropped: enrichment
+sets the accept time, a unique key and the real client address.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import orjson
+
+from gateway.config import (
+    ACTIVITY_ID_RE,
+    FIELD_NAME_RE,
+    ORTTO_MAX_ACTIVITIES,
+    ORTTO_MAX_ACTIVITY_BYTES,
+    ORTTO_MAX_ATTRIBUTES,
+    SUBSCRIPTION_FIELDS,
+    Settings,
+)
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+
+Activity = dict[str, Any]  # one activity in Ortto's shape
+
+# Ortto's shape needs 5 levels (body, list, activity, attributes, an `obj` value);
+# 32 leaves room for `obj` attributes while staying far under orjson's own 1024.
+MAX_JSON_DEPTH = 32
+# Ortto's `str` type: text up to 255 characters (also single selects and URLs).
+MAX_STR_CHARS = 255
+# Ortto's `txt` type: long text up to 4000 characters.
+MAX_TXT_CHARS = 4000
+# Ortto's `int` type is int64.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+# A multi-select is a short list of options; bounds the work per value.
+MAX_SST_ITEMS = 100
+# Ortto's `merge_by` takes at most three fields.
+MAX_MERGE_BY = 3
+# IANA zone names are at most about 30 characters; anything longer is not one.
+MAX_TIMEZONE_CHARS = 64
+# E.164: country calling codes have 1 to 3 digits, whole numbers at most 15.
+MAX_PHONE_COUNTRY_DIGITS = 3
+MAX_PHONE_NUMBER_DIGITS = 15
+# An address is a handful of lines (street, city, region, postcode, country...).
+MAX_ADDRESS_KEYS = 16
+# Room for what enrichment adds after validation (`location.source_ip`, `created`,
+# `key`: about 150 bytes), so the enriched activity stays within Ortto's 16 kB.
+ENRICHMENT_RESERVE_BYTES = 256
+MAX_ACTIVITY_BYTES = ORTTO_MAX_ACTIVITY_BYTES - ENRICHMENT_RESERVE_BYTES
+# Longest piece of browser input echoed back in an error message.
+MAX_ECHO_CHARS = 60
+
+# JSON must be UTF-8 (RFC 8259); ASCII is a subset of it.
+JSON_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii"})
+# `text/plain` is what `navigator.sendBeacon` and preflight-free `fetch` send.
+JSON_MEDIA_TYPES = frozenset({"application/json", "text/plain", ""})
+
+IDENTIFIER_FIELDS = frozenset({"str::email", "str::ei"})
+# The website guide puts the person's email (and names) inside `attributes`.
+MOVED_TO_FIELDS = ("str::email", "str::first", "str::last", "str::ei")
+# Merging by a non-unique field (a name, a phone) could attach one browser's
+# activity and person fields to somebody else, so only identifiers are allowed.
+MERGE_BY_FIELDS = IDENTIFIER_FIELDS
+
+BATCH_KEYS = frozenset({"activities", "async", "merge_by"})
+ACTIVITY_KEYS = frozenset(
+    {"activity_id", "fields", "attributes", "location", "created", "key", "person_id"}
+)
+LOCATION_KEYS = frozenset({"source_ip", "custom", "address"})
+CUSTOM_LOCATION_STRINGS = frozenset({"country_name", "region_name", "city_name", "position_name"})
+CUSTOM_LOCATION_BOUNDS = {"lat": 90.0, "lng": 180.0}
+
+NO_IDENTIFIER = "no person identifier: give str::email, str::ei or person_id"
+
+# One `@`, non-empty local and domain parts, no whitespace or control characters.
+EMAIL_RE = re.compile(r"[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+")
+# RFC 3339 as Go's time.RFC3339 (Ortto's parser) reads it: `T`, seconds, `Z` or an offset.
+RFC3339_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+PHONE_COUNTRY_RE = re.compile(f"[0-9]{{1,{MAX_PHONE_COUNTRY_DIGITS}}}")
+PHONE_NUMBER_RE = re.compile(f"[0-9]{{1,{MAX_PHONE_NUMBER_DIGITS}}}")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """A request body: per activity in order the normalised activity or its refusal."""
+
+    items: list[Activity | GatewayError]
+    async_: bool
+    merge_by: list[str] | None
+
+
+def decode_body(body: bytes, content_type: str, max_body_bytes: int) -> Any:
+    """Decode a request body as JSON, refusing what Ortto's API would not take.
+
+    `content_type` is the raw `Content-Type` header ("" when missing): JSON is
+    accepted as `application/json`, `text/plain` (what `sendBeacon` and a
+    preflight-free `fetch` send) or with no type at all (a `sendBeacon` Blob
+    without one), with a UTF-8 charset if any. No NaN, Infinity or numbers
+    that overflow a double (orjson refuses them), nesting at most MAX_JSON_DEPTH.
+    """
+    media_type, _, params = content_type.partition(";")
+    media_type = media_type.strip().lower()
+    if media_type not in JSON_MEDIA_TYPES:
+        raise UnsupportedMediaType(
+            f"content type {_show(media_type)} is not supported: send application/json "
+            "or text/plain"
+        )
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+            if charset not in JSON_CHARSETS:
+                raise UnsupportedMediaType(f"charset {_show(charset)} is not supported: use utf-8")
+    if len(body) > max_body_bytes:
+        raise PayloadTooLarge(f"request body over {max_body_bytes} bytes")
+    if not body or body.isspace():
+        raise BadRequest("empty body: send a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc.msg} at byte {exc.pos}") from None
+    if _too_deep(data, MAX_JSON_DEPTH):
+        raise BadRequest(f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def is_batch(data: Any) -> bool:
+    """Whether a decoded body is Ortto's `{"activities": [...]}` rather than one bare activity."""
+    return isinstance(data, dict) and "activities" in data
+
+
+def parse_request(data: Any, settings: Settings) -> ParsedRequest:
+    """Validate a decoded body (Ortto's request, or one bare activity) and normalise it.
+
+    Raises `GatewayError` for a problem with the request as a whole; a problem with
+    one activity becomes that activity's entry in `items`.
+    """
+    if not isinstance(data, dict):
+        raise BadRequest(
+            f"body must be a JSON object with activities or activity_id, got {_kind(data)}"
+        )
+    if "activities" not in data:
+        if "activity_id" not in data:
+            raise BadRequest('body must be {"activities": [...]} or one activity with activity_id')
+        return ParsedRequest([_item(data, settings)], False, None)
+
+    unknown = _unknown(data, BATCH_KEYS)
+    if unknown is not None:
+        raise BadRequest(f"unknown key {unknown} in the request body", field=unknown)
+    activities = data["activities"]
+    if not isinstance(activities, list):
+        raise BadRequest(f"activities must be a list, got {_kind(activities)}", field="activities")
+    if not activities:
+        raise BadRequest("activities must not be empty", field="activities")
+    if len(activities) > ORTTO_MAX_ACTIVITIES:
+        raise BadRequest(
+            f"at most {ORTTO_MAX_ACTIVITIES} activities per request, got {len(activities)}",
+            field="activities",
+        )
+    async_ = data.get("async")
+    if async_ is None:
+        async_ = False
+    elif not isinstance(async_, bool):
+        raise BadRequest(f"async must be true or false, got {_kind(async_)}", field="async")
+    merge_by = _merge_by(data.get("merge_by"))
+    return ParsedRequest([_item(a, settings) for a in activities], async_, merge_by)
+
+
+def first_error(parsed: ParsedRequest) -> GatewayError | None:
+    """The error to answer with when every activity was refused, else None.
+
+    The first refusal that is not `NotFound` wins (a 400 explains a mistake the
+    caller can fix); only when every activity is unknown or not enabled is the
+    answer the first item's 404, as Ortto's website path answers.
+    """
+    errors = [item for item in parsed.items if isinstance(item, GatewayError)]
+    if len(errors) < len(parsed.items) or not errors:
+        return None
+    for error in errors:
+        if not isinstance(error, NotFound):
+            return error
+    return errors[0]
+
+
+# -- whole request
+
+
+def _merge_by(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadRequest(f"merge_by must be a list, got {_kind(value)}", field="merge_by")
+    if len(value) > MAX_MERGE_BY:
+        raise BadRequest(f"merge_by takes at most {MAX_MERGE_BY} fields", field="merge_by")
+    for name in value:
+        if not isinstance(name, str) or name not in MERGE_BY_FIELDS:
+            allowed = " or ".join(sorted(MERGE_BY_FIELDS))
+            raise BadRequest(
+                f"merge_by field {_show(name)} is not allowed: use {allowed}", field="merge_by"
+            )
+    if len(set(value)) != len(value):
+        raise BadRequest("merge_by lists a field twice", field="merge_by")
+    return list(value) or None
+
+
+# -- one activity
+
+
+def _item(raw: Any, settings: Settings) -> Activity | GatewayError:
+    try:
+        return _activity(raw, settings)
+    except GatewayError as exc:
+        return exc
+
+
+def _activity(raw: Any, settings: Settings) -> Activity:
+    if not isinstance(raw, dict):
+        raise BadRequest(f"an activity must be a JSON object, got {_kind(raw)}")
+    unknown = _unknown(raw, ACTIVITY_KEYS)
+    if unknown is not None:
+        raise BadRequest(f"unknown key {unknown} in the activity", field=unknown)
+
+    activity_id = raw.get("activity_id")
+    if activity_id is None:
+        raise BadRequest("activity_id is required", field="activity_id")
+    if not isinstance(activity_id, str):
+        raise BadRequest(
+            f"activity_id must be a string, got {_kind(activity_id)}", field="activity_id"
+        )
+    spec = settings.activities.get(activity_id)
+    if spec is None:
+        shown = _show(activity_id, quote=not ACTIVITY_ID_RE.fullmatch(activity_id))
+        raise NotFound(f"activity {shown} is not enabled", field="activity_id")
+
+    fields = _object(raw.get("fields"), "fields")
+    attributes = _object(raw.get("attributes"), "attributes")
+    if any(name in attributes for name in MOVED_TO_FIELDS):
+        fields, attributes = _move_person_fields(fields, attributes)
+
+    allowed = spec.person_fields or settings.person_fields
+    out_fields: dict[str, Any] = {}
+    for name, value in fields.items():
+        where = f"fields.{_show(name, quote=False)}"
+        if name not in allowed and name != "str::ei":
+            raise BadRequest(
+                f"person field {_show(name, quote=False)} is not allowed from the browser",
+                field=where,
+            )
+        out_fields[name] = _value(name, value, where)
+    email = out_fields.get("str::email")
+    if email is not None:
+        out_fields["str::email"] = _email(email)
+    external_id = out_fields.get("str::ei")
+    if external_id is not None:
+        external_id = out_fields["str::ei"] = external_id.strip()
+        if not external_id:
+            raise BadRequest("fields.str::ei must not be blank", field="fields.str::ei")
+    person_id = _person_id(raw.get("person_id"))
+    if email is None and external_id is None and person_id is None:
+        raise BadRequest(NO_IDENTIFIER, field="fields")
+
+    if len(attributes) > ORTTO_MAX_ATTRIBUTES:
+        raise BadRequest(
+            f"at most {ORTTO_MAX_ATTRIBUTES} attributes per activity, got {len(attributes)}",
+            field="attributes",
+        )
+    out_attributes: dict[str, Any] = {}
+    for name, value in attributes.items():
+        where = f"attributes.{_show(name, quote=False)}"
+        if not isinstance(name, str) or not FIELD_NAME_RE.fullmatch(name):
+            raise BadRequest(
+                f"attribute name {_show(name)} is not a field name such as str:cm:plan",
+                field=where,
+            )
+        if name in SUBSCRIPTION_FIELDS:
+            # Never a real activity attribute; refused so it cannot reach a subscription.
+            raise BadRequest(f"attribute {name} is not allowed from the browser", field=where)
+        if spec.attributes is not None and name not in spec.attributes:
+            raise BadRequest(f"attribute {name} is not declared for {activity_id}", field=where)
+        out_attributes[name] = _value(name, value, where)
+
+    out: Activity = {"activity_id": activity_id}
+    if out_fields:
+        out["fields"] = out_fields
+    if out_attributes:
+        out["attributes"] = out_attributes
+    out["location"] = _location(raw.get("location"))
+    if person_id is not None:
+        out["person_id"] = person_id
+
+    try:
+        size = len(orjson.dumps(out))
+    except orjson.JSONEncodeError as exc:  # only reachable for input not decoded from JSON
+        raise BadRequest(f"activity cannot be encoded as JSON: {exc}") from None
+    if size > MAX_ACTIVITY_BYTES:
+        raise BadRequest(
+            f"activity is {size} bytes as JSON, over the {MAX_ACTIVITY_BYTES}-byte limit"
+        )
+    return out
+
+
+def _move_person_fields(
+    fields: dict[str, Any], attributes: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Move person fields the website guide puts in `attributes` into `fields`."""
+    fields = dict(fields)
+    attributes = dict(attributes)
+    for name in MOVED_TO_FIELDS:
+        if name not in attributes:
+            continue
+        value = attributes.pop(name)
+        if name in fields and not _same(name, fields[name], value):
+            raise BadRequest(
+                f"{name} differs between fields and attributes", field=f"fields.{name}"
+            )
+        fields.setdefault(name, value)
+    return fields, attributes
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str) and name in IDENTIFIER_FIELDS:
+        return a.strip() == b.strip()
+    return bool(type(a) is type(b) and a == b)
+
+
+def _email(value: str) -> str:
+    email = value.strip()
+    if len(email) > MAX_STR_CHARS or not EMAIL_RE.fullmatch(email):
+        raise BadRequest(
+            "fields.str::email must be an email address such as name@example.com",
+            field="fields.str::email",
+        )
+    return email
+
+
+def _person_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value.strip()) > MAX_STR_CHARS:
+        raise BadRequest(
+            f"person_id must be a non-empty string of at most {MAX_STR_CHARS} characters",
+            field="person_id",
+        )
+    return value.strip()
+
+
+def _location(value: Any) -> dict[str, Any]:
+    """Keep a `custom` or `address` location; drop a browser's `source_ip` (never trusted)."""
+    location = _object(value, "location")
+    unknown = _unknown(location, LOCATION_KEYS)
+    if unknown is not None:
+        raise BadRequest(f"unknown key {unknown} in location", field=f"location.{unknown}")
+    out: dict[str, Any] = {}
+    custom = _object(location.get("custom"), "location.custom")
+    if custom:
+        out["custom"] = _custom_location(custom)
+    address = _object(location.get("address"), "location.address")
+    if address:
+        out["address"] = _address(address)
+    return out
+
+
+def _custom_location(custom: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in custom.items():
+        where = f"location.custom.{_show(key, quote=False)}"
+        if key in CUSTOM_LOCATION_STRINGS:
+            out[key] = _string(value, MAX_STR_CHARS, where)
+        elif key in CUSTOM_LOCATION_BOUNDS:
+            bound = CUSTOM_LOCATION_BOUNDS[key]
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or (isinstance(value, float) and not math.isfinite(value))
+                or not -bound <= value <= bound
+            ):
+                raise BadRequest(
+                    f"{where} must be a number from {-bound:g} to {bound:g}", field=where
+                )
+            out[key] = value
+        else:
+            raise BadRequest(f"unknown key {_show(key)} in location.custom", field=where)
+    if ("lat" in out) != ("lng" in out):
+        raise BadRequest("location.custom needs both lat and lng", field="location.custom")
+    return out
+
+
+def _address(address: dict[str, Any]) -> dict[str, str]:
+    if len(address) > MAX_ADDRESS_KEYS:
+        raise BadRequest(
+            f"location.address has more than {MAX_ADDRESS_KEYS} keys", field="location.address"
+        )
+    return {
+        key: _string(value, MAX_STR_CHARS, f"location.address.{_show(key, quote=False)}")
+        for key, value in address.items()
+    }
+
+
+# -- values, by the type prefix of the field name
+
+
+def _value(name: Any, value: Any, where: str) -> Any:
+    check = _VALUE_CHECKS.get(name[:3]) if isinstance(name, str) else None
+    if check is None:
+        raise BadRequest(f"{where} has no known type prefix such as str: or int:", field=where)
+    if value is None:
+        raise BadRequest(f"{where} must not be null (leave it out instead)", field=where)
+    return check(value, where)
+
+
+def _str(value: Any, where: str) -> str:
+    return _string(value, MAX_STR_CHARS, where)
+
+
+def _txt(value: Any, where: str) -> str:
+    return _string(value, MAX_TXT_CHARS, where)
+
+
+def _int(value: Any, where: str) -> int:
+    # Decimals and currencies travel as int x 1000, so a float is a mistake: refused.
+    if type(value) is not int:
+        raise BadRequest(
+            f"{where} must be a whole number (decimals are sent as int x 1000), got {_kind(value)}",
+            field=where,
+        )
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise BadRequest(f"{where} is outside the int64 range", field=where)
+    return value
+
+
+def _bol(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{where} must be true or false, got {_kind(value)}", field=where)
+    return value
+
+
+def _dtz(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(
+            f'{where} must be a date object {{"year", "month", "day", "timezone"}}, '
+            f"got {_kind(value)}",
+            field=where,
+        )
+    unknown = _unknown(value, frozenset({"year", "month", "day", "timezone"}))
+    if unknown is not None:
+        raise BadRequest(f"unknown key {unknown} in {where}", field=where)
+    year, month, day = value.get("year"), value.get("month"), value.get("day")
+    if not (
+        type(year) is int
+        and type(month) is int
+        and type(day) is int
+        and _real_date(year, month, day)
+    ):
+        raise BadRequest(
+            f"{where} must have integer year, month and day forming a real date", field=where
+        )
+    out: dict[str, Any] = {"year": year, "month": month, "day": day}
+    if "timezone" in value:
+        out["timezone"] = _string(value["timezone"], MAX_TIMEZONE_CHARS, f"{where}.timezone")
+    return out
+
+
+def _real_date(year: int, month: int, day: int) -> bool:
+    try:
+        date(year, month, day)
+    except (ValueError, OverflowError):
+        return False
+    return True
+
+
+def _tme(value: Any, where: str) -> str:
+    if isinstance(value, str) and RFC3339_RE.fullmatch(value):
+        try:
+            datetime.fromisoformat(value)  # ranges: month 13, hour 25, Feb 30, second 60
+        except ValueError:
+            pass
+        else:
+            return value
+    raise BadRequest(
+        f"{where} must be an RFC 3339 date-time such as 2020-02-17T01:30:17.601Z", field=where
+    )
+
+
+def _phn(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value.keys() == {"c", "n"}:
+        c, n = value["c"], value["n"]
+        if (
+            isinstance(c, str)
+            and isinstance(n, str)
+            and PHONE_COUNTRY_RE.fullmatch(c)
+            and PHONE_NUMBER_RE.fullmatch(n)
+        ):
+            return {"c": c, "n": n}
+    elif isinstance(value, dict) and "phone" in value:
+        unknown = _unknown(value, frozenset({"phone", "parse_with_country_code"}))
+        if unknown is not None:
+            raise BadRequest(f"unknown key {unknown} in {where}", field=where)
+        out: dict[str, Any] = {"phone": _string(value["phone"], MAX_STR_CHARS, f"{where}.phone")}
+        if "parse_with_country_code" in value:
+            out["parse_with_country_code"] = _bol(
+                value["parse_with_country_code"], f"{where}.parse_with_country_code"
+            )
+        return out
+    raise BadRequest(
+        f'{where} must be {{"c": "61", "n": "401234567"}} (digits) '
+        f'or {{"phone": "...", "parse_with_country_code": true}}',
+        field=where,
+    )
+
+
+def _geo(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or value.keys() != {"name"}:
+        raise BadRequest(f'{where} must be {{"name": "Melbourne"}}', field=where)
+    return {"name": _string(value["name"], MAX_STR_CHARS, f"{where}.name")}
+
+
+def _sst(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_SST_ITEMS:
+        raise BadRequest(f"{where} must be a list of at most {MAX_SST_ITEMS} strings", field=where)
+    return [_string(item, MAX_STR_CHARS, where) for item in value]
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    # Depth is bounded by decode_body; encodability and size by the activity check.
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be a JSON object, got {_kind(value)}", field=where)
+    return value
+
+
+_VALUE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "str": _str,
+    "txt": _txt,
+    "int": _int,
+    "bol": _bol,
+    "dtz": _dtz,
+    "tme": _tme,
+    "phn": _phn,
+    "geo": _geo,
+    "sst": _sst,
+    "obj": _obj,
+}
+
+
+# -- helpers
+
+
+def _string(value: Any, max_chars: int, where: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{where} must be a string, got {_kind(value)}", field=where)
+    if len(value) > max_chars:
+        raise BadRequest(
+            f"{where} is {len(value)} characters, over the limit of {max_chars}", field=where
+        )
+    return value
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """An optional object member: absent or null reads as empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be an object, got {_kind(value)}", field=where)
+    return value
+
+
+def _unknown(obj: dict[Any, Any], known: frozenset[str]) -> str | None:
+    """The first key (sorted, shown) that is not known, or None."""
+    extra = [key for key in obj if key not in known]
+    if not extra:
+        return None
+    return _show(min(extra, key=str), quote=False)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _kind(value: Any) -> str:
+    """A JSON type name for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(value: Any, *, quote: bool = True) -> str:
+    """Browser input for an error message: shortened, and quoted unless asked not to."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_ECHO_CHARS:
+        text = text[:MAX_ECHO_CHARS] + "..."
+    return repr(text) if quote else text
