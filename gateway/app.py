@@ -1,0 +1,143 @@
+"""The application factory: wires settings, resources, middlewares and routes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from gateway import handlers
+from gateway.client_ip import TrustedProxies, parse_networks
+from gateway.config import ACTIVITIES_PATH, Settings
+from gateway.cors import CorsPolicy
+from gateway.delivery import Delivery
+from gateway.keys import LIFECYCLE, RELAY, SETTINGS
+from gateway.limits import Limiter, MemoryStore
+from gateway.metrics import Metrics
+from gateway.middlewares import make_middlewares
+from gateway.relay import Relay
+from gateway.sinks import ForwardSink, Sink, SpoolSink
+from gateway.spool import Spool
+from gateway.state import Lifecycle
+from gateway.upstream import OrttoClient
+
+METRICS = web.AppKey("metrics", Metrics)
+SPOOL = web.AppKey("spool", Spool)
+DELIVERY = web.AppKey("delivery", Delivery)
+CLIENT = web.AppKey("ortto_client", OrttoClient)
+
+# Keep-alive connections to Ortto: one per in-flight batch is plenty.
+UPSTREAM_CONNECTIONS = 32
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The public application; resources open in `cleanup_ctx` in the order of the flow."""
+    metrics = metrics or Metrics(registry, settings.activities)
+    cors = CorsPolicy(settings.allowed_origins)
+    trusted = TrustedProxies(parse_networks(settings.trusted_proxies))
+    app = web.Application(
+        middlewares=make_middlewares(cors, trusted, metrics),
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[LIFECYCLE] = Lifecycle()
+    app[handlers.CORS] = cors
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
+            app[CLIENT] = OrttoClient(
+                session,
+                settings.upstream_endpoint,
+                settings.api_key,
+                timeout=settings.upstream_timeout,
+            )
+            yield
+
+    async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
+        spool = Spool(
+            settings.spool_path,
+            max_rows=settings.spool_max_rows,
+            max_bytes=settings.spool_max_bytes,
+        )
+        await spool.open()
+        app[SPOOL] = spool
+        try:
+            yield
+        finally:
+            await spool.close()
+
+    async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+        delivery = Delivery(
+            app[SPOOL],
+            app[CLIENT],
+            metrics,
+            rate=settings.upstream_rate,
+            concurrency=settings.upstream_concurrency,
+            batch_max_wait=settings.batch_max_wait,
+            clock=clock,
+        )
+        app[DELIVERY] = delivery
+        delivery.start()
+        try:
+            yield
+        finally:
+            app[LIFECYCLE].draining = True
+            await delivery.stop(settings.drain_timeout)
+
+    async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = MemoryStore(
+            max_keys=settings.limiter_max_keys, on_evict=metrics.limiter_evictions.inc
+        )
+        metrics.limiter_keys.set_function(store.key_count)
+        sink: Sink = (
+            SpoolSink(app[SPOOL]) if settings.delivery == "queue" else ForwardSink(app[CLIENT])
+        )
+        app[RELAY] = Relay(settings, Limiter(store, clock=clock), sink, metrics, clock=clock)
+        app[LIFECYCLE].started = True
+        try:
+            yield
+        finally:
+            app[LIFECYCLE].draining = True
+            await store.close()
+
+    app.cleanup_ctx.append(upstream_ctx)
+    if settings.delivery == "queue":
+        app.cleanup_ctx.append(spool_ctx)
+        app.cleanup_ctx.append(delivery_ctx)
+    app.cleanup_ctx.append(relay_ctx)
+    app.on_shutdown.append(_start_draining)
+
+    app.router.add_post(ACTIVITIES_PATH, handlers.create_activities, name="activities")
+    app.router.add_route(
+        "OPTIONS", ACTIVITIES_PATH, handlers.preflight, name="activities-preflight"
+    )
+    shim = handlers.StaticAsset(
+        handlers.SHIM, "application/javascript; charset=utf-8", handlers.SHIM_MAX_AGE
+    )
+    app.router.add_get("/ortto-relay.js", shim.handle, name="shim")
+    app.router.add_get("/healthz", handlers.healthz, name="healthz")
+    app.router.add_get("/readyz", handlers.readyz, name="readyz")
+    return app
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[LIFECYCLE].draining = True
+
+
+def create_metrics_app(registry: CollectorRegistry) -> web.Application:
+    """The metrics listener's app: `GET /metrics` only, never on the public listener."""
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    return app

@@ -1,0 +1,385 @@
+"""Delivery: a background worker that moves spooled activities to Ortto in batches.
+
+Order of work for one batch: take an in-flight slot, wait for the upstream rate
+limiter (aiolimiter, `upstream_rate` requests a second), then lease the oldest
+activities (at most 100 and under 2 MB encoded), so a batch is as full as it can
+be at the moment it may be sent. Each activity was given its `created` and `key`
+when it was accepted, so a retry after an ambiguous failure (a timeout after Ortto
+processed it, a crash before the acknowledgement was committed) merges at Ortto
+instead of duplicating.
+
+What Ortto answers decides what happens to the batch:
+
+- 200: acknowledged; per-activity `invalid` entries go to the dead letters.
+- 400 and other 4xx: split in halves until the refused activities are isolated;
+  a single refused activity goes to the dead letters with Ortto's message.
+- 401/403: the key is wrong (or the IP is banned): nothing is discarded; delivery
+  pauses and probes again later, logging an error at most once a minute.
+- 429, 5xx, timeouts, connection errors: given back to the spool; sending waits
+  with exponential backoff and full jitter, at least as long as Ortto asked
+  (`Retry-After` or the body's `try-in-seconds`).
+
+Ortto bans the caller's IP for 15 s after 15 bad requests within 15 s, which would
+stop every site behind the gateway. Every 4xx answer (bisection included) is
+counted in a sliding window; at `BAD_REQUEST_BUDGET` the circuit opens and sending
+pauses for `CIRCUIT_PAUSE` seconds instead of feeding the ban.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiolimiter import AsyncLimiter
+
+from gateway.config import ORTTO_MAX_ACTIVITIES, ORTTO_MAX_BODY_BYTES
+from gateway.identity import person_hash, person_key
+from gateway.metrics import Metrics, status_group
+from gateway.spool import Spool, SpooledItem
+from gateway.upstream import BATCH_OVERHEAD, OrttoClient, UpstreamError, encode_batch
+
+log = logging.getLogger("gateway.delivery")
+
+# Ortto bans after 15 bad requests in 15 s; stay well below it.
+BAD_REQUEST_BUDGET = 10
+BAD_REQUEST_WINDOW = 15.0
+# Long enough for Ortto's own 15 s window to forget our bad requests.
+CIRCUIT_PAUSE = 15.0
+# A wrong key is an operator's problem; probe again at this pace, never discard.
+AUTH_PAUSE = 30.0
+AUTH_LOG_INTERVAL = 60.0
+# Backoff for 5xx and network errors: full jitter over base * 2**n, capped.
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 60.0
+# Ortto's 429 without a hint: its documented windows are 10 s and 60 s.
+DEFAULT_RATE_LIMIT_PAUSE = 10.0
+# Ortto refuses activities created more than 90 days ago; keep an hour's margin.
+MAX_AGE = 90 * 86400.0 - 3600.0
+# Leave room under Ortto's 2 MB for the envelope and separators.
+MAX_BATCH_BYTES = ORTTO_MAX_BODY_BYTES - BATCH_OVERHEAD - ORTTO_MAX_ACTIVITIES
+# How often the spool gauges are refreshed while idle.
+GAUGE_INTERVAL = 1.0
+
+
+def full_jitter(attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """AWS's "full jitter": uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng() * min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(attempt, 30))
+
+
+def _created_at(payload: dict[str, Any]) -> float | None:
+    created = payload.get("created")
+    if not isinstance(created, str):
+        return None
+    try:
+        return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _describe(payload: bytes) -> tuple[str, str, dict[str, Any]]:
+    """Activity id and hashed person of a spooled payload (for dead letters)."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return "", "", {}
+    if not isinstance(data, dict):
+        return "", "", {}
+    activity_id = data.get("activity_id")
+    try:
+        who = person_hash(person_key(data))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        who = ""
+    return (activity_id if isinstance(activity_id, str) else ""), who, data
+
+
+class Delivery:
+    """The background worker; `start()` in the app's cleanup context, `stop()` on the way out."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        client: OrttoClient,
+        metrics: Metrics,
+        *,
+        rate: float,
+        concurrency: int,
+        batch_max_wait: float,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._spool = spool
+        self._client = client
+        self._metrics = metrics
+        self._rate = AsyncLimiter(rate, 1.0) if rate >= 1 else AsyncLimiter(1, 1.0 / rate)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._batch_max_wait = batch_max_wait
+        self._clock = clock
+        self._rng = rng
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._not_before = 0.0  # monotonic time before which nothing is sent
+        self._pause_reason: str | None = None
+        self._failures = 0  # consecutive retryable failures, for the backoff exponent
+        self._bad_requests: deque[float] = deque()
+        self._last_auth_log = -AUTH_LOG_INTERVAL
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Start the worker task."""
+        self._task = asyncio.create_task(self._run(), name="ortto-gateway-delivery")
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop leasing, let in-flight batches finish for up to `drain_timeout`, keep the rest."""
+        self._stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.warning(
+                    "drain timeout: batches left in the spool for the next start",
+                    extra={"data": {"batches": len(pending)}},
+                )
+        await self._refresh_gauges()
+
+    @property
+    def paused(self) -> str | None:
+        """Why sending is paused now, or None."""
+        if time.monotonic() < self._not_before:
+            return self._pause_reason
+        return None
+
+    # -- the loop
+
+    async def _run(self) -> None:
+        try:
+            await self._refresh_gauges()
+            while True:
+                await self._wait_until_allowed()
+                if not await self._spool.wait_for_items(GAUGE_INTERVAL):
+                    await self._refresh_gauges()
+                    continue
+                await self._fill_wait()
+                await self._slots.acquire()
+                try:
+                    await self._wait_until_allowed()
+                    await self._rate.acquire()
+                    items = await self._spool.lease(ORTTO_MAX_ACTIVITIES, MAX_BATCH_BYTES)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not items:
+                    self._slots.release()
+                    continue
+                task = asyncio.create_task(self._deliver(items))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # pragma: no cover - a bug; keep the process alive and say so
+            log.exception("delivery worker stopped")
+            raise
+
+    async def _fill_wait(self) -> None:
+        """Give a batch `batch_max_wait` to fill when fewer than 100 are waiting."""
+        if self._spool.available < ORTTO_MAX_ACTIVITIES:
+            await asyncio.sleep(self._batch_max_wait)
+
+    async def _wait_until_allowed(self) -> None:
+        delay = self._not_before - time.monotonic()
+        while delay > 0:
+            # A pause can be extended while we wait (another batch hit a 429): check again.
+            await asyncio.sleep(delay)
+            delay = self._not_before - time.monotonic()
+        if self._pause_reason is not None:
+            self._metrics.delivery_paused.labels(self._pause_reason).set(0)
+            self._pause_reason = None
+
+    def _pause(self, reason: str, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        if until > self._not_before:
+            self._not_before = until
+            if self._pause_reason and self._pause_reason != reason:
+                self._metrics.delivery_paused.labels(self._pause_reason).set(0)
+            self._pause_reason = reason
+        self._metrics.delivery_paused.labels(reason).set(1)
+
+    # -- one batch
+
+    async def _deliver(self, items: list[SpooledItem]) -> None:
+        try:
+            items = await self._drop_too_old(items)
+            if items:
+                await self._send(items, bisecting=False)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._spool.release([i.id for i in items], attempt=False))
+            raise
+        except Exception:
+            log.exception("delivery of a batch failed; it stays spooled")
+            await self._spool.release([i.id for i in items])
+        finally:
+            self._slots.release()
+            await self._refresh_gauges()
+
+    async def _drop_too_old(self, items: list[SpooledItem]) -> list[SpooledItem]:
+        now = self._clock()
+        keep: list[SpooledItem] = []
+        dead: list[tuple[int, str, str, str]] = []
+        for item in items:
+            activity_id, who, data = _describe(item.payload)
+            created = _created_at(data)
+            if created is not None and now - created > MAX_AGE:
+                dead.append(
+                    (item.id, activity_id, who, "Created date is more than 90 days ago (gateway)")
+                )
+            else:
+                keep.append(item)
+        if dead:
+            await self._dead_letter(dead)
+        return keep
+
+    async def _send(self, items: Sequence[SpooledItem], *, bisecting: bool) -> None:
+        ids = [i.id for i in items]
+        if bisecting:
+            await self._wait_until_allowed()
+            await self._rate.acquire()
+        body = encode_batch([i.payload for i in items])
+        self._metrics.upstream_batch_activities.observe(len(items))
+        try:
+            resp = await self._client.post(body)
+        except UpstreamError as exc:
+            self._metrics.upstream_requests.labels("error").inc()
+            self._retry_later(ids, "network", None, str(exc))
+            await self._spool.release(ids)
+            return
+        self._metrics.upstream_requests.labels(status_group(resp.status)).inc()
+        self._metrics.upstream_request_seconds.observe(resp.elapsed)
+        status = resp.status
+        if status == 200:
+            self._failures = 0
+            await self._accepted(items, resp.json())
+        elif status in (401, 403):
+            self._note_bad_request()
+            self._pause("auth", AUTH_PAUSE)
+            now = time.monotonic()
+            if now - self._last_auth_log >= AUTH_LOG_INTERVAL:
+                self._last_auth_log = now
+                log.error(
+                    "Ortto refused the API key; delivery paused, nothing discarded",
+                    extra={"data": {"status": status, "spooled": self._spool.depth}},
+                )
+            await self._spool.release(ids, attempt=False)
+        elif status == 429:
+            self._metrics.upstream_retries.labels("rate_limit").inc()
+            wait = resp.retry_after or DEFAULT_RATE_LIMIT_PAUSE
+            self._pause("rate_limit", wait + self._rng())
+            log.warning("Ortto rate limit; pausing", extra={"data": {"seconds": round(wait, 3)}})
+            await self._spool.release(ids, attempt=False)
+        elif status >= 500 or status < 400:
+            self._retry_later(ids, "server_error", resp.retry_after, f"Ortto answered {status}")
+            await self._spool.release(ids)
+        else:
+            await self._refused(items, status, resp.json())
+
+    def _retry_later(
+        self, ids: Sequence[int], reason: str, hint: float | None, message: str
+    ) -> None:
+        self._metrics.upstream_retries.labels(reason).inc()
+        delay = max(hint or 0.0, full_jitter(self._failures, self._rng))
+        self._failures += 1
+        if delay > 0:
+            self._not_before = max(self._not_before, time.monotonic() + delay)
+        log.warning(
+            "delivery failed; will retry",
+            extra={
+                "data": {
+                    "reason": message,
+                    "activities": len(ids),
+                    "retry_in": round(delay, 3),
+                }
+            },
+        )
+
+    async def _accepted(self, items: Sequence[SpooledItem], data: Any) -> None:
+        entries = data.get("activities") if isinstance(data, dict) else None
+        dead: list[tuple[int, str, str, str]] = []
+        done: list[int] = []
+        delivered: list[str] = []
+        if isinstance(entries, list) and len(entries) == len(items):
+            for item, entry in zip(items, entries, strict=True):
+                if isinstance(entry, dict) and entry.get("status") == "invalid":
+                    activity_id, who, _ = _describe(item.payload)
+                    dead.append((item.id, activity_id, who, str(entry.get("error", "invalid"))))
+                else:
+                    done.append(item.id)
+                    delivered.append(_describe(item.payload)[0])
+        else:
+            done = [i.id for i in items]
+            delivered = [_describe(i.payload)[0] for i in items]
+        if done:
+            await self._spool.ack(done)
+            for activity_id in delivered:
+                self._metrics.count_activity(activity_id, "delivered")
+        if dead:
+            await self._dead_letter(dead)
+
+    async def _refused(self, items: Sequence[SpooledItem], status: int, data: Any) -> None:
+        """A 4xx for the batch: isolate the refused activities by bisection."""
+        self._note_bad_request()
+        if len(items) == 1:
+            error = data.get("error") if isinstance(data, dict) else None
+            message = str(error).strip() if error else f"Ortto answered {status}"
+            activity_id, who, _ = _describe(items[0].payload)
+            await self._dead_letter([(items[0].id, activity_id, who, message)])
+            return
+        middle = len(items) // 2
+        for half in (items[:middle], items[middle:]):
+            await self._send(half, bisecting=True)
+
+    def _note_bad_request(self) -> None:
+        now = time.monotonic()
+        window = self._bad_requests
+        window.append(now)
+        while window and window[0] <= now - BAD_REQUEST_WINDOW:
+            window.popleft()
+        if len(window) >= BAD_REQUEST_BUDGET:
+            window.clear()
+            self._pause("circuit", CIRCUIT_PAUSE)
+            log.error(
+                "too many refused requests to Ortto; pausing to avoid its IP ban",
+                extra={"data": {"seconds": CIRCUIT_PAUSE}},
+            )
+
+    async def _dead_letter(self, dead: list[tuple[int, str, str, str]]) -> None:
+        await self._spool.dead_letter(dead)
+        for _, activity_id, who, error in dead:
+            self._metrics.count_activity(activity_id, "dead_lettered")
+            log.error(
+                "activity dead-lettered",
+                extra={"data": {"activity_id": activity_id, "person": who, "error": error}},
+            )
+
+    async def _refresh_gauges(self) -> None:
+        stats = await self._spool.stats()
+        self._metrics.spool_depth.set(stats.depth)
+        self._metrics.spool_bytes.set(stats.bytes)
+        oldest = stats.oldest_enqueued_at
+        self._metrics.spool_oldest_age_seconds.set(
+            max(0.0, self._clock() - oldest) if oldest is not None else 0.0
+        )
+        self._metrics.dead_letters.set(stats.dead_letters)

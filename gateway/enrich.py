@@ -1,0 +1,34 @@
+"""Enrichment: the real client address, the accept time and a unique key."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+
+def iso_millis(ts: float) -> str:
+    """A unix time as ISO 8601 UTC with milliseconds, as Ortto's examples write it."""
+    seconds = int(ts)
+    millis = int((ts - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def new_key() -> str:
+    """A unique activity key: with `created` it makes retries merge instead of duplicating."""
+    return uuid.uuid4().hex
+
+
+def enrich(activity: dict[str, Any], client_ip: str | None, now: float) -> dict[str, Any]:
+    """Set `location.source_ip` (unless a custom or address location was given), `created`, `key`.
+
+    The browser's own `source_ip`, `created` and `key` were dropped by validation:
+    the address comes from the connection (through trusted proxies only), and the
+    time and key from the gateway, so a page cannot back-date or collide activities.
+    """
+    location = activity.get("location")
+    if not location or not (location.get("custom") or location.get("address")):
+        activity["location"] = {"source_ip": client_ip} if client_ip else {}
+    activity["created"] = iso_millis(now)
+    activity["key"] = new_key()
+    return activity

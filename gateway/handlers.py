@@ -1,0 +1,88 @@
+"""HTTP handlers of the public listener: thin, they read and render, the relay decides."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.cors import CorsPolicy
+from gateway.errors import Forbidden, PayloadTooLarge
+from gateway.keys import LIFECYCLE, RELAY, SETTINGS
+from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, json_response
+from gateway.validation import decode_body
+
+CORS = web.AppKey("cors", CorsPolicy)
+SHIM = Path(__file__).parent / "static" / "ortto-relay.js"
+# Browsers revalidate the shim hourly; the ETag makes that a cheap 304.
+SHIM_MAX_AGE = 3600
+
+
+class StaticAsset:
+    """A small file served from memory with an ETag and cache headers."""
+
+    def __init__(self, path: Path, content_type: str, max_age: int) -> None:
+        self.body = path.read_bytes()
+        self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
+        self.headers = {
+            "Cache-Control": f"public, max-age={max_age}",
+            "ETag": self.etag,
+            "Content-Type": content_type,
+            "X-Content-Type-Options": "nosniff",
+            "Cross-Origin-Resource-Policy": "cross-origin",
+        }
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """200 with the body, or 304 when the browser's copy is current."""
+        if_none_match = request.headers.get("If-None-Match", "")
+        if self.etag in (tag.strip() for tag in if_none_match.split(",")):
+            return web.Response(status=304, headers=self.headers)
+        return web.Response(body=self.body, headers=self.headers)
+
+
+async def create_activities(request: web.Request) -> web.Response:
+    """`POST /v1/activities/create`: Ortto's body (or one bare activity), without the key."""
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body over {limit} bytes") from None
+    data = decode_body(body, request.headers.get("Content-Type", ""), limit)
+    result = await request.app[RELAY].submit(data, request[CLIENT_IP], request[REQUEST_ID])
+    if result.log:
+        request[LOG_DATA].update(result.log)
+    headers = {"Retry-After": str(result.retry_after)} if result.retry_after else None
+    return json_response(result.status, result.body, headers)
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """CORS preflight for the activities path."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return web.Response(status=204, headers={"Allow": "POST, OPTIONS"})
+    headers = request.app[CORS].preflight_headers(
+        origin,
+        request.headers.get("Access-Control-Request-Method"),
+        request.headers.get("Access-Control-Request-Headers"),
+    )
+    if headers is None:
+        raise Forbidden("preflight refused: method or headers not allowed")
+    return web.Response(status=204, headers=headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the event loop answers."""
+    return json_response(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: started, spool writable, not draining."""
+    lifecycle = request.app[LIFECYCLE]
+    if not lifecycle.ready:
+        reason = "draining" if lifecycle.draining else "starting"
+        return json_response(503, {"status": reason}, {"Retry-After": "5"})
+    return json_response(200, {"status": "ready"})

@@ -1,0 +1,13 @@
+"""Every `web.AppKey` shared by handlers and the factory, in one leaf module."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.relay import Relay
+from gateway.state import Lifecycle
+
+SETTINGS = web.AppKey("settings", Settings)
+RELAY = web.AppKey("relay", Relay)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

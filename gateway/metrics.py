@@ -1,0 +1,164 @@
+"""Prometheus metrics of every step, on an injected registry (no module globals).
+
+A sink: it imports no gateway module. Label values are bounded: activity ids come
+from the catalogue (anything else is counted as `other`), statuses are grouped.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from gateway import __version__
+
+PREFIX = "ortto_gateway"
+OUTCOMES = (
+    "accepted",
+    "rate_limited_person",
+    "rate_limited_ip",
+    "invalid",
+    "forbidden",
+    "delivered",
+    "dead_lettered",
+)
+OTHER_ACTIVITY = "other"
+ROUTES = ("activities", "preflight", "shim", "health", "ready", "demo", "other")
+# Latency buckets in seconds: the gateway answers in well under a millisecond to ~a second.
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 75, 90, 99, 100)
+
+
+def status_group(status: int) -> str:
+    """An HTTP status as its class (`2xx`), except the ones operators act on."""
+    if status in (400, 401, 403, 404, 413, 429, 503):
+        return str(status)
+    return f"{status // 100}xx"
+
+
+class Metrics:
+    """Every metric the gateway exports, registered on one registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        activity_ids: Iterable[str] = (),
+        *,
+        process_metrics: bool = True,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.activity_ids = frozenset(activity_ids)
+        self.build_info = Info(f"{PREFIX}_build", "Version of the gateway.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        self.activities = Counter(
+            f"{PREFIX}_activities",
+            "Activities by outcome at each step of the flow.",
+            ["activity_id", "outcome"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests",
+            "Public HTTP requests by route and grouped status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.http_request_seconds = Histogram(
+            f"{PREFIX}_http_request_seconds",
+            "Time to answer a public HTTP request.",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            f"{PREFIX}_upstream_requests",
+            "Requests to Ortto by grouped status (`error` for no answer).",
+            ["status"],
+            registry=r,
+        )
+        self.upstream_request_seconds = Histogram(
+            f"{PREFIX}_upstream_request_seconds",
+            "Time Ortto took to answer.",
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.upstream_batch_activities = Histogram(
+            f"{PREFIX}_upstream_batch_activities",
+            "Activities per request to Ortto.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            f"{PREFIX}_upstream_retries",
+            "Batches given back for a later retry, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.spool_depth = Gauge(
+            f"{PREFIX}_spool_depth", "Activities waiting in the spool.", registry=r
+        )
+        self.spool_bytes = Gauge(
+            f"{PREFIX}_spool_bytes", "Bytes of activities waiting in the spool.", registry=r
+        )
+        self.spool_oldest_age_seconds = Gauge(
+            f"{PREFIX}_spool_oldest_age_seconds",
+            "Age of the oldest activity waiting in the spool.",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            f"{PREFIX}_dead_letters", "Activities in the dead-letter store.", registry=r
+        )
+        self.spool_full = Counter(
+            f"{PREFIX}_spool_full",
+            "Requests refused with 503 because the spool was full.",
+            registry=r,
+        )
+        self.delivery_paused = Gauge(
+            f"{PREFIX}_delivery_paused",
+            "1 while delivery is paused, by reason (auth, circuit, rate_limit).",
+            ["reason"],
+            registry=r,
+        )
+        self.limiter_keys = Gauge(
+            f"{PREFIX}_limiter_keys", "Keys held by the rate limiter store.", registry=r
+        )
+        self.limiter_errors = Counter(
+            f"{PREFIX}_limiter_errors",
+            "Limiter store failures (the on-error policy was applied).",
+            registry=r,
+        )
+        self.limiter_evictions = Counter(
+            f"{PREFIX}_limiter_evictions",
+            "Limiter keys evicted to keep the in-process store bounded.",
+            registry=r,
+        )
+        if process_metrics:
+            ProcessCollector(namespace=PREFIX, registry=r)
+            PlatformCollector(registry=r)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """Create the expected series at zero so dashboards and rate() see them."""
+        for activity_id in (*self.activity_ids, OTHER_ACTIVITY):
+            for outcome in OUTCOMES:
+                self.activities.labels(activity_id, outcome)
+        for reason in ("auth", "circuit", "rate_limit"):
+            self.delivery_paused.labels(reason).set(0)
+        for reason in ("server_error", "rate_limit", "network"):
+            self.upstream_retries.labels(reason)
+        for route in ROUTES:
+            self.http_request_seconds.labels(route)
+
+    def activity_label(self, activity_id: object) -> str:
+        """A bounded label value: the id if it is in the catalogue, else `other`."""
+        if isinstance(activity_id, str) and activity_id in self.activity_ids:
+            return activity_id
+        return OTHER_ACTIVITY
+
+    def count_activity(self, activity_id: object, outcome: str, n: int = 1) -> None:
+        """Count `n` activities with an outcome."""
+        self.activities.labels(self.activity_label(activity_id), outcome).inc(n)

@@ -1,0 +1,146 @@
+"""The thin HTTP shell around the relay: request ids, errors, CORS, client IP, logs, metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.client_ip import TrustedProxies, parse_ip, resolve_client_ip
+from gateway.cors import CorsPolicy
+from gateway.errors import Forbidden, GatewayError, Unavailable, new_request_id
+from gateway.keys import LIFECYCLE
+from gateway.metrics import Metrics, status_group
+
+log = logging.getLogger("gateway.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_IP = web.RequestKey("client_ip", str)
+LOG_DATA = web.RequestKey[dict[str, Any]]("log_data")
+ROUTE_NAMES = {
+    "activities": "activities",
+    "shim": "shim",
+    "healthz": "health",
+    "readyz": "ready",
+    "demo": "demo",
+}
+# Paths that answer while draining, so orchestrators can watch the shutdown.
+ALWAYS_ANSWER = frozenset({"/healthz", "/readyz"})
+
+
+def json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON answer encoded with orjson."""
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def error_response(err: GatewayError, request_id: str) -> web.Response:
+    """Ortto's error shape, with `Retry-After` when the error has one."""
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
+    return json_response(err.status, err.body(request_id), headers)
+
+
+_HTTP_MESSAGES = {
+    404: "not found",
+    405: "method not allowed",
+    413: "request body too large",
+}
+
+
+def make_middlewares(
+    cors: CorsPolicy, trusted: TrustedProxies, metrics: Metrics
+) -> list[Callable[..., Any]]:
+    """The middlewares, outermost first."""
+
+    @web.middleware
+    async def shell(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Request id, CORS, error rendering, one log line and metrics per request."""
+        started = time.perf_counter()
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+        request[LOG_DATA] = {}
+        origin = request.headers.get("Origin")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        peer_ip = parse_ip(peer[0]) if peer else None
+        from_proxy = peer_ip is not None and peer_ip in trusted
+        scheme = request.scheme
+        if from_proxy:
+            # TLS usually ends at the proxy: its X-Forwarded-Proto is the page's scheme.
+            proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+            scheme = proto if proto in ("http", "https") else scheme
+        check = cors.check(origin, request.host, scheme)
+        try:
+            if check == "refused":
+                raise Forbidden(f"origin {origin[:200] if origin else ''!r} is not allowed")
+            lifecycle = request.app[LIFECYCLE]
+            if lifecycle.draining and request.path not in ALWAYS_ANSWER:
+                raise Unavailable("the gateway is shutting down", retry_after=5.0)
+            ip = resolve_client_ip(
+                peer[0] if peer else None,
+                request.headers.getall("X-Forwarded-For", ()),
+                request.headers.getall("Forwarded", ()),
+                trusted,
+            )
+            request[CLIENT_IP] = str(ip) if ip is not None else ""
+            response = await handler(request)
+        except GatewayError as err:
+            response = error_response(err, request_id)
+            if isinstance(err, Forbidden):
+                metrics.count_activity(None, "forbidden")
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                message = _HTTP_MESSAGES.get(exc.status, exc.reason.lower())
+                response = json_response(
+                    exc.status,
+                    {"request_id": request_id, "code": exc.status, "error": message},
+                )
+                if exc.status == 405:
+                    response.headers["Allow"] = exc.headers.get("Allow", "")
+            else:
+                raise
+        except Exception:
+            log.exception("unexpected error", extra={"data": {"request_id": request_id}})
+            response = json_response(
+                500, {"request_id": request_id, "code": 500, "error": "internal error"}
+            )
+        if check == "allowed" and origin is not None:
+            response.headers.update(cors.response_headers(origin))
+        elif check != "none":
+            response.headers.setdefault("Vary", "Origin")
+        response.headers["X-Request-Id"] = request_id
+        elapsed = time.perf_counter() - started
+        route = _route_name(request)
+        metrics.http_requests.labels(route, status_group(response.status)).inc()
+        metrics.http_request_seconds.labels(route).observe(elapsed)
+        data: dict[str, Any] = {
+            "request_id": request_id,
+            "method": request.method,
+            "route": route,
+            "status": response.status,
+            "ms": round(elapsed * 1000, 3),
+        }
+        extra: dict[str, Any] = request[LOG_DATA]
+        data.update(extra)
+        log.info("request", extra={"data": data})
+        return response
+
+    return [shell]
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    name = route.name if route is not None else None
+    if request.method == "OPTIONS" and name == "activities-preflight":
+        return "preflight"
+    return ROUTE_NAMES.get(name or "", "preflight" if name == "activities-preflight" else "other")

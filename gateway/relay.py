@@ -1,0 +1,147 @@
+"""The relay core: validate, identify, limit, enrich, hand over to the sink.
+
+Plain asyncio, no aiohttp.web: the handler reads the body and renders the answer;
+everything between is here, one step after another as in the design's data flow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.config import Settings
+from gateway.enrich import enrich
+from gateway.errors import GatewayError, RateLimited, Unavailable
+from gateway.identity import person_hash, person_key
+from gateway.limits import Check, Limiter
+from gateway.metrics import Metrics
+from gateway.sinks import Sink
+from gateway.validation import ParsedRequest, first_error, parse_request
+
+# Retry-After answers are whole seconds, at least one (RFC 9110 delay-seconds).
+MIN_RETRY_AFTER = 1
+
+
+@dataclass(slots=True)
+class RelayResult:
+    """What to answer: status, Ortto-shaped body and an optional Retry-After."""
+
+    status: int
+    body: dict[str, Any]
+    retry_after: int | None = None
+    log: dict[str, Any] | None = None  # merged into the request's log line
+
+
+def retry_after_header(seconds: float | None) -> int | None:
+    """Seconds rounded up to a whole number for the `Retry-After` header."""
+    if seconds is None:
+        return None
+    return max(MIN_RETRY_AFTER, math.ceil(seconds))
+
+
+class Relay:
+    """One request's way through the gateway, from parsed JSON to the sink."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: Limiter,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.sink = sink
+        self.metrics = metrics
+        self._clock = clock
+
+    async def submit(self, data: Any, client_ip: str | None, request_id: str) -> RelayResult:
+        """Run one decoded request body through the flow; raise GatewayError to refuse it whole."""
+        settings = self.settings
+        parsed: ParsedRequest = parse_request(data, settings)
+        items = parsed.items
+        entries: list[dict[str, Any] | None] = [None] * len(items)
+        checks: list[Check] = []
+        positions: list[int] = []
+        errors: list[GatewayError] = []
+        for i, item in enumerate(items):
+            if isinstance(item, GatewayError):
+                entries[i] = {"status": "invalid", "error": item.message}
+                errors.append(item)
+                self.metrics.count_activity(None, "invalid")
+                continue
+            spec = settings.activities[item["activity_id"]]
+            checks.append(
+                Check(
+                    activity_id=item["activity_id"],
+                    person_key=person_key(item),
+                    ip=client_ip or "",
+                    person_rate=settings.person_rate(spec),
+                    ip_rate=settings.ip_rate(spec),
+                )
+            )
+            positions.append(i)
+        if not checks:
+            raise first_error(parsed) or errors[0]
+
+        if not self.sink.has_room(len(checks), 512 * len(checks)):
+            self.metrics.spool_full.inc()
+            raise Unavailable("the gateway's queue is full; try again later", retry_after=5.0)
+
+        results = await self.limiter.check_many(checks)
+        now = self._clock()
+        accepted: list[bytes] = []
+        accepted_at: list[int] = []
+        limited_after: list[float] = []
+        for pos, check, result in zip(positions, checks, results, strict=True):
+            if result.verdict != "accepted":
+                which = "person" if result.verdict == "rate_limited_person" else "IP"
+                entries[pos] = {
+                    "status": "rate_limited",
+                    "error": f"limit per {which} reached for {check.activity_id}; "
+                    f"retry in {retry_after_header(result.retry_after)} s",
+                }
+                limited_after.append(result.retry_after)
+                self.metrics.count_activity(check.activity_id, result.verdict)
+                continue
+            activity = enrich(items[pos], client_ip, now)  # type: ignore[arg-type]
+            accepted.append(orjson.dumps(activity))
+            accepted_at.append(pos)
+
+        if not accepted:
+            if limited_after:
+                first = retry_after_header(min(limited_after))
+                err = RateLimited(
+                    f"rate limit reached for every activity; retry in {first} s",
+                    retry_after=first,
+                )
+                body = err.body(request_id)
+                body["activities"] = entries
+                return RelayResult(429, body, first)
+            raise first_error(parsed) or errors[0]
+
+        outcome = await self.sink.submit(accepted, async_=parsed.async_, merge_by=parsed.merge_by)
+        for pos, check_pos in zip(accepted_at, range(len(accepted)), strict=True):
+            activity_id = items[pos]["activity_id"]  # type: ignore[index]
+            self.metrics.count_activity(activity_id, "accepted")
+            if outcome.delivered:
+                self.metrics.count_activity(activity_id, "delivered")
+            if outcome.entries:
+                entries[pos] = outcome.entries[check_pos]
+        if outcome.body is not None:
+            return RelayResult(outcome.status, outcome.body)
+        summary = {
+            "accepted": len(accepted),
+            "refused": len(items) - len(accepted),
+            "people": sorted(
+                {person_hash(checks[positions.index(p)].person_key) for p in accepted_at}
+            ),
+        }
+        return RelayResult(outcome.status, {"activities": entries}, log=summary)

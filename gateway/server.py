@@ -1,0 +1,123 @@
+"""Running the gateway: the public and metrics listeners, signals and a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app, create_metrics_app
+from gateway.config import HostPort, Settings
+from gateway.keys import LIFECYCLE
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.server")
+
+# Idle keep-alive connections (nginx keeps a pool to us) are closed after this.
+KEEPALIVE_TIMEOUT = 75.0
+
+
+async def start_site(
+    runner: web.AppRunner, where: HostPort, *, reuse_port: bool = False
+) -> web.TCPSite:
+    """Bind one listener."""
+    site = web.TCPSite(
+        runner,
+        where.host,
+        where.port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+    )
+    await site.start()
+    return site
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port a runner's first site listens on (useful with port 0)."""
+    for server in runner.sites:
+        srv = getattr(server, "_server", None)
+        if srv is not None and srv.sockets:
+            port: int = srv.sockets[0].getsockname()[1]
+            return port
+    raise RuntimeError("runner has no bound site")
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int, int], Awaitable[None] | None] | None = None,
+    extra_apps: dict[str, web.Application] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`), then drain and exit."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, settings.activities)
+    app = create_app(settings, metrics=metrics)
+    for prefix, sub in (extra_apps or {}).items():
+        app.add_subapp(prefix, sub)
+        app.router.add_get(prefix, _redirect_to(prefix + "/"))
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.drain_timeout,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+    )
+    metrics_runner = web.AppRunner(create_metrics_app(registry), access_log=None)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await runner.setup()
+    try:
+        await metrics_runner.setup()
+        await start_site(runner, settings.listen)
+        await start_site(metrics_runner, settings.metrics_listen)
+        public_port, metrics_port = bound_port(runner), bound_port(metrics_runner)
+        log.info(
+            "listening",
+            extra={
+                "data": {
+                    "public": f"{settings.listen.host}:{public_port}",
+                    "metrics": f"{settings.metrics_listen.host}:{metrics_port}",
+                    "upstream": settings.upstream_base,
+                    "delivery": settings.delivery,
+                }
+            },
+        )
+        if on_ready is not None:
+            result = on_ready(public_port, metrics_port)
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("shutting down: draining", extra={"data": {"timeout": settings.drain_timeout}})
+        app[LIFECYCLE].draining = True
+    finally:
+        await runner.cleanup()
+        await metrics_runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    log.info("stopped")
+
+
+def _redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(location)
+
+    return redirect
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on `host` (for tests and the demo)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port

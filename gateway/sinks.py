@@ -1,0 +1,120 @@
+"""Where accepted activities go: the durable spool (`queue`) or straight to Ortto (`sync`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.errors import GatewayError, Unavailable
+from gateway.spool import Spool, SpoolClosed, SpoolError, SpoolFull
+from gateway.upstream import OrttoClient, UpstreamError, encode_batch
+
+log = logging.getLogger("gateway.sinks")
+
+QUEUED = {"status": "queued", "person_status": "queued"}
+
+
+@dataclass(slots=True)
+class SinkResult:
+    """The answer for the accepted activities: a status and one entry per activity."""
+
+    status: int
+    entries: list[dict[str, Any]]
+    body: dict[str, Any] | None = None  # a whole-request answer (sync mode errors)
+    retry_after: float | None = None
+    delivered: bool = False  # True when Ortto took them (sync mode)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """Takes the accepted, enriched activities of one request."""
+
+    def has_room(self, count: int, nbytes: int) -> bool: ...
+
+    async def submit(
+        self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
+    ) -> SinkResult: ...
+
+
+class SpoolSink:
+    """`queue` mode: commit to the spool, answer 202 once it is durable."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    def has_room(self, count: int, nbytes: int) -> bool:
+        """Whether the spool can take this many more rows and bytes."""
+        return self._spool.has_room(count, nbytes)
+
+    async def submit(
+        self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
+    ) -> SinkResult:
+        """Spool the activities; `async` and `merge_by` do not apply to a queued batch."""
+        try:
+            await self._spool.put(activities)
+        except SpoolFull as exc:
+            raise Unavailable(
+                "the gateway's queue is full; try again later", retry_after=exc.retry_after
+            ) from None
+        except SpoolClosed:
+            raise Unavailable("the gateway is shutting down", retry_after=5.0) from None
+        except SpoolError:
+            log.exception("spool write failed")
+            raise Unavailable("the gateway cannot store activities now", retry_after=5.0) from None
+        return SinkResult(202, [dict(QUEUED) for _ in activities])
+
+
+class ForwardSink:
+    """`sync` mode: forward the request to Ortto now and relay its answer."""
+
+    def __init__(self, client: OrttoClient) -> None:
+        self._client = client
+
+    def has_room(self, count: int, nbytes: int) -> bool:
+        """Forwarding has no queue to fill."""
+        return True
+
+    async def submit(
+        self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
+    ) -> SinkResult:
+        """Post one request to Ortto and map its answer to the browser's."""
+        body = encode_batch(activities, async_=async_)
+        if merge_by:
+            body = body[:-1] + b',"merge_by":' + orjson.dumps(merge_by) + b"}"
+        try:
+            resp = await self._client.post(body)
+        except UpstreamError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        data = resp.json()
+        if resp.status == 200 and isinstance(data, dict):
+            entries = data.get("activities")
+            if isinstance(entries, list) and len(entries) == len(activities):
+                return SinkResult(
+                    200, [e if isinstance(e, dict) else {} for e in entries], delivered=True
+                )
+        if resp.status in (401, 403):
+            log.error("Ortto refused the API key", extra={"data": {"status": resp.status}})
+            raise UpstreamUnavailable("the gateway could not authenticate with Ortto")
+        if resp.status == 429:
+            raise UpstreamRateLimited(
+                "Ortto's rate limit was reached; try again later",
+                retry_after=resp.retry_after or 10.0,
+            )
+        if resp.status >= 500 or not isinstance(data, dict):
+            raise UpstreamUnavailable(f"Ortto answered {resp.status}")
+        return SinkResult(resp.status, [], body=data, delivered=resp.status < 300)
+
+
+class UpstreamUnavailable(GatewayError):
+    """Ortto did not answer usefully (sync mode)."""
+
+    status = 502
+
+
+class UpstreamRateLimited(GatewayError):
+    """Ortto's own rate limit (sync mode)."""
+
+    status = 429

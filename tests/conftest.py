@@ -1,0 +1,102 @@
+"""Shared fixtures: the sandbox upstream and gateways built through `create_app`."""
+
+from __future__ import annotations
+
+import os
+import time
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app
+from gateway.config import Settings, load_settings
+from gateway.metrics import Metrics
+from gateway.sandbox import SandboxState, create_sandbox_app
+
+EXAMPLES = Path(__file__).parent / "ortto-examples"
+API_KEY = "pk-test-5f1e0c7a9b8d4e3f2a1b0c9d8e7f6a5b"
+ACTIVITIES = "act:cm:logged-in,act:cm:flight-booked,act:cm:login,act:cm:signup"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def need_binary(name: str, path: str | None = None) -> str:
+    """The path of a system binary; skip locally, fail in CI, when it is missing."""
+    found = path if path and os.path.exists(path) else shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed (apt-get install it; .ci/run does)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def sandbox_state() -> SandboxState:
+    return SandboxState(api_key=API_KEY)
+
+
+@pytest.fixture
+async def sandbox(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], sandbox_state: SandboxState
+) -> TestServer:
+    return await aiohttp_server(create_sandbox_app(sandbox_state))
+
+
+def base_settings(tmp_path: Path, upstream: str, **overrides: Any) -> Settings:
+    env = {
+        "GATEWAY_API_KEY": API_KEY,
+        "GATEWAY_UPSTREAM_URL": upstream,
+        "GATEWAY_ACTIVITIES": ACTIVITIES,
+        "GATEWAY_SPOOL_PATH": str(tmp_path / "spool.sqlite3"),
+        "GATEWAY_BATCH_MAX_WAIT": "10ms",
+        "GATEWAY_UPSTREAM_RATE": "1000",
+    }
+    settings = load_settings(env)
+    return replace(settings, **overrides) if overrides else settings
+
+
+GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def make_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    sandbox: TestServer,
+    tmp_path: Path,
+) -> GatewayFactory:
+    """Build a gateway against the sandbox; keyword arguments override settings."""
+
+    async def factory(
+        *, clock: Callable[[], float] | None = None, **overrides: Any
+    ) -> TestClient[web.Request, web.Application]:
+        settings = base_settings(tmp_path, str(sandbox.make_url("")), **overrides)
+        metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
+        extra = {"clock": clock} if clock is not None else {}
+        return await aiohttp_client(create_app(settings, metrics=metrics, **extra))
+
+    return factory
+
+
+class FakeClock:
+    """A settable clock for limit windows and ages."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def example(name: str) -> bytes:
+    """One of Ortto's documented request bodies."""
+    return (EXAMPLES / name).read_bytes()

@@ -1,0 +1,165 @@
+"""The whole gateway over HTTP against the sandbox upstream: Ortto's documented examples."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+
+import orjson
+import pytest
+
+from gateway.sandbox import SandboxState, wait_for
+from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
+
+PATH = "/v1/activities/create"
+JSON = {"Content-Type": "application/json"}
+
+
+def created_recently(created: str) -> bool:
+    when = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    return abs(when.timestamp() - time.time()) < 60 and created.endswith("Z")
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        ("01-single.json", 1),
+        ("02-two-at-once.json", 2),
+        ("03-async.json", 1),
+        ("04-backdated.json", 1),
+        ("06-api-reference.json", 1),
+    ],
+)
+async def test_ortto_examples_reach_the_upstream(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState, name: str, count: int
+) -> None:
+    client = await make_gateway()
+    sent = orjson.loads(example(name))
+    resp = await client.post(PATH, data=example(name), headers=JSON)
+    assert resp.status == 202, await resp.text()
+    body = await resp.json()
+    assert body == {"activities": [{"status": "queued", "person_status": "queued"}] * count}
+    await wait_for(lambda: len(sandbox_state.activities) == count)
+
+    request = sandbox_state.requests[-1]
+    assert request.path == PATH
+    assert request.api_key_ok
+    for original, received in zip(sent["activities"], sandbox_state.activities, strict=True):
+        got = received.activity
+        assert got["activity_id"] == original["activity_id"]
+        fields = {k: v for k, v in original["fields"].items()}
+        assert got["fields"] == fields
+        custom = (original.get("location") or {}).get("custom")
+        if custom:
+            assert got["location"] == {"custom": custom}
+        else:
+            assert got["location"] == {"source_ip": "127.0.0.1"}
+        assert created_recently(got["created"])
+        assert got["key"] and got["key"] != original.get("key")
+        for attr, value in original["attributes"].items():
+            if attr not in fields:
+                assert got["attributes"][attr] == value
+
+
+async def test_subscription_fields_refused_by_default(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    resp = await client.post(PATH, data=example("05-subscription.json"), headers=JSON)
+    assert resp.status == 400
+    body = await resp.json()
+    assert set(body) == {"request_id", "code", "error"}
+    assert body["code"] == 400
+    assert "bol::p" in body["error"]
+    assert sandbox_state.requests == []
+
+
+async def test_website_guide_activity_shape(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    activity = {
+        "activity_id": "act:cm:login",
+        "attributes": {
+            "str::email": "john.apple@example.com",
+            "str:cm:payment-plan": "$100 starter plan",
+            "bol:cm:account-owner": True,
+            "str:cm:web-browser": "Google Chrome",
+        },
+    }
+    # sendBeacon posts text/plain: no preflight.
+    resp = await client.post(
+        PATH, data=json.dumps(activity), headers={"Content-Type": "text/plain;charset=UTF-8"}
+    )
+    assert resp.status == 202, await resp.text()
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    got = sandbox_state.activities[0].activity
+    assert got["fields"] == {"str::email": "john.apple@example.com"}
+    assert "str::email" not in got["attributes"]
+    assert got["attributes"]["str:cm:payment-plan"] == "$100 starter plan"
+    assert got["location"] == {"source_ip": "127.0.0.1"}
+
+
+async def test_unknown_activity_is_404(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    body = {"activity_id": "act:cm:not-enabled", "fields": {"str::email": "a@example.com"}}
+    resp = await client.post(PATH, json=body)
+    assert resp.status == 404
+    assert "act:cm:not-enabled" in (await resp.json())["error"]
+
+
+async def test_sync_mode_relays_ortto_answer(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(delivery="sync")
+    resp = await client.post(PATH, data=example("02-two-at-once.json"), headers=JSON)
+    assert resp.status == 200
+    body = await resp.json()
+    assert [a["status"] for a in body["activities"]] == ["ingested", "ingested"]
+    assert len(sandbox_state.activities) == 2
+
+
+async def test_sync_mode_mixed_batch_keeps_refusals_in_place(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(delivery="sync")
+    good = {"activity_id": "act:cm:login", "fields": {"str::email": "a@example.com"}}
+    bad = {"activity_id": "act:cm:login", "fields": {"str::first": "No identifier"}}
+    resp = await client.post(PATH, json={"activities": [bad, good]})
+    assert resp.status == 200
+    entries = (await resp.json())["activities"]
+    assert entries[0]["status"] == "invalid"
+    assert "identifier" in entries[0]["error"]
+    assert entries[1]["status"] == "ingested"
+
+
+async def test_health_and_readiness(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    assert (await client.get("/healthz")).status == 200
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert (await resp.json()) == {"status": "ready"}
+
+
+async def test_unknown_path_and_method_in_ortto_shape(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    resp = await client.get("/nope")
+    assert resp.status == 404
+    assert (await resp.json())["code"] == 404
+    resp = await client.get(PATH)
+    assert resp.status == 405
+    assert (await resp.json())["code"] == 405
+
+
+async def test_key_never_in_responses(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    bodies = [example(p.name) for p in sorted(EXAMPLES.glob("0*.json"))]
+    bodies += [b"", b"{", b"[]", b'{"activities": 5}', b"\xff\xfe"]
+    for body in bodies:
+        resp = await client.post(PATH, data=body, headers=JSON)
+        text = await resp.text()
+        assert API_KEY not in text
+        assert all(API_KEY not in v for v in resp.headers.values())

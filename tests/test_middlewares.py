@@ -1,0 +1,210 @@
+"""The HTTP shell: client IP from trusted proxies only, CORS, errors in Ortto's shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.keys import LIFECYCLE
+from gateway.sandbox import SandboxState, wait_for
+from tests.conftest import GatewayFactory
+
+PATH = "/v1/activities/create"
+ACT = {"activity_id": "act:cm:login", "fields": {"str::email": "ip@example.com"}}
+SITE = "https://www.example.com"
+
+
+async def test_forwarded_for_from_untrusted_peer_is_ignored(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(trusted_proxies=("10.0.0.0/8",))
+    resp = await client.post(
+        PATH, json=ACT, headers={"X-Forwarded-For": "198.51.100.7", "Forwarded": "for=1.2.3.4"}
+    )
+    assert resp.status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    assert sandbox_state.activities[0].source_ip == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"X-Forwarded-For": "198.51.100.7"}, "198.51.100.7"),
+        ({"X-Forwarded-For": "6.6.6.6, 198.51.100.7"}, "198.51.100.7"),
+        ({"X-Forwarded-For": "198.51.100.7, 127.0.0.1"}, "198.51.100.7"),
+        ({"Forwarded": 'for="[2001:db8::1]:443"'}, "2001:db8::1"),
+        ({"X-Forwarded-For": "garbage"}, "127.0.0.1"),
+    ],
+)
+async def test_forwarded_for_from_trusted_proxy(
+    make_gateway: GatewayFactory,
+    sandbox_state: SandboxState,
+    headers: dict[str, str],
+    expected: str,
+) -> None:
+    client = await make_gateway()
+    resp = await client.post(PATH, json=ACT, headers=headers)
+    assert resp.status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    assert sandbox_state.activities[0].source_ip == expected
+
+
+async def test_browser_source_ip_is_overwritten(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    body = {**ACT, "location": {"source_ip": "8.8.8.8"}}
+    assert (await client.post(PATH, json=body)).status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    assert sandbox_state.activities[0].source_ip == "127.0.0.1"
+
+
+async def test_cors_preflight_for_allowed_origin(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway(allowed_origins=(SITE,))
+    resp = await client.options(
+        PATH,
+        headers={
+            "Origin": SITE,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert resp.status == 204
+    assert resp.headers["Access-Control-Allow-Origin"] == SITE
+    assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+    assert "content-type" in resp.headers["Access-Control-Allow-Headers"].lower()
+    assert int(resp.headers["Access-Control-Max-Age"]) > 0
+    assert "Origin" in resp.headers["Vary"]
+
+
+async def test_cors_headers_on_errors_too(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway(allowed_origins=(SITE,))
+    resp = await client.post(
+        PATH, data=b"{", headers={"Origin": SITE, "Content-Type": "application/json"}
+    )
+    assert resp.status == 400
+    assert resp.headers["Access-Control-Allow-Origin"] == SITE
+    assert "Retry-After" in resp.headers["Access-Control-Expose-Headers"]
+
+
+async def test_refused_origin_is_403_and_not_forwarded(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(allowed_origins=(SITE,))
+    resp = await client.post(PATH, json=ACT, headers={"Origin": "https://evil.example"})
+    assert resp.status == 403
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    body = await resp.json()
+    assert body["code"] == 403
+    resp = await client.options(
+        PATH, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert resp.status == 403
+    # A request that was accepted afterwards proves the queue was idle, not slow.
+    assert (await client.post(PATH, json=ACT, headers={"Origin": SITE})).status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    assert len(sandbox_state.requests) == 1
+
+
+async def test_preflight_refuses_other_methods(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway(allowed_origins=(SITE,))
+    resp = await client.options(
+        PATH, headers={"Origin": SITE, "Access-Control-Request-Method": "DELETE"}
+    )
+    assert resp.status == 403
+
+
+async def test_same_origin_request_is_allowed(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    origin = str(client.make_url("")).rstrip("/")
+    resp = await client.post(PATH, json=ACT, headers={"Origin": origin})
+    assert resp.status == 202
+
+
+BAD_INPUTS = [
+    (b"{", "application/json", 400, "malformed"),
+    (b"", "application/json", 400, "empty"),
+    (b"[]", "application/json", 400, None),
+    (b'"hello"', "application/json", 400, None),
+    (b'{"activities": "x"}', "application/json", 400, "activities"),
+    (b'{"activities": []}', "application/json", 400, "activities"),
+    (b"<xml/>", "application/xml", 415, None),
+    (b'{"activity_id": "act:cm:login", "fields": {"str::email": 1}}', "application/json", 400,
+     "str::email"),
+    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
+     b'{"int:cm:n": 99999999999999999999999}}', "application/json", 400, "int:cm:n"),
+    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
+     b'{"int:cm:n": true}}', "application/json", 400, "int:cm:n"),
+    (b"[" * 5000 + b"]" * 5000, "application/json", 400, None),
+    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
+     b'{"obj:cm:deep": ' + b'{"a":' * 60 + b"1" + b"}" * 60 + b"}}", "application/json", 400,
+     None),
+    (b'{"activities": [' + b",".join([b'{"activity_id": "act:cm:login"}'] * 101) + b"]}",
+     "application/json", 400, "100"),
+    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, '
+     b'"attributes": {"str:cm:x": NaN}}', "application/json", 400, None),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "needle"), BAD_INPUTS)
+async def test_bad_input_is_a_precise_4xx_and_nothing_is_forwarded(
+    make_gateway: GatewayFactory,
+    sandbox_state: SandboxState,
+    body: bytes,
+    content_type: str,
+    status: int,
+    needle: str | None,
+) -> None:
+    client = await make_gateway()
+    resp = await client.post(PATH, data=body, headers={"Content-Type": content_type})
+    assert resp.status == status, await resp.text()
+    data = await resp.json()
+    assert set(data) >= {"request_id", "code", "error"}
+    assert data["code"] == status
+    if needle:
+        assert needle in data["error"]
+    # The server is still up and serves the next request.
+    assert (await client.get("/healthz")).status == 200
+    assert sandbox_state.requests == []
+
+
+async def test_oversize_body_is_413(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway(max_body_bytes=1024)
+    body = b'{"activity_id": "act:cm:login", "attributes": {"txt:cm:x": "' + b"x" * 2000 + b'"}}'
+    resp = await client.post(PATH, data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await resp.json())["code"] == 413
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(4):
+            yield b"x" * 512
+
+    resp = await client.post(PATH, data=chunks(), headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+
+
+async def test_draining_answers_503_but_health_answers(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    client.app[LIFECYCLE].draining = True
+    resp = await client.post(PATH, json=ACT)
+    assert resp.status == 503
+    assert resp.headers["Retry-After"]
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 503
+
+
+async def test_shim_is_served_with_etag(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    resp = await client.get("/ortto-relay.js")
+    assert resp.status == 200
+    assert resp.content_type == "application/javascript"
+    assert "ap3c" in await resp.text()
+    etag = resp.headers["ETag"]
+    assert "max-age" in resp.headers["Cache-Control"]
+    resp = await client.get("/ortto-relay.js", headers={"If-None-Match": etag})
+    assert resp.status == 304
+
+
+async def test_request_id_header(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    resp = await client.post(PATH, data=b"{", headers={"Content-Type": "application/json"})
+    assert resp.headers["X-Request-Id"] == (await resp.json())["request_id"]

@@ -1,0 +1,102 @@
+"""Limits through the whole gateway: per person, per IP, sliding windows, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.config import parse_rate
+from gateway.sandbox import SandboxState, wait_for
+from tests.conftest import FakeClock, GatewayFactory
+
+PATH = "/v1/activities/create"
+
+
+def activity(email: str, activity_id: str = "act:cm:login") -> dict[str, Any]:
+    return {"activity_id": activity_id, "fields": {"str::email": email}}
+
+
+async def test_eleventh_for_a_person_is_refused_other_activity_passes(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    for i in range(10):
+        resp = await client.post(PATH, json=activity("Chris@Example.com " if i % 2 else "chris@example.com"))
+        assert resp.status == 202, await resp.text()
+    resp = await client.post(PATH, json=activity("chris@example.com"))
+    assert resp.status == 429
+    retry_after = int(resp.headers["Retry-After"])
+    assert 86000 < retry_after <= 86400
+    body = await resp.json()
+    assert body["code"] == 429
+    assert body["activities"][0]["status"] == "rate_limited"
+    # Another activity id for the same person has its own budget.
+    resp = await client.post(PATH, json=activity("chris@example.com", "act:cm:signup"))
+    assert resp.status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 11)
+    assert sum(a.activity_id == "act:cm:login" for a in sandbox_state.activities) == 10
+
+
+async def test_hundred_and_first_from_one_ip_is_refused(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    batch = [activity(f"person{i}@example.com") for i in range(100)]
+    resp = await client.post(PATH, json={"activities": batch})
+    assert resp.status == 202
+    assert all(e["status"] == "queued" for e in (await resp.json())["activities"])
+    resp = await client.post(PATH, json=activity("person100@example.com"))
+    assert resp.status == 429
+    assert 3500 < int(resp.headers["Retry-After"]) <= 3600
+    assert "IP" in (await resp.json())["activities"][0]["error"]
+    # Another client address has its own budget (through a trusted proxy).
+    resp = await client.post(
+        PATH, json=activity("person100@example.com"), headers={"X-Forwarded-For": "203.0.113.9"}
+    )
+    assert resp.status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 101)
+
+
+async def test_mixed_batch_partly_rate_limited(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    batch = [activity("same@example.com") for _ in range(12)]
+    resp = await client.post(PATH, json={"activities": batch})
+    assert resp.status == 202
+    statuses = [e["status"] for e in (await resp.json())["activities"]]
+    assert statuses == ["queued"] * 10 + ["rate_limited"] * 2
+
+
+async def test_short_window_opens_again_after_it_slides(make_gateway: GatewayFactory) -> None:
+    clock = FakeClock()
+    client = await make_gateway(clock=clock, person_limit=parse_rate("3/2s"))
+    for _ in range(3):
+        assert (await client.post(PATH, json=activity("a@example.com"))).status == 202
+        clock.advance(0.5)
+    resp = await client.post(PATH, json=activity("a@example.com"))
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "1"  # 0.5 s rounded up to a whole second
+    clock.advance(0.5)  # the first one is now 2 s old
+    assert (await client.post(PATH, json=activity("a@example.com"))).status == 202
+    assert (await client.post(PATH, json=activity("a@example.com"))).status == 429
+
+
+async def test_concurrent_requests_never_exceed_the_limit(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    responses = await asyncio.gather(
+        *(client.post(PATH, json=activity("burst@example.com")) for _ in range(50))
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(202) == 10
+    assert statuses.count(429) == 40
+    await wait_for(lambda: len(sandbox_state.activities) == 10)
+
+
+async def test_refused_activities_do_not_count(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    bad = {"activity_id": "act:cm:login", "fields": {"str::email": "x@example.com", "bol::p": True}}
+    for _ in range(15):
+        assert (await client.post(PATH, json=bad)).status == 400
+    for _ in range(10):
+        assert (await client.post(PATH, json=activity("x@example.com"))).status == 202
