@@ -1,0 +1,58 @@
+"""The limiter's vocabulary: a rule, a store's decision, and the store protocol.
+
+A rule allows at most `count` accepted events in ANY period of `window` seconds
+for its key (a sliding log, not a calendar window). A store checks every rule
+of one activity before charging any: either all allow and all are charged once,
+or none is charged. Refused activities are never counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One limit applied to one key."""
+
+    key: str  # e.g. "p|act:cm:logged-in|chris@example.com", built by `Limiter`
+    count: int
+    window: float  # seconds
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not self.window > 0:
+            raise ValueError(f"a rule needs count >= 1 and window > 0, got {self!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A store's answer for one activity."""
+
+    allowed: bool
+    retry_after: float = 0.0  # when refused: seconds until every refusing rule lets one through
+    refused: tuple[int, ...] = ()  # indexes of the rules that refused
+
+
+ALLOWED = Decision(True)
+
+
+class LimitStore(Protocol):
+    """Where the logs of accepted events live: in process or shared (Redis)."""
+
+    async def acquire(self, rules: Sequence[Rule], now: float) -> Decision:
+        """Atomically check all rules; if all allow, charge all (keys must be distinct)."""
+        ...
+
+    async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
+        """`acquire` each check in order, each seeing the charges of the earlier ones."""
+        ...
+
+    def key_count(self) -> int:
+        """How many keys the store holds now (some may hold only expired events)."""
+        ...
+
+    async def close(self) -> None:
+        """Release the store's resources."""
+        ...

@@ -1,0 +1,157 @@
+"""The in-process store: one sliding log per key in a bounded LRU cache.
+
+Algorithm. A key's log holds the times of its accepted events, ascending. For a
+rule (count N, window W) an event at `now` is allowed when fewer than N logged
+times t satisfy `t > now - W`; so no period of length W ever holds more than N
+accepted events, and an event exactly W after the oldest one passes. Times at
+or before `now - W` are dropped when the key is next touched (lazily), and only
+the newest N are kept, so a log never grows past N. When a key is at its limit,
+its oldest relevant time plus W is when one more would pass: `retry_after`.
+`acquire` never awaits, and the process is single-threaded asyncio, so checking
+every rule and then charging every rule is atomic.
+
+Times are counted in whole milliseconds (`now` is rounded to the nearest ms),
+which keeps the arithmetic exact and the logs small. A time never goes below
+the newest logged one of its key, so a wall clock stepping back cannot reorder
+a log (it can only make the limit stricter for a while).
+
+Memory (the target is about 200 bytes per key at a million keys): the cache key
+is a 60-bit keyed BLAKE2b digest of the rule's key string (an int of 32 bytes
+instead of a string of ~90; a collision, about 4e-7 likely among a million
+keys and not steerable without the per-process secret, would make two keys
+share one budget). The value is one `bytes`: a format byte, the oldest time as
+an int64, and the others as uint32 offsets from it (uint64 when a window is
+longer than 49 days), e.g. 33 + 9 = 42 bytes for one event, 78 for ten.
+
+Eviction. The cache holds at most `max_keys` keys; adding one more drops the
+least recently used key, which resets that key's budget (accepted by the
+design: the bound is generous, each eviction is reported through `on_evict`,
+and the per-IP limit stops one client from minting people to exploit it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+
+from cachetools import LRUCache
+
+from gateway.limits.base import ALLOWED, Decision, Rule
+
+_FORMAT_NARROW = 0  # uint32 offsets
+_FORMAT_WIDE = 1  # uint64 offsets
+_MAX_NARROW_OFFSET = 0xFFFFFFFF  # ms: about 49.7 days
+
+
+def _pack(times: Sequence[int]) -> bytes:
+    """Ascending times in ms as a format byte, the first as int64 and offsets from it."""
+    base = times[0]
+    offsets = [t - base for t in times[1:]]
+    if offsets and offsets[-1] > _MAX_NARROW_OFFSET:
+        return struct.pack(f"<Bq{len(offsets)}Q", _FORMAT_WIDE, base, *offsets)
+    return struct.pack(f"<Bq{len(offsets)}I", _FORMAT_NARROW, base, *offsets)
+
+
+def _unpack(value: bytes) -> list[int]:
+    """The ascending times in ms that `_pack` stored."""
+    wide = value[0] == _FORMAT_WIDE
+    n = (len(value) - 9) // (8 if wide else 4)
+    fields: tuple[int, ...] = struct.unpack_from(f"<q{n}{'Q' if wide else 'I'}", value, 1)
+    base = fields[0]
+    return [base, *[base + offset for offset in fields[1:]]]
+
+
+def _ms(seconds: float) -> int:
+    """Seconds as whole milliseconds."""
+    return round(seconds * 1000)
+
+
+class _Logs(LRUCache[int, bytes]):
+    """An LRU cache that counts the keys it evicts."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.evicted = 0
+
+    def popitem(self) -> tuple[int, bytes]:
+        """Drop the least recently used key (only called when the cache is full)."""
+        item = super().popitem()
+        self.evicted += 1
+        return item
+
+
+class MemoryStore:
+    """Sliding logs in this process, for one worker; bounded by `max_keys`."""
+
+    def __init__(
+        self, max_keys: int = 1_000_000, on_evict: Callable[[int], None] | None = None
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, got {max_keys}")
+        self._logs = _Logs(max_keys)
+        self._on_evict = on_evict
+        self._hasher = hashlib.blake2b(digest_size=8, key=os.urandom(16))
+
+    async def acquire(self, rules: Sequence[Rule], now: float) -> Decision:
+        """Atomically check all rules; if all allow, charge all."""
+        decision = self._acquire(rules, now)
+        self._report_evictions()
+        return decision
+
+    async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
+        """`acquire` each check in order, each seeing the charges of the earlier ones."""
+        decisions = [self._acquire(rules, now) for rules in checks]
+        self._report_evictions()
+        return decisions
+
+    def key_count(self) -> int:
+        """How many keys the cache holds now."""
+        return len(self._logs)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def _digest(self, key: str) -> int:
+        h = self._hasher.copy()
+        h.update(key.encode())
+        return int.from_bytes(h.digest(), "little") >> 4  # 60 bits: a 32-byte int
+
+    def _acquire(self, rules: Sequence[Rule], now: float) -> Decision:
+        if len(rules) > 1 and len({rule.key for rule in rules}) != len(rules):
+            raise ValueError("the rules of one check need distinct keys")
+        logs = self._logs
+        now_ms = _ms(now)
+        pending: list[tuple[int, list[int], bool]] = []  # (cache key, kept times, pruned?)
+        refused: list[int] = []
+        retry_at_ms = 0
+        for index, rule in enumerate(rules):
+            key = self._digest(rule.key)
+            value = logs.get(key)
+            times = _unpack(value) if value is not None else []
+            window_ms = max(1, _ms(rule.window))
+            first_live = bisect_right(times, now_ms - window_ms)
+            start = max(first_live, len(times) - rule.count)
+            kept = times[start:]
+            if len(times) - first_live >= rule.count:
+                refused.append(index)
+                retry_at_ms = max(retry_at_ms, kept[0] + window_ms)
+            pending.append((key, kept, start > 0))
+        if refused:
+            for key, kept, pruned in pending:
+                if pruned and kept:
+                    logs[key] = _pack(kept)
+                elif pruned:
+                    del logs[key]
+            return Decision(False, retry_at_ms / 1000 - now, tuple(refused))
+        for key, kept, _ in pending:
+            kept.append(max(now_ms, kept[-1]) if kept else now_ms)
+            logs[key] = _pack(kept)
+        return ALLOWED
+
+    def _report_evictions(self) -> None:
+        evicted, self._logs.evicted = self._logs.evicted, 0
+        if evicted and self._on_evict is not None:
+            self._on_evict(evicted)

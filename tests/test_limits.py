@@ -1,0 +1,370 @@
+"""Limits: sliding-log stores (run against every store factory) and the limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import pytest
+
+from gateway.config import Rate, parse_rate
+from gateway.limits import (
+    Check,
+    Decision,
+    Limiter,
+    LimitResult,
+    LimitStore,
+    MemoryStore,
+    Rule,
+    rules_of,
+)
+
+DAY = 86400.0
+HOUR = 3600.0
+T0 = 1_700_000_000.0  # a realistic wall-clock time, exactly representable to the ms
+
+StoreFactory = Callable[[], Awaitable[LimitStore]]
+
+
+async def memory_store() -> LimitStore:
+    return MemoryStore()
+
+
+# Every store must pass the store tests below. The Redis store joins this list when it lands:
+#   pytest.param(redis_store, id="redis", marks=pytest.mark.redis)
+# where `redis_store` connects to a throw-away redis-server with a fresh key prefix.
+STORE_FACTORIES = [pytest.param(memory_store, id="memory")]
+
+
+@pytest.fixture(params=STORE_FACTORIES)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[LimitStore]:
+    factory: StoreFactory = request.param
+    instance = await factory()
+    yield instance
+    await instance.close()
+
+
+def rule(key: str, rate: str) -> Rule:
+    parsed = parse_rate(rate)
+    return Rule(key, parsed.count, parsed.window)
+
+
+# -- stores: semantics shared by every implementation
+
+
+async def test_n_accepted_then_refused_with_exact_retry_after(store: LimitStore) -> None:
+    r = rule("k", "3/10s")
+    for t in (T0, T0 + 1, T0 + 2):
+        assert await store.acquire([r], t) == Decision(True)
+    assert await store.acquire([r], T0 + 3.5) == Decision(False, 6.5, (0,))
+    assert await store.acquire([r], T0 + 9.75) == Decision(False, 0.25, (0,))
+
+
+async def test_window_slides(store: LimitStore) -> None:
+    r = rule("k", "3/2s")
+    for t in (0.0, 0.5, 1.0):
+        assert (await store.acquire([r], T0 + t)).allowed
+    assert await store.acquire([r], T0 + 1.5) == Decision(False, 0.5, (0,))
+    # Exactly 2 s after the first, it has left the window.
+    assert (await store.acquire([r], T0 + 2.0)).allowed
+    assert await store.acquire([r], T0 + 2.25) == Decision(False, 0.25, (0,))
+    assert (await store.acquire([r], T0 + 2.5)).allowed
+    assert (await store.acquire([r], T0 + 3.0)).allowed
+    assert await store.acquire([r], T0 + 3.0) == Decision(False, 1.0, (0,))
+
+
+async def test_refused_not_counted(store: LimitStore) -> None:
+    r = rule("k", "1/10s")
+    assert (await store.acquire([r], T0)).allowed
+    for t in range(1, 10):
+        assert await store.acquire([r], T0 + t) == Decision(False, 10.0 - t, (0,))
+    assert (await store.acquire([r], T0 + 10)).allowed  # the nine refusals left no trace
+
+
+async def test_a_refused_ip_rule_does_not_charge_the_person(store: LimitStore) -> None:
+    person = rule("p", "2/1d")
+    assert (await store.acquire([person, rule("ip-1", "1/1h")], T0)).allowed
+    for _ in range(5):
+        assert await store.acquire([person, rule("ip-1", "1/1h")], T0 + 1) == Decision(
+            False, HOUR - 1, (1,)
+        )
+    assert (await store.acquire([person, rule("ip-2", "1/1h")], T0 + 2)).allowed
+    assert await store.acquire([person, rule("ip-3", "1/1h")], T0 + 3) == Decision(
+        False, DAY - 3, (0,)
+    )
+
+
+async def test_a_refused_person_rule_does_not_charge_the_ip(store: LimitStore) -> None:
+    ip = rule("ip", "2/1h")
+    assert (await store.acquire([rule("alice", "1/1d"), ip], T0)).allowed
+    for _ in range(5):
+        assert (await store.acquire([rule("alice", "1/1d"), ip], T0 + 1)).refused == (0,)
+    assert (await store.acquire([rule("bob", "1/1d"), ip], T0 + 2)).allowed
+    assert (await store.acquire([rule("carol", "1/1d"), ip], T0 + 3)).refused == (1,)
+
+
+async def test_both_refuse_retry_after_is_the_max(store: LimitStore) -> None:
+    person, ip = rule("p", "1/1d"), rule("i", "1/1h")
+    assert (await store.acquire([person, ip], T0)).allowed
+    assert await store.acquire([person, ip], T0 + 60) == Decision(False, DAY - 60, (0, 1))
+    assert await store.acquire([ip, person], T0 + 60) == Decision(False, DAY - 60, (0, 1))
+
+
+async def test_independent_keys(store: LimitStore) -> None:
+    a, b = rule("a", "2/1h"), rule("b", "2/1h")
+    assert (await store.acquire([a], T0)).allowed
+    assert (await store.acquire([a], T0)).allowed
+    assert not (await store.acquire([a], T0)).allowed
+    assert (await store.acquire([b], T0)).allowed
+    assert (await store.acquire([b], T0)).allowed
+
+
+async def test_acquire_many_sees_earlier_charges_in_order(store: LimitStore) -> None:
+    checks = [[rule("p", "10/1d"), rule("ip", "100/1h")] for _ in range(11)]
+    decisions = await store.acquire_many(checks, T0)
+    assert decisions == [Decision(True)] * 10 + [Decision(False, DAY, (0,))]
+    assert await store.acquire_many([], T0) == []
+
+
+async def test_acquire_many_mixed_batch(store: LimitStore) -> None:
+    checks = [
+        [rule("p1", "1/1d"), rule("ip", "3/1h")],
+        [rule("p1", "1/1d"), rule("ip", "3/1h")],  # person refused, ip not charged
+        [rule("p2", "1/1d"), rule("ip", "3/1h")],
+        [rule("p3", "1/1d"), rule("ip", "3/1h")],
+        [rule("p4", "1/1d"), rule("ip", "3/1h")],  # ip full
+    ]
+    decisions = await store.acquire_many(checks, T0)
+    assert [d.refused for d in decisions] == [(), (0,), (), (), (1,)]
+
+
+async def test_concurrent_acquires_on_one_key(store: LimitStore) -> None:
+    r = rule("k", "10/1h")
+    decisions = await asyncio.gather(*(store.acquire([r], T0) for _ in range(50)))
+    assert sum(d.allowed for d in decisions) == 10
+
+
+async def test_key_count(store: LimitStore) -> None:
+    assert store.key_count() == 0
+    await store.acquire([rule("p", "1/1d"), rule("ip", "5/1h")], T0)
+    assert store.key_count() == 2
+    await store.acquire([rule("p2", "1/1d"), rule("ip", "5/1h")], T0)
+    assert store.key_count() == 3
+
+
+async def test_duplicate_keys_in_one_check_are_refused(store: LimitStore) -> None:
+    with pytest.raises(ValueError, match="distinct keys"):
+        await store.acquire([rule("k", "1/1d"), rule("k", "5/1h")], T0)
+
+
+async def test_long_windows(store: LimitStore) -> None:
+    # Beyond 49.7 days the memory store's offsets no longer fit 32 bits.
+    r = rule("k", "2/100d")
+    assert (await store.acquire([r], T0)).allowed
+    assert (await store.acquire([r], T0 + 60 * DAY + 0.25)).allowed
+    assert await store.acquire([r], T0 + 61 * DAY) == Decision(False, 39 * DAY, (0,))
+    assert (await store.acquire([r], T0 + 100 * DAY)).allowed
+    assert await store.acquire([r], T0 + 100 * DAY) == Decision(False, 60 * DAY + 0.25, (0,))
+
+
+async def test_clock_stepping_back_keeps_counting(store: LimitStore) -> None:
+    r = rule("k", "3/10s")
+    assert (await store.acquire([r], T0 + 5)).allowed
+    assert (await store.acquire([r], T0)).allowed  # the wall clock stepped back 5 s
+    assert (await store.acquire([r], T0 + 1)).allowed
+    decision = await store.acquire([r], T0 + 2)
+    assert not decision.allowed
+    assert decision.retry_after >= 3.0
+
+
+class Model:
+    """The definition, brute force: every accepted time of every key, counted each time."""
+
+    def __init__(self) -> None:
+        self.accepted: dict[str, list[float]] = defaultdict(list)
+
+    def acquire(self, rules: Sequence[Rule], now: float) -> Decision:
+        refused: list[int] = []
+        retry = 0.0
+        for index, r in enumerate(rules):
+            live = [t for t in self.accepted[r.key] if now - t < r.window]
+            if len(live) >= r.count:
+                refused.append(index)
+                retry = max(retry, sorted(live)[-r.count] + r.window - now)
+        if refused:
+            return Decision(False, retry, tuple(refused))
+        for r in rules:
+            self.accepted[r.key].append(now)
+        return Decision(True)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_matches_brute_force_model(store: LimitStore, seed: int) -> None:
+    rng = random.Random(seed)
+    model = Model()
+    rates = {"p": parse_rate("3/2s"), "i": parse_rate("4/3s")}
+    now_ms = 0
+    for _ in range(200):
+        now_ms += rng.choice([0, 1, 10, 100, 250, 500, 999, 1000, 1999, 2000, 3000])
+        now = T0 + now_ms / 1000
+        batch = [
+            [
+                Rule(f"p{rng.randrange(3)}", rates["p"].count, rates["p"].window),
+                Rule(f"i{rng.randrange(3)}", rates["i"].count, rates["i"].window),
+            ]
+            for _ in range(rng.choice([1, 1, 1, 2, 4]))
+        ]
+        got = await store.acquire_many(batch, now)
+        want = [model.acquire(rules, now) for rules in batch]
+        for g, w in zip(got, want, strict=True):
+            assert (g.allowed, g.refused) == (w.allowed, w.refused)
+            assert g.retry_after == pytest.approx(w.retry_after, abs=1e-6)
+    # The invariant itself: no period of a window's length holds more than `count`.
+    for key, times in model.accepted.items():
+        r = rates[key[0]]
+        for i, t in enumerate(times):
+            assert sum(t <= u < t + r.window for u in times[i:]) <= r.count
+
+
+# -- the memory store: eviction and compaction
+
+
+async def test_eviction_keeps_the_bound_and_reports() -> None:
+    evictions: list[int] = []
+    store = MemoryStore(max_keys=3, on_evict=evictions.append)
+    for key in ("a", "b", "c"):
+        assert (await store.acquire([rule(key, "1/1d")], T0)).allowed
+    assert evictions == []
+    assert not (await store.acquire([rule("a", "1/1d")], T0 + 1)).allowed  # "a" is now recent
+    await store.acquire([rule("d", "1/1d")], T0 + 2)  # evicts "b", the least recently used
+    assert evictions == [1]
+    assert store.key_count() == 3
+    decisions = await store.acquire_many([[rule(k, "1/1d")] for k in ("e", "f", "b")], T0 + 3)
+    assert all(d.allowed for d in decisions)  # "b" was forgotten: its budget was reset
+    assert evictions == [1, 3]
+    assert store.key_count() == 3
+
+
+async def test_expired_keys_are_dropped_when_touched() -> None:
+    store = MemoryStore()
+    person, ip = rule("p", "1/1h"), rule("ip", "1/1d")
+    assert (await store.acquire([person, ip], T0)).allowed
+    assert store.key_count() == 2
+    assert (await store.acquire([person, ip], T0 + HOUR)).refused == (1,)
+    assert store.key_count() == 1  # "p" expired and, refused by "ip", was not charged
+
+
+def test_memory_store_rejects_a_zero_bound() -> None:
+    with pytest.raises(ValueError, match="max_keys"):
+        MemoryStore(max_keys=0)
+
+
+def test_rule_rejects_empty_limits() -> None:
+    with pytest.raises(ValueError):
+        Rule("k", 0, 1.0)
+    with pytest.raises(ValueError):
+        Rule("k", 1, 0.0)
+
+
+# -- the limiter
+
+
+PERSON = parse_rate("10/1d")
+IP = parse_rate("100/1h")
+
+
+def check(
+    person: str = "chris@example.com",
+    *,
+    activity: str = "act:cm:logged-in",
+    ip: str = "203.0.113.7",
+    person_rate: Rate = PERSON,
+    ip_rate: Rate = IP,
+) -> Check:
+    return Check(activity, person, ip, person_rate, ip_rate)
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[list[str]]] = []
+
+    async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
+        self.calls.append([[r.key for r in rules] for rules in checks])
+        return await super().acquire_many(checks, now)
+
+
+def test_rule_keys() -> None:
+    person, ip = rules_of(check("a|b@example.com", activity="act:cm:x", ip="2001:db8::1"))
+    assert (person.key, person.count, person.window) == ("p|act:cm:x|a|b@example.com", 10, DAY)
+    assert (ip.key, ip.count, ip.window) == ("i|act:cm:x|2001:db8::1", 100, HOUR)
+    with pytest.raises(ValueError):
+        check(activity="act:cm:a|b")
+
+
+async def test_one_store_call_per_request() -> None:
+    store = RecordingStore()
+    limiter = Limiter(store, clock=Clock())
+    results = await limiter.check_many([check("a@x.io"), check("b@x.io")])
+    assert results == [LimitResult("accepted")] * 2
+    assert store.calls == [
+        [
+            ["p|act:cm:logged-in|a@x.io", "i|act:cm:logged-in|203.0.113.7"],
+            ["p|act:cm:logged-in|b@x.io", "i|act:cm:logged-in|203.0.113.7"],
+        ]
+    ]
+    assert await limiter.check_many([]) == []
+    assert len(store.calls) == 1
+
+
+async def test_eleventh_of_a_person_refused_while_another_activity_passes() -> None:
+    clock = Clock()
+    limiter = Limiter(MemoryStore(), clock=clock)
+    for _ in range(10):
+        assert (await limiter.check_many([check()]))[0].accepted
+        clock.now += 60
+    assert await limiter.check_many([check(), check(activity="act:cm:signup")]) == [
+        LimitResult("rate_limited_person", DAY - 600),
+        LimitResult("accepted"),
+    ]
+
+
+async def test_hundred_and_first_from_one_ip_refused() -> None:
+    clock = Clock()
+    limiter = Limiter(MemoryStore(), clock=clock)
+    results = await limiter.check_many([check(f"user{i}@example.com") for i in range(100)])
+    assert all(r.accepted for r in results)
+    clock.now += 90
+    assert await limiter.check_many([check("new@example.com")]) == [
+        LimitResult("rate_limited_ip", HOUR - 90)
+    ]
+    assert (await limiter.check_many([check("new@example.com", ip="198.51.100.1")]))[0].accepted
+
+
+async def test_verdict_when_both_refuse_names_the_person() -> None:
+    clock = Clock()
+    limiter = Limiter(MemoryStore(), clock=clock)
+    one_a_minute, one_an_hour = parse_rate("1/1m"), parse_rate("1/1h")
+    c = check(person_rate=one_a_minute, ip_rate=one_an_hour)
+    assert (await limiter.check_many([c]))[0].accepted
+    clock.now += 30
+    # Both refuse; the IP's wait is the longer one and is the one to report.
+    assert await limiter.check_many([c]) == [LimitResult("rate_limited_person", HOUR - 30)]
+    clock.now += 60
+    assert await limiter.check_many([c]) == [LimitResult("rate_limited_ip", HOUR - 90)]
+
+
+async def test_batch_of_eleven_from_one_person() -> None:
+    limiter = Limiter(MemoryStore(), clock=Clock())
+    results = await limiter.check_many([check()] * 11)
+    assert results == [LimitResult("accepted")] * 10 + [LimitResult("rate_limited_person", DAY)]
