@@ -114,6 +114,8 @@ class Delivery:
         batch_max_wait: float,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        circuit_pause: float = CIRCUIT_PAUSE,
+        auth_pause: float = AUTH_PAUSE,
     ) -> None:
         self._spool = spool
         self._client = client
@@ -123,6 +125,8 @@ class Delivery:
         self._batch_max_wait = batch_max_wait
         self._clock = clock
         self._rng = rng
+        self._circuit_pause = circuit_pause
+        self._auth_pause = auth_pause
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -139,22 +143,31 @@ class Delivery:
         self._task = asyncio.create_task(self._run(), name="ortto-gateway-delivery")
 
     async def stop(self, drain_timeout: float) -> None:
-        """Stop leasing, let in-flight batches finish for up to `drain_timeout`, keep the rest."""
+        """Deliver what is spooled for up to `drain_timeout`, then keep the rest for next start."""
         self._stopping.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
         if self._task is not None:
+            if self._spool.available:
+                # The loop leases until nothing is left, then returns by itself.
+                await asyncio.wait({self._task}, timeout=drain_timeout)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._inflight:
-            _, pending = await asyncio.wait(self._inflight, timeout=drain_timeout)
+            _, pending = await asyncio.wait(
+                self._inflight, timeout=max(0.0, deadline - loop.time())
+            )
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-                log.warning(
-                    "drain timeout: batches left in the spool for the next start",
-                    extra={"data": {"batches": len(pending)}},
-                )
+        left = self._spool.depth
+        if left:
+            log.warning(
+                "drain timeout: activities left in the spool for the next start",
+                extra={"data": {"activities": left}},
+            )
         await self._refresh_gauges()
 
     @property
@@ -169,12 +182,13 @@ class Delivery:
     async def _run(self) -> None:
         try:
             await self._refresh_gauges()
-            while True:
+            while not (self._stopping.is_set() and self._spool.available == 0):
                 await self._wait_until_allowed()
                 if not await self._spool.wait_for_items(GAUGE_INTERVAL):
                     await self._refresh_gauges()
                     continue
-                await self._fill_wait()
+                if not self._stopping.is_set():
+                    await self._fill_wait()
                 await self._slots.acquire()
                 try:
                     await self._wait_until_allowed()
@@ -212,11 +226,12 @@ class Delivery:
 
     def _pause(self, reason: str, seconds: float) -> None:
         until = time.monotonic() + seconds
-        if until > self._not_before:
-            self._not_before = until
-            if self._pause_reason and self._pause_reason != reason:
-                self._metrics.delivery_paused.labels(self._pause_reason).set(0)
-            self._pause_reason = reason
+        if until <= self._not_before:
+            return  # a longer pause is already in force
+        self._not_before = until
+        if self._pause_reason and self._pause_reason != reason:
+            self._metrics.delivery_paused.labels(self._pause_reason).set(0)
+        self._pause_reason = reason
         self._metrics.delivery_paused.labels(reason).set(1)
 
     # -- one batch
@@ -275,7 +290,7 @@ class Delivery:
             await self._accepted(items, resp.json())
         elif status in (401, 403):
             self._note_bad_request()
-            self._pause("auth", AUTH_PAUSE)
+            self._pause("auth", self._auth_pause)
             now = time.monotonic()
             if now - self._last_auth_log >= AUTH_LOG_INTERVAL:
                 self._last_auth_log = now
@@ -286,7 +301,7 @@ class Delivery:
             await self._spool.release(ids, attempt=False)
         elif status == 429:
             self._metrics.upstream_retries.labels("rate_limit").inc()
-            wait = resp.retry_after or DEFAULT_RATE_LIMIT_PAUSE
+            wait = DEFAULT_RATE_LIMIT_PAUSE if resp.retry_after is None else resp.retry_after
             self._pause("rate_limit", wait + self._rng())
             log.warning("Ortto rate limit; pausing", extra={"data": {"seconds": round(wait, 3)}})
             await self._spool.release(ids, attempt=False)
@@ -341,6 +356,22 @@ class Delivery:
     async def _refused(self, items: Sequence[SpooledItem], status: int, data: Any) -> None:
         """A 4xx for the batch: isolate the refused activities by bisection."""
         self._note_bad_request()
+        details = data.get("details") if isinstance(data, dict) else None
+        if isinstance(details, list) and len(details) == len(items) and len(items) > 1:
+            # Ortto named each activity's fate: no need to bisect.
+            dead: list[tuple[int, str, str, str]] = []
+            rest: list[SpooledItem] = []
+            for item, detail in zip(items, details, strict=True):
+                if isinstance(detail, dict) and detail.get("status") == "invalid":
+                    activity_id, who, _ = _describe(item.payload)
+                    dead.append((item.id, activity_id, who, str(detail.get("error", "invalid"))))
+                else:
+                    rest.append(item)
+            if dead:
+                await self._dead_letter(dead)
+                if rest:
+                    await self._send(rest, bisecting=True)
+                return
         if len(items) == 1:
             error = data.get("error") if isinstance(data, dict) else None
             message = str(error).strip() if error else f"Ortto answered {status}"
@@ -359,10 +390,10 @@ class Delivery:
             window.popleft()
         if len(window) >= BAD_REQUEST_BUDGET:
             window.clear()
-            self._pause("circuit", CIRCUIT_PAUSE)
+            self._pause("circuit", self._circuit_pause)
             log.error(
                 "too many refused requests to Ortto; pausing to avoid its IP ban",
-                extra={"data": {"seconds": CIRCUIT_PAUSE}},
+                extra={"data": {"seconds": self._circuit_pause}},
             )
 
     async def _dead_letter(self, dead: list[tuple[int, str, str, str]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import io
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,8 @@ class OrttoClient:
         try:
             async with self._session.post(
                 self.endpoint,
-                data=body,
+                # A BytesIO payload: large raw bytes would be copied on the event loop.
+                data=io.BytesIO(body),
                 headers=self._headers,
                 timeout=self._timeout,
                 allow_redirects=False,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import time
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path

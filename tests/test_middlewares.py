@@ -128,20 +128,47 @@ BAD_INPUTS = [
     (b'{"activities": "x"}', "application/json", 400, "activities"),
     (b'{"activities": []}', "application/json", 400, "activities"),
     (b"<xml/>", "application/xml", 415, None),
-    (b'{"activity_id": "act:cm:login", "fields": {"str::email": 1}}', "application/json", 400,
-     "str::email"),
-    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
-     b'{"int:cm:n": 99999999999999999999999}}', "application/json", 400, "int:cm:n"),
-    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
-     b'{"int:cm:n": true}}', "application/json", 400, "int:cm:n"),
+    (
+        b'{"activity_id": "act:cm:login", "fields": {"str::email": 1}}',
+        "application/json",
+        400,
+        "str::email",
+    ),
+    (
+        b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
+        b'{"int:cm:n": 99999999999999999999999}}',
+        "application/json",
+        400,
+        "int:cm:n",
+    ),
+    (
+        b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
+        b'{"int:cm:n": true}}',
+        "application/json",
+        400,
+        "int:cm:n",
+    ),
     (b"[" * 5000 + b"]" * 5000, "application/json", 400, None),
-    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
-     b'{"obj:cm:deep": ' + b'{"a":' * 60 + b"1" + b"}" * 60 + b"}}", "application/json", 400,
-     None),
-    (b'{"activities": [' + b",".join([b'{"activity_id": "act:cm:login"}'] * 101) + b"]}",
-     "application/json", 400, "100"),
-    (b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, '
-     b'"attributes": {"str:cm:x": NaN}}', "application/json", 400, None),
+    (
+        b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, "attributes": '
+        b'{"obj:cm:deep": ' + b'{"a":' * 60 + b"1" + b"}" * 60 + b"}}",
+        "application/json",
+        400,
+        None,
+    ),
+    (
+        b'{"activities": [' + b",".join([b'{"activity_id": "act:cm:login"}'] * 101) + b"]}",
+        "application/json",
+        400,
+        "100",
+    ),
+    (
+        b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"}, '
+        b'"attributes": {"str:cm:x": NaN}}',
+        "application/json",
+        400,
+        None,
+    ),
 ]
 
 

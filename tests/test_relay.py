@@ -21,7 +21,9 @@ async def test_eleventh_for_a_person_is_refused_other_activity_passes(
 ) -> None:
     client = await make_gateway()
     for i in range(10):
-        resp = await client.post(PATH, json=activity("Chris@Example.com " if i % 2 else "chris@example.com"))
+        resp = await client.post(
+            PATH, json=activity("Chris@Example.com " if i % 2 else "chris@example.com")
+        )
         assert resp.status == 202, await resp.text()
     resp = await client.post(PATH, json=activity("chris@example.com"))
     assert resp.status == 429

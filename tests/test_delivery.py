@@ -1,0 +1,330 @@
+"""Delivery against the sandbox: batches, retries, refusals, dead letters, pauses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from gateway.delivery import BAD_REQUEST_BUDGET, Delivery, full_jitter
+from gateway.enrich import enrich
+from gateway.metrics import Metrics
+from gateway.sandbox import Fault, SandboxState, wait_for
+from gateway.spool import Spool
+from gateway.upstream import OrttoClient
+from tests.conftest import API_KEY
+
+DAY = 86400.0
+
+
+def payload(i: int, *, created: float | None = None, **fields: Any) -> bytes:
+    activity = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": f"p{i}@example.com", **fields},
+    }
+    return orjson.dumps(enrich(activity, "192.0.2.1", created or time.time()))
+
+
+class Rig:
+    """A spool, a client to the sandbox and a delivery worker, started and stopped together."""
+
+    def __init__(self, spool: Spool, client: OrttoClient, metrics: Metrics) -> None:
+        self.spool = spool
+        self.client = client
+        self.metrics = metrics
+        self.delivery: Delivery | None = None
+
+    def start(self, **kw: Any) -> Delivery:
+        options: dict[str, Any] = {
+            "rate": 1000.0,
+            "concurrency": 2,
+            "batch_max_wait": 0.01,
+            "circuit_pause": 0.5,
+            "auth_pause": 0.2,
+            "rng": lambda: 0.01,
+        }
+        options.update(kw)
+        self.delivery = Delivery(self.spool, self.client, self.metrics, **options)
+        self.delivery.start()
+        return self.delivery
+
+    async def stop(self) -> None:
+        if self.delivery is not None:
+            await self.delivery.stop(2.0)
+            self.delivery = None
+
+    def value(self, name: str, **labels: str) -> float:
+        got = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if got is None else got
+
+
+@pytest.fixture
+async def rig(sandbox: TestServer, tmp_path: Path) -> AsyncIterator[Rig]:
+    spool = Spool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    async with aiohttp.ClientSession() as session:
+        client = OrttoClient(
+            session, str(sandbox.make_url("/v1/activities/create")), API_KEY, timeout=2.0
+        )
+        metrics = Metrics(CollectorRegistry(), ["act:cm:login"], process_metrics=False)
+        r = Rig(spool, client, metrics)
+        try:
+            yield r
+        finally:
+            await r.stop()
+            await spool.close()
+
+
+def test_full_jitter_is_bounded() -> None:
+    assert full_jitter(0, lambda: 1.0) == 0.5
+    assert full_jitter(3, lambda: 1.0) == 4.0
+    assert full_jitter(100, lambda: 1.0) == 60.0
+    assert full_jitter(5, lambda: 0.0) == 0.0
+
+
+async def test_full_batches_under_load(rig: Rig, sandbox_state: SandboxState) -> None:
+    await rig.spool.put([payload(i) for i in range(250)])
+    rig.start()
+    await wait_for(lambda: len(sandbox_state.activities) == 250)
+    sizes = [r.n_activities for r in sandbox_state.requests]
+    assert sizes == [100, 100, 50]
+    assert all(len(r.body) < 2 * 1024 * 1024 for r in sandbox_state.requests)
+    await wait_for(lambda: rig.spool.depth == 0)
+    assert (
+        rig.value("ortto_gateway_activities_total", activity_id="act:cm:login", outcome="delivered")
+        == 250
+    )
+    assert rig.value("ortto_gateway_upstream_batch_activities_count") == 3
+
+
+async def test_largest_activities_fit_one_request(rig: Rig, sandbox_state: SandboxState) -> None:
+    # 100 activities near Ortto's 16 kB each still make one request under its 2 MB.
+    big = "x" * 3900
+    payloads = []
+    for i in range(100):
+        activity = {
+            "activity_id": "act:cm:login",
+            "fields": {"str::email": f"big{i}@example.com"},
+            "attributes": {f"txt:cm:t{j}": big for j in range(3)},
+        }
+        payloads.append(orjson.dumps(enrich(activity, "192.0.2.1", time.time())))
+    await rig.spool.put(payloads)
+    rig.start()
+    await wait_for(lambda: len(sandbox_state.activities) == 100)
+    assert [r.n_activities for r in sandbox_state.requests] == [100]
+    assert 1_000_000 < len(sandbox_state.requests[0].body) <= 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=503, count=3),
+        Fault(status=503, count=2, retry_after=0.2),
+        Fault(status=429, count=2, try_in_seconds=0),
+        Fault(status=500, count=2),
+        Fault(status=200, count=2, process=True, delay=0.0),
+    ],
+    ids=["503", "503-retry-after", "429-try-in", "500", "slow-success"],
+)
+async def test_retries_until_delivered_each_key_once(
+    rig: Rig, sandbox_state: SandboxState, fault: Fault
+) -> None:
+    sandbox_state.add_fault(fault)
+    await rig.spool.put([payload(i) for i in range(30)])
+    rig.start()
+    await wait_for(lambda: len(sandbox_state.activities) == 30, timeout=10)
+    await wait_for(lambda: rig.spool.depth == 0)
+    seen = sandbox_state.keys_seen()
+    assert len(seen) == 30
+    assert len({a.key for a in sandbox_state.activities}) == 30
+
+
+async def test_ambiguous_failure_merges_instead_of_duplicating(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    # Ortto processes the batch but the gateway sees a 503: the retry carries the same
+    # key and created, so Ortto merges it.
+    sandbox_state.add_fault(Fault(status=503, count=1, process=True))
+    await rig.spool.put([payload(i) for i in range(10)])
+    rig.start()
+    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    assert len(sandbox_state.activities) == 10
+    assert sandbox_state.duplicates == 10
+    assert rig.value("ortto_gateway_upstream_retries_total", reason="server_error") >= 1
+
+
+async def test_timeout_is_retried(
+    rig: Rig, sandbox_state: SandboxState, sandbox: TestServer
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        rig.client = OrttoClient(
+            session, str(sandbox.make_url("/v1/activities/create")), API_KEY, timeout=0.2
+        )
+        sandbox_state.add_fault(Fault(status=200, count=1, process=True, delay=1.0))
+        await rig.spool.put([payload(i) for i in range(5)])
+        rig.start()
+        await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+        await rig.stop()
+    assert len(sandbox_state.activities) == 5
+    assert rig.value("ortto_gateway_upstream_requests_total", status="error") >= 1
+
+
+async def test_per_activity_refusal_in_200_is_dead_lettered_then_replayed(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    good = [payload(i) for i in range(4)]
+    bad = payload(99, **{"str:cm:nickname": "Shorty"})
+    await rig.spool.put([*good[:2], bad, *good[2:]])
+    rig.start()
+    await wait_for(lambda: len(sandbox_state.activities) == 4)
+    await wait_for(lambda: rig.spool.depth == 0)
+    letters = await rig.spool.list_dead_letters()
+    assert len(letters) == 1
+    assert "str:cm:nickname" in letters[0].error
+    assert letters[0].activity_id == "act:cm:login"
+    assert "p99@example.com" not in letters[0].person_hash
+    assert (
+        rig.value(
+            "ortto_gateway_activities_total", activity_id="act:cm:login", outcome="dead_lettered"
+        )
+        == 1
+    )
+    # The field is created in Ortto; replay delivers it.
+    sandbox_state.person_fields = sandbox_state.person_fields | {"str:cm:nickname"}
+    assert await rig.spool.replay_dead_letters() == 1
+    await wait_for(lambda: len(sandbox_state.activities) == 5)
+    assert sandbox_state.activities[-1].email == "p99@example.com"
+
+
+async def test_batch_400_is_bisected_to_the_refused_activity(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    # The sandbox's clock runs a day ahead: the activity created 89.5 days ago is
+    # still young enough for the gateway but too old for "Ortto".
+    sandbox_state.clock = lambda: time.time() + DAY
+    old = payload(7, created=time.time() - 89.5 * DAY)
+    others = [payload(i) for i in range(20)]
+    await rig.spool.put([*others[:7], old, *others[7:]])
+    rig.start()
+    await wait_for(lambda: len(sandbox_state.activities) == 20)
+    await wait_for(lambda: rig.spool.depth == 0)
+    letters = await rig.spool.list_dead_letters()
+    assert [d.error for d in letters] == ["Created date is more than 90 days ago"]
+    bad_requests = sum(r.status == 400 for r in sandbox_state.requests)
+    assert 1 < bad_requests < BAD_REQUEST_BUDGET
+    assert sandbox_state.bans == 0
+
+
+async def test_activities_older_than_90_days_are_dead_lettered_locally(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    await rig.spool.put([payload(1, created=time.time() - 91 * DAY), payload(2)])
+    rig.start()
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    await wait_for(lambda: rig.spool.depth == 0)
+    letters = await rig.spool.list_dead_letters()
+    assert len(letters) == 1
+    assert "90 days" in letters[0].error
+    assert all(r.status == 200 for r in sandbox_state.requests)
+
+
+async def test_refusals_named_in_details_need_no_bisection(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    # Every activity carries an unknown person field: Ortto's 400 lists each one.
+    await rig.spool.put([payload(i, **{"str:cm:nope": "x"}) for i in range(40)])
+    rig.start()
+    await wait_for(lambda: rig.spool.depth == 0)
+    assert len(sandbox_state.requests) == 1
+    assert len(await rig.spool.list_dead_letters(limit=100)) == 40
+    assert sandbox_state.bans == 0
+
+
+async def test_a_storm_of_refusals_opens_the_circuit_not_the_ban(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    # Ortto refuses the next requests outright: bisection would feed its IP ban.
+    sandbox_state.add_fault(Fault(status=400, count=BAD_REQUEST_BUDGET + 2))
+    await rig.spool.put([payload(i) for i in range(64)])
+    rig.start(concurrency=1)
+    await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="circuit") == 1)
+    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    assert sandbox_state.bans == 0
+    bad = sum(r.status == 400 for r in sandbox_state.requests)
+    assert bad == BAD_REQUEST_BUDGET + 2
+    letters = await rig.spool.list_dead_letters(limit=100)
+    assert len(letters) + len(sandbox_state.activities) == 64
+    assert rig.value("ortto_gateway_delivery_paused", reason="circuit") == 0
+
+
+async def test_wrong_key_pauses_and_keeps_everything(rig: Rig, sandbox_state: SandboxState) -> None:
+    sandbox_state.api_key = "the-right-key-is-elsewhere"
+    await rig.spool.put([payload(i) for i in range(12)])
+    rig.start()
+    await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="auth") == 1)
+    await wait_for(lambda: sum(r.status == 401 for r in sandbox_state.requests) >= 2)
+    assert rig.spool.depth == 12
+    assert await rig.spool.list_dead_letters() == []
+    assert sandbox_state.bans == 0
+    # The operator fixes the key: everything is delivered.
+    sandbox_state.api_key = API_KEY
+    await wait_for(lambda: len(sandbox_state.activities) == 12, timeout=10)
+    await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="auth") == 0)
+
+
+async def test_rate_limit_pause_is_visible(rig: Rig, sandbox_state: SandboxState) -> None:
+    sandbox_state.add_fault(Fault(status=429, count=1, try_in_seconds=1))
+    await rig.spool.put([payload(i) for i in range(3)])
+    started = time.monotonic()
+    rig.start()
+    await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="rate_limit") == 1)
+    await wait_for(lambda: len(sandbox_state.activities) == 3, timeout=10)
+    assert time.monotonic() - started >= 1.0  # honoured try-in-seconds
+
+
+async def test_stop_delivers_the_spool_within_the_drain_timeout(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    await rig.spool.put([payload(i) for i in range(250)])
+    delivery = rig.start()
+    await delivery.stop(10.0)
+    rig.delivery = None
+    assert len(sandbox_state.activities) == 250
+    assert rig.spool.depth == 0
+
+
+async def test_stop_keeps_what_the_drain_timeout_cuts_off(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.latency = 1.0
+    await rig.spool.put([payload(i) for i in range(300)])
+    delivery = rig.start(concurrency=1)
+    await wait_for(lambda: len(sandbox_state.requests) == 1)
+    await delivery.stop(1.5)
+    rig.delivery = None
+    delivered = rig.value(
+        "ortto_gateway_activities_total", activity_id="act:cm:login", outcome="delivered"
+    )
+    # The batch in flight finished; what was not acknowledged stays for the next start.
+    assert delivered >= 100
+    assert rig.spool.depth > 0
+    assert rig.spool.depth + delivered == 300
+
+
+async def test_gauges_follow_the_spool(rig: Rig, sandbox_state: SandboxState) -> None:
+    sandbox_state.add_fault(Fault(status=503, count=1000))
+    await rig.spool.put([payload(i, created=time.time() - 30) for i in range(3)])
+    rig.start()
+    await wait_for(lambda: rig.value("ortto_gateway_spool_depth") == 3)
+    await wait_for(lambda: rig.value("ortto_gateway_spool_oldest_age_seconds") >= 0)
+    sandbox_state.clear_faults()
+
+
+Starter = Callable[..., Awaitable[Any]]

@@ -1,0 +1,230 @@
+"""The gateway as a process: crashes lose nothing, restarts deliver the spool, signals drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.keys import LIFECYCLE
+from gateway.sandbox import Fault, SandboxState, wait_for
+from gateway.server import free_port
+from tests.conftest import ACTIVITIES, API_KEY, GatewayFactory
+
+PATH = "/v1/activities/create"
+
+
+class GatewayProcess:
+    """`python -m gateway serve` on free loopback ports."""
+
+    def __init__(self, upstream: str, spool: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+            "GATEWAY_API_KEY": API_KEY,
+            "GATEWAY_UPSTREAM_URL": upstream,
+            "GATEWAY_ACTIVITIES": ACTIVITIES,
+            "GATEWAY_SPOOL_PATH": str(spool),
+            "GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
+            "GATEWAY_METRICS_LISTEN": "127.0.0.1:0",
+            "GATEWAY_UPSTREAM_RATE": "50",
+            "GATEWAY_BATCH_MAX_WAIT": "20ms",
+            "GATEWAY_DRAIN_TIMEOUT": "5s",
+        }
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
+
+        async def ready() -> bool:
+            try:
+                async with session.get(self.url + "/readyz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not await ready():
+            assert self.proc.poll() is None, self.log_path.read_text()
+            assert loop.time() < deadline, "gateway did not become ready"
+            await asyncio.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def _load(
+    session: aiohttp.ClientSession, url: str, accepted: list[str], stop_after: int
+) -> None:
+    """Post single activities from 8 workers until `stop_after` were accepted or errors."""
+    counter = iter(range(10**6))
+
+    async def worker() -> None:
+        while len(accepted) < stop_after:
+            n = next(counter)
+            email = f"crash{n}@example.com"
+            body = {"activity_id": "act:cm:login", "fields": {"str::email": email}}
+            # Many clients behind the trusted local proxy: the per-IP limit does not bite.
+            client_ip = f"198.51.{n // 250 % 250}.{n % 250 + 1}"
+            try:
+                async with session.post(
+                    url + PATH, json=body, headers={"X-Forwarded-For": client_ip}
+                ) as resp:
+                    if resp.status == 202:
+                        accepted.append(email)
+            except aiohttp.ClientError:
+                return
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 40, 300])
+async def test_sigkill_loses_nothing_and_duplicates_nothing(
+    sandbox: TestServer,
+    sandbox_state: SandboxState,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+    kill_after: int,
+) -> None:
+    sandbox_state.latency = 0.02  # batches are in flight when the kill lands
+    upstream = str(sandbox.make_url("")).rstrip("/")
+    spool = tmp_path / "spool.sqlite3"
+    first = GatewayProcess(upstream, spool, tmp_path / "first.log")
+    await first.start(session)
+    accepted: list[str] = []
+    load = asyncio.create_task(_load(session, first.url, accepted, kill_after))
+    await wait_for(lambda: len(accepted) >= kill_after, timeout=30)
+    first.stop(signal.SIGKILL)
+    await load
+    second = GatewayProcess(upstream, spool, tmp_path / "second.log")
+    await second.start(session)
+    try:
+        expected = set(accepted)
+        await wait_for(lambda: expected <= {a.email for a in sandbox_state.activities}, timeout=30)
+    finally:
+        assert second.stop(signal.SIGTERM) == 0
+    received = Counter(a.email for a in sandbox_state.activities)
+    assert all(received[e] == 1 for e in expected), "an accepted activity arrived twice"
+    keys = Counter(a.key for a in sandbox_state.activities)
+    assert max(keys.values()) == 1
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_and_exits_cleanly(
+    sandbox: TestServer,
+    sandbox_state: SandboxState,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    upstream = str(sandbox.make_url("")).rstrip("/")
+    gw = GatewayProcess(upstream, tmp_path / "spool.sqlite3", tmp_path / "gw.log")
+    await gw.start(session)
+    for i in range(20):
+        body = {"activity_id": "act:cm:login", "fields": {"str::email": f"t{i}@example.com"}}
+        async with session.post(gw.url + PATH, json=body) as resp:
+            assert resp.status == 202
+    assert gw.stop(signal.SIGTERM) == 0
+    log = gw.log_path.read_text()
+    assert '"msg":"shutting down: draining"' in log
+    assert '"msg":"stopped"' in log
+    assert API_KEY not in log
+    await wait_for(lambda: len(sandbox_state.activities) == 20)
+
+
+async def test_restart_delivers_what_a_wrong_key_left_spooled(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.api_key = "the-key-ortto-expects"
+    client = await make_gateway()
+    for i in range(5):
+        body = {"activity_id": "act:cm:login", "fields": {"str::email": f"k{i}@example.com"}}
+        assert (await client.post(PATH, json=body)).status == 202
+    await wait_for(lambda: any(r.status == 401 for r in sandbox_state.requests))
+    await client.close()
+    assert sandbox_state.activities == []
+    # Fix the key and restart on the same spool: everything arrives.
+    sandbox_state.api_key = API_KEY
+    client = await make_gateway()
+    await wait_for(lambda: len(sandbox_state.activities) == 5)
+    await client.close()
+
+
+async def test_spool_full_is_503_then_accepts_after_draining(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.add_fault(Fault(status=503, count=10**6))
+    client = await make_gateway(spool_max_rows=5)
+    for i in range(5):
+        body = {"activity_id": "act:cm:login", "fields": {"str::email": f"f{i}@example.com"}}
+        assert (await client.post(PATH, json=body)).status == 202
+    body = {"activity_id": "act:cm:login", "fields": {"str::email": "full@example.com"}}
+    resp = await client.post(PATH, json=body)
+    assert resp.status == 503
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert (await resp.json())["code"] == 503
+    sandbox_state.clear_faults()
+    await wait_for(lambda: len(sandbox_state.activities) == 5, timeout=10)
+    resp = await client.post(PATH, json=body)
+    assert resp.status == 202
+    # The refused request did not use up the person's budget.
+    await wait_for(lambda: len(sandbox_state.activities) == 6)
+
+
+async def test_readyz_fails_while_draining(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    assert (await client.get("/readyz")).status == 200
+    client.app[LIFECYCLE].draining = True
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["status"] == "draining"
+
+
+def test_python_m_gateway_check_config_masks_the_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"GATEWAY_API_KEY": API_KEY, "GATEWAY_ACTIVITIES": ACTIVITIES})
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert API_KEY not in out.stdout + out.stderr
+    assert '"api_key": "****' in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config"],
+        env={**env, "GATEWAY_PERSON_LIMIT": "ten a day"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("ortto-gateway: GATEWAY_PERSON_LIMIT:")
+    assert len(bad.stderr.strip().splitlines()) == 1
