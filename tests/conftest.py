@@ -57,6 +57,7 @@ def base_settings(tmp_path: Path, upstream: str, **overrides: Any) -> Settings:
         "GATEWAY_SPOOL_PATH": str(tmp_path / "spool.sqlite3"),
         "GATEWAY_BATCH_MAX_WAIT": "10ms",
         "GATEWAY_UPSTREAM_RATE": "1000",
+        "GATEWAY_DRAIN_TIMEOUT": "1s",
     }
     settings = load_settings(env)
     return replace(settings, **overrides) if overrides else settings

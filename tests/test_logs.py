@@ -1,0 +1,91 @@
+"""Structured logs: one JSON object a line, no key, no full email."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.logs import JsonFormatter, setup_logging
+from gateway.sandbox import Fault, SandboxState, wait_for
+from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
+
+PATH = "/v1/activities/create"
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    setup_logging("DEBUG", stream)
+    try:
+        yield stream
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def test_formatter_merges_data_and_keeps_reserved_keys() -> None:
+    record = logging.LogRecord("gateway.x", logging.INFO, __file__, 1, "hello %s", ("you",), None)
+    record.data = {"msg": "shadow", "n": 1}
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "hello you"
+    assert line["data_msg"] == "shadow"
+    assert line["n"] == 1
+    assert line["level"] == "info"
+    assert line["ts"].endswith("Z")
+
+
+async def test_logs_are_json_lines_without_key_or_email(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState, log_stream: io.StringIO
+) -> None:
+    client = await make_gateway()
+    emails = set()
+    for path in sorted(EXAMPLES.glob("0*.json")):
+        body = json.loads(path.read_text())
+        for activity in body["activities"]:
+            emails.add(activity["fields"]["str::email"])
+        await client.post(
+            PATH, data=example(path.name), headers={"Content-Type": "application/json"}
+        )
+    await client.post(PATH, data=b"{", headers={"Content-Type": "application/json"})
+    await wait_for(lambda: len(sandbox_state.activities) == 6)
+    # A refusal by "Ortto" and a wrong key: both are logged by delivery.
+    bad = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": "dead@example.com"},
+        "attributes": {"str:cm:x": "y"},
+    }
+    emails.add("dead@example.com")
+    sandbox_state.add_fault(Fault(status=400, count=1))
+    await client.post(PATH, json=bad)
+    await wait_for(lambda: '"activity dead-lettered"' in log_stream.getvalue())
+    sandbox_state.api_key = "another"
+    await client.post(
+        PATH, json={"activity_id": "act:cm:signup", "fields": {"str::email": "k@example.com"}}
+    )
+    emails.add("k@example.com")
+    await wait_for(lambda: "refused the API key" in log_stream.getvalue())
+    await client.close()
+
+    text = log_stream.getvalue()
+    lines = text.splitlines()
+    assert len(lines) > 10
+    for line in lines:
+        parsed = json.loads(line)
+        assert {"ts", "level", "logger", "msg"} <= set(parsed)
+    assert API_KEY not in text
+    for email in emails:
+        assert email not in text
+        assert email.split("@")[0] + "@" not in text
+    requests = [json.loads(line) for line in lines if '"msg":"request"' in line]
+    assert all("request_id" in r and "status" in r for r in requests)
+    accepted = [r for r in requests if r.get("accepted")]
+    assert accepted and all(len(p) == 12 for r in accepted for p in r["people"])

@@ -1,0 +1,92 @@
+"""Metrics: the design's names exist, labels are bounded, the listener is separate."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gateway.app import METRICS, create_metrics_app
+from gateway.metrics import OTHER_ACTIVITY, Metrics, status_group
+from gateway.sandbox import SandboxState, wait_for
+from tests.conftest import GatewayFactory
+
+DESIGN_NAMES = [
+    "ortto_gateway_activities_total",
+    "ortto_gateway_http_requests_total",
+    "ortto_gateway_upstream_requests_total",
+    "ortto_gateway_upstream_request_seconds",
+    "ortto_gateway_upstream_batch_activities",
+    "ortto_gateway_spool_depth",
+    "ortto_gateway_spool_oldest_age_seconds",
+    "ortto_gateway_limiter_keys",
+    "ortto_gateway_limiter_errors_total",
+    "ortto_gateway_build_info",
+]
+
+
+def test_names_exist_and_series_start_at_zero() -> None:
+    metrics = Metrics(CollectorRegistry(), ["act:cm:a"])
+    text = generate_latest(metrics.registry).decode()
+    for name in DESIGN_NAMES:
+        assert name in text
+    assert 'ortto_gateway_activities_total{activity_id="act:cm:a",outcome="accepted"} 0.0' in text
+    assert "process_cpu_seconds_total" in text or "ortto_gateway_process" in text
+
+
+def test_activity_label_is_bounded() -> None:
+    metrics = Metrics(CollectorRegistry(), ["act:cm:a"], process_metrics=False)
+    assert metrics.activity_label("act:cm:a") == "act:cm:a"
+    assert metrics.activity_label("act:cm:attacker-chosen") == OTHER_ACTIVITY
+    assert metrics.activity_label(None) == OTHER_ACTIVITY
+
+
+def test_status_groups() -> None:
+    assert status_group(202) == "2xx"
+    assert status_group(429) == "429"
+    assert status_group(418) == "4xx"
+    assert status_group(502) == "5xx"
+
+
+async def test_flow_is_counted(
+    make_gateway: GatewayFactory,
+    sandbox_state: SandboxState,
+    aiohttp_client,  # type: ignore[no-untyped-def]
+) -> None:
+    client = await make_gateway()
+    metrics = client.app[METRICS]
+    act = {"activity_id": "act:cm:login", "fields": {"str::email": "m@example.com"}}
+    for _ in range(11):
+        await client.post("/v1/activities/create", json=act)
+    await client.post("/v1/activities/create", json={"activity_id": "act:cm:nope"})
+    await wait_for(lambda: len(sandbox_state.activities) == 10)
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    await wait_for(
+        lambda: (
+            value("ortto_gateway_activities_total", activity_id="act:cm:login", outcome="delivered")
+            == 10
+        )
+    )
+    assert (
+        value("ortto_gateway_activities_total", activity_id="act:cm:login", outcome="accepted")
+        == 10
+    )
+    assert (
+        value(
+            "ortto_gateway_activities_total",
+            activity_id="act:cm:login",
+            outcome="rate_limited_person",
+        )
+        == 1
+    )
+    assert value("ortto_gateway_activities_total", activity_id="other", outcome="invalid") == 1
+    assert value("ortto_gateway_http_requests_total", route="activities", status="429") == 1
+    assert value("ortto_gateway_upstream_requests_total", status="2xx") >= 1
+    assert value("ortto_gateway_limiter_keys") == 2
+
+    # The metrics listener serves the same registry; the public app has no /metrics.
+    assert (await client.get("/metrics")).status == 404
+    metrics_client = await aiohttp_client(create_metrics_app(metrics.registry))
+    text = await (await metrics_client.get("/metrics")).text()
+    assert 'outcome="delivered"} 10.0' in text
