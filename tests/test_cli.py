@@ -1,0 +1,114 @@
+"""The command line: check-config, dead-letters list/replay/purge, errors with exit code 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.cli import main
+from gateway.spool import Spool
+from tests.conftest import API_KEY
+
+ENV = {"GATEWAY_API_KEY": API_KEY, "GATEWAY_ACTIVITIES": "act:cm:login"}
+
+
+def test_check_config_prints_masked_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config"], ENV) == 0
+    out = capsys.readouterr()
+    data = json.loads(out.out)
+    assert data["api_key"].startswith("****")
+    assert API_KEY not in out.out + out.err
+    assert data["upstream_endpoint"] == "https://api.ap3api.com/v1/activities/create"
+
+
+def test_check_config_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config"], {**ENV, "GATEWAY_IP_LIMIT": "100 per hour"}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ortto-gateway: GATEWAY_IP_LIMIT:")
+    assert err.count("\n") == 1
+
+
+def test_serve_without_key_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve"], {}) == 2
+    assert "GATEWAY_API_KEY" in capsys.readouterr().err
+
+
+def test_check_config_warns_when_no_activity_is_enabled(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check-config"], {"GATEWAY_API_KEY": API_KEY}) == 0
+    assert "GATEWAY_ACTIVITIES is empty" in capsys.readouterr().err
+
+
+async def _spool_with_dead_letters(path: Path) -> None:
+    spool = Spool(path)
+    await spool.open()
+    try:
+        ids = await spool.put(
+            [orjson.dumps({"activity_id": "act:cm:login", "n": i}) for i in range(3)]
+        )
+        await spool.dead_letter(
+            [
+                (ids[0], "act:cm:login", "a1b2c3d4e5f6", "failed to validate field str::x"),
+                (ids[1], "act:cm:login", "0f0f0f0f0f0f", "Created date is more than 90 days ago"),
+                (ids[2], "act:cm:login", "123456789abc", "failed to validate field str::y"),
+            ]
+        )
+    finally:
+        await spool.close()
+
+
+async def _depth(path: Path) -> tuple[int, int]:
+    spool = Spool(path)
+    await spool.open()
+    try:
+        stats = await spool.stats()
+        return stats.depth, stats.dead_letters
+    finally:
+        await spool.close()
+
+
+async def test_dead_letters_list_replay_purge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    await _spool_with_dead_letters(path)
+    env = {"GATEWAY_SPOOL_PATH": str(path)}
+
+    def run(*args: str) -> int:
+        # The CLI runs its own event loop: call it from a thread-free sync context.
+        return main(["dead-letters", *args], env)
+
+    loop_free = await _run_sync(run, "list", "--json")
+    assert loop_free == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["person"] for r in rows} == {"a1b2c3d4e5f6", "0f0f0f0f0f0f", "123456789abc"}
+    assert all({"id", "activity_id", "person", "error", "failed_at"} <= set(r) for r in rows)
+
+    assert await _run_sync(run, "replay", "--error", "str::x") == 0
+    assert "re-queued 1 activity" in capsys.readouterr().out
+    assert await _depth(path) == (1, 2)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert await _run_sync(run, "purge") == 2  # not interactive, no --yes
+    assert await _depth(path) == (1, 2)
+    assert await _run_sync(run, "purge", "--yes") == 0
+    assert "deleted 2" in capsys.readouterr().out
+    assert await _depth(path) == (1, 0)
+
+
+async def _run_sync(fn, *args):  # type: ignore[no-untyped-def]
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
+
+
+def test_dead_letters_without_spool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"GATEWAY_SPOOL_PATH": str(tmp_path / "missing.sqlite3")}
+    assert main(["dead-letters", "list"], env) == 1
+    assert "no spool" in capsys.readouterr().err
