@@ -100,7 +100,6 @@ def create_app(
         store = MemoryStore(
             max_keys=settings.limiter_max_keys, on_evict=metrics.limiter_evictions.inc
         )
-        metrics.limiter_keys.set_function(store.key_count)
         sink: Sink = (
             SpoolSink(app[SPOOL]) if settings.delivery == "queue" else ForwardSink(app[CLIENT])
         )

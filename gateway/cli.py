@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the public port (more than 1 needs GATEWAY_REDIS_URL)",
+    )
 
     demo = sub.add_parser("demo", help="gateway + sandbox upstream + demo page, no account needed")
     demo.add_argument("--listen", default="127.0.0.1:8080", help="public listener host:port")
@@ -43,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
     dead = sub.add_parser("dead-letters", help="inspect and re-send what Ortto refused")
     dead.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
+    dead.add_argument(
+        "--spool", help="one spool file (default: GATEWAY_SPOOL_PATH and every worker's)"
+    )
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     dl_list = dead_sub.add_parser("list", help="show dead letters")
     dl_list.add_argument("--limit", type=int, default=100)
@@ -87,10 +96,16 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str], **kw: Any) -> Se
 
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
+    from gateway.workers import check_workers, supervise
+
+    check_workers(settings, args.workers)
     setup_logging(settings.log_level)
+    if args.workers > 1:
+        run_loop(supervise(settings, args.workers))
+        return 0
     from gateway.server import serve
 
-    _run(serve(settings))
+    run_loop(serve(settings))
     return 0
 
 
@@ -138,11 +153,12 @@ def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ValueError as exc:
         raise ConfigError(f"--listen: {exc}") from None
     setup_logging("WARNING")
-    _run(run_demo(where))
+    run_loop(run_demo(where))
     return 0
 
 
-def _run(coro: Any) -> None:
+def run_loop(coro: Any) -> None:
+    """Run a coroutine on uvloop when it is installed, else asyncio's loop."""
     try:
         import uvloop
     except ImportError:
@@ -152,12 +168,22 @@ def _run(coro: Any) -> None:
 
 
 def _dead_letters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from gateway.workers import spool_files
+
     settings = _settings(args, env, require_api_key=False)
-    if not os.path.exists(settings.spool_path):
-        print(f"ortto-gateway: no spool at {settings.spool_path}", file=sys.stderr)
+    files = [args.spool] if args.spool else spool_files(settings.spool_path)
+    if not files or not all(os.path.exists(f) for f in files):
+        print(f"ortto-gateway: no spool at {args.spool or settings.spool_path}", file=sys.stderr)
         return 1
+    ids = getattr(args, "ids", None) or None
+    if ids and len(files) > 1:
+        print(
+            "ortto-gateway: several spool files (one per worker): choose one with --spool "
+            "to act on dead letters by id",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if args.action == "purge" and not args.yes:
-        ids = args.ids or None
         what = f"dead letters {ids}" if ids else "ALL dead letters"
         if args.error:
             what += f" whose error contains {args.error!r}"
@@ -168,44 +194,54 @@ def _dead_letters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if answer.strip().lower() not in {"y", "yes"}:
             print("nothing deleted")
             return 1
-    return asyncio.run(_dead_letters_async(args, settings))
+    return asyncio.run(_dead_letters_async(args, files, ids))
 
 
-async def _dead_letters_async(args: argparse.Namespace, settings: Settings) -> int:
+async def _dead_letters_async(
+    args: argparse.Namespace, files: list[str], ids: list[int] | None
+) -> int:
     from gateway.spool import Spool
 
-    spool = Spool(settings.spool_path)
-    await spool.open()
-    try:
-        ids = getattr(args, "ids", None) or None
-        if args.action == "list":
-            letters = await spool.list_dead_letters(limit=args.limit, error_contains=args.error)
-            for letter in letters:
-                row = {
-                    "id": letter.id,
-                    "activity_id": letter.activity_id,
-                    "person": letter.person_hash,
-                    "error": letter.error,
-                    "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.failed_at)),
-                }
-                if args.json:
-                    print(json.dumps(row))
-                else:
-                    print(
-                        f"{row['id']:>8}  {row['failed_at']}  {row['activity_id']:<32} "
-                        f"{row['person']:<14} {row['error']}"
-                    )
-            if not args.json:
-                print(f"{len(letters)} dead letter(s)", file=sys.stderr)
-            return 0
-        if args.action == "replay":
-            count = await spool.replay_dead_letters(ids=ids, error_contains=args.error)
-            print(f"re-queued {count} activit{'y' if count == 1 else 'ies'}")
-            return 0
-        if args.action == "purge":
-            count = await spool.purge_dead_letters(ids=ids, error_contains=args.error)
-            print(f"deleted {count} dead letter(s)")
-            return 0
-    finally:
-        await spool.close()
-    raise AssertionError(args.action)  # pragma: no cover
+    total = 0
+    for path in files:
+        spool = Spool(path)
+        await spool.open()
+        try:
+            if args.action == "list":
+                letters = await spool.list_dead_letters(limit=args.limit, error_contains=args.error)
+                total += len(letters)
+                for letter in letters:
+                    _print_letter(args, path, letter, several=len(files) > 1)
+            elif args.action == "replay":
+                total += await spool.replay_dead_letters(ids=ids, error_contains=args.error)
+            elif args.action == "purge":
+                total += await spool.purge_dead_letters(ids=ids, error_contains=args.error)
+        finally:
+            await spool.close()
+    if args.action == "list" and not args.json:
+        print(f"{total} dead letter(s)", file=sys.stderr)
+    elif args.action == "replay":
+        print(f"re-queued {total} activit{'y' if total == 1 else 'ies'}")
+    elif args.action == "purge":
+        print(f"deleted {total} dead letter(s)")
+    return 0
+
+
+def _print_letter(args: argparse.Namespace, path: str, letter: Any, *, several: bool) -> None:
+    row = {
+        "id": letter.id,
+        "activity_id": letter.activity_id,
+        "person": letter.person_hash,
+        "error": letter.error,
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.failed_at)),
+    }
+    if several:
+        row["spool"] = path
+    if args.json:
+        print(json.dumps(row))
+    else:
+        where = f"  {path}" if several else ""
+        print(
+            f"{row['id']:>8}  {row['failed_at']}  {row['activity_id']:<32} "
+            f"{row['person']:<14} {row['error']}{where}"
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -53,8 +53,15 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.activity_ids = frozenset(activity_ids)
-        self.build_info = Info(f"{PREFIX}_build", "Version of the gateway.", registry=r)
-        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        # A gauge rather than an Info: Info does not work in multiprocess mode (--workers).
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info",
+            "Version of the gateway (always 1).",
+            ["version", "python"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         self.activities = Counter(
             f"{PREFIX}_activities",
             "Activities by outcome at each step of the flow.",
@@ -99,18 +106,28 @@ class Metrics:
             registry=r,
         )
         self.spool_depth = Gauge(
-            f"{PREFIX}_spool_depth", "Activities waiting in the spool.", registry=r
+            f"{PREFIX}_spool_depth",
+            "Activities waiting in the spool.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.spool_bytes = Gauge(
-            f"{PREFIX}_spool_bytes", "Bytes of activities waiting in the spool.", registry=r
+            f"{PREFIX}_spool_bytes",
+            "Bytes of activities waiting in the spool.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.spool_oldest_age_seconds = Gauge(
             f"{PREFIX}_spool_oldest_age_seconds",
             "Age of the oldest activity waiting in the spool.",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.dead_letters = Gauge(
-            f"{PREFIX}_dead_letters", "Activities in the dead-letter store.", registry=r
+            f"{PREFIX}_dead_letters",
+            "Activities in the dead-letter store.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.spool_full = Counter(
             f"{PREFIX}_spool_full",
@@ -122,9 +139,13 @@ class Metrics:
             "1 while delivery is paused, by reason (auth, circuit, rate_limit).",
             ["reason"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.limiter_keys = Gauge(
-            f"{PREFIX}_limiter_keys", "Keys held by the rate limiter store.", registry=r
+            f"{PREFIX}_limiter_keys",
+            "Keys held by the rate limiter store.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.limiter_errors = Counter(
             f"{PREFIX}_limiter_errors",

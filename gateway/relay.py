@@ -96,6 +96,7 @@ class Relay:
             raise Unavailable("the gateway's queue is full; try again later", retry_after=5.0)
 
         results = await self.limiter.check_many(checks)
+        self.metrics.limiter_keys.set(self.limiter.store.key_count())
         now = self._clock()
         accepted: list[bytes] = []
         accepted_at: list[int] = []

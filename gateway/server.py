@@ -54,10 +54,16 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[int, int], Awaitable[None] | None] | None = None,
     extra_apps: dict[str, web.Application] | None = None,
+    worker: int | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop`), then drain and exit."""
+    """Run until SIGTERM/SIGINT (or `stop`), then drain and exit.
+
+    As one of `--workers N` (`worker` set), the public port is shared with SO_REUSEPORT
+    and the metrics listener is left to the supervisor, which reads every worker's
+    metrics from the multiprocess directory.
+    """
     registry = CollectorRegistry()
-    metrics = Metrics(registry, settings.activities)
+    metrics = Metrics(registry, settings.activities, process_metrics=worker is None)
     app = create_app(settings, metrics=metrics)
     for prefix, sub in (extra_apps or {}).items():
         app.add_subapp(prefix, sub)
@@ -78,17 +84,23 @@ async def serve(
     await runner.setup()
     try:
         await metrics_runner.setup()
-        await start_site(runner, settings.listen)
-        await start_site(metrics_runner, settings.metrics_listen)
-        public_port, metrics_port = bound_port(runner), bound_port(metrics_runner)
+        await start_site(runner, settings.listen, reuse_port=worker is not None)
+        metrics_port = 0
+        if worker is None:
+            await start_site(metrics_runner, settings.metrics_listen)
+            metrics_port = bound_port(metrics_runner)
+        public_port = bound_port(runner)
         log.info(
             "listening",
             extra={
                 "data": {
                     "public": f"{settings.listen.host}:{public_port}",
-                    "metrics": f"{settings.metrics_listen.host}:{metrics_port}",
+                    "metrics": f"{settings.metrics_listen.host}:{metrics_port}"
+                    if metrics_port
+                    else None,
                     "upstream": settings.upstream_base,
                     "delivery": settings.delivery,
+                    "worker": worker,
                 }
             },
         )

@@ -1,0 +1,157 @@
+"""`serve --workers N`: N processes on one port (SO_REUSEPORT) under a small supervisor.
+
+Each worker is a whole gateway with its own spool file (`spool.w<i>.sqlite3` beside
+`GATEWAY_SPOOL_PATH`) and delivery worker; limits are shared through Redis, which is
+why more than one worker without `GATEWAY_REDIS_URL` is refused (each process would
+grant the full budget). Metrics use prometheus-client's multiprocess mode: workers
+write to a private directory and the supervisor serves them all, summed, on the
+metrics listener. The supervisor restarts a worker that dies and, on SIGTERM or
+SIGINT, passes the signal on and waits for every worker to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from gateway.config import ConfigError, Settings
+
+log = logging.getLogger("gateway.workers")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A worker that keeps dying is restarted at most this often.
+RESTART_DELAY = 1.0
+# How long the supervisor waits for workers beyond their own drain timeout.
+EXIT_GRACE = 5.0
+
+
+def worker_spool_path(spool_path: str, index: int) -> str:
+    """The spool file of worker `index`: `data/spool.sqlite3` -> `data/spool.w1.sqlite3`."""
+    path = Path(spool_path)
+    return str(path.with_name(f"{path.stem}.w{index}{path.suffix}"))
+
+
+def spool_files(spool_path: str) -> list[str]:
+    """The spool file and every worker's, those that exist (for the dead-letters command)."""
+    path = Path(spool_path)
+    found = [str(path)] if path.exists() else []
+    found += sorted(str(p) for p in path.parent.glob(f"{path.stem}.w*{path.suffix}"))
+    return found
+
+
+def check_workers(settings: Settings, workers: int) -> None:
+    """Refuse a worker count that would break the limits."""
+    if workers < 1:
+        raise ConfigError("--workers: expected a positive number")
+    if workers > 1 and not settings.redis_url:
+        raise ConfigError(
+            f"--workers {workers}: needs GATEWAY_REDIS_URL; without shared limits each "
+            "worker would grant the full budget (the limits would multiply)"
+        )
+
+
+def _worker_main(settings: Settings, index: int) -> None:
+    """Entry point of one worker process (spawned: a fresh interpreter)."""
+    from gateway.cli import run_loop
+    from gateway.logs import setup_logging
+    from gateway.server import serve
+
+    setup_logging(settings.log_level)
+    run_loop(serve(settings, worker=index))
+
+
+def _spawn(settings: Settings, index: int) -> BaseProcess:
+    ctx = multiprocessing.get_context("spawn")
+    worker_settings = replace(settings, spool_path=worker_spool_path(settings.spool_path, index))
+    proc = ctx.Process(
+        target=_worker_main,
+        args=(worker_settings, index),
+        name=f"ortto-gateway-worker-{index}",
+        daemon=False,
+    )
+    proc.start()
+    return proc
+
+
+async def supervise(settings: Settings, workers: int) -> None:
+    """Run `workers` gateway processes and the shared metrics listener until a signal."""
+    check_workers(settings, workers)
+    metrics_dir = tempfile.mkdtemp(prefix="ortto-gateway-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
+    try:
+        await _supervise(settings, workers, metrics_dir)
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None:
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+    from gateway.app import create_metrics_app
+    from gateway.server import bound_port, start_site
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+    runner = web.AppRunner(create_metrics_app(registry), access_log=None)
+    await runner.setup()
+    await start_site(runner, settings.metrics_listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    procs = [_spawn(settings, i) for i in range(workers)]
+    log.info(
+        "workers started",
+        extra={
+            "data": {
+                "workers": workers,
+                "public": str(settings.listen),
+                "metrics": f"{settings.metrics_listen.host}:{bound_port(runner)}",
+                "pids": [p.pid for p in procs],
+            }
+        },
+    )
+    try:
+        while not stop.is_set():
+            for i, proc in enumerate(procs):
+                if not proc.is_alive() and not stop.is_set():
+                    log.error(
+                        "worker died; restarting",
+                        extra={"data": {"worker": i, "exitcode": proc.exitcode}},
+                    )
+                    if proc.pid is not None:
+                        mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                    procs[i] = _spawn(settings, i)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESTART_DELAY)
+        log.info("stopping workers")
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = settings.drain_timeout + EXIT_GRACE
+        await asyncio.to_thread(_join_all, procs, deadline)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def _join_all(procs: list[BaseProcess], timeout: float) -> None:
+    for proc in procs:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
