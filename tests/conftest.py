@@ -79,8 +79,8 @@ def make_gateway(
     ) -> TestClient[web.Request, web.Application]:
         settings = base_settings(tmp_path, str(sandbox.make_url("")), **overrides)
         metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
-        extra = {"clock": clock} if clock is not None else {}
-        return await aiohttp_client(create_app(settings, metrics=metrics, **extra))
+        app = create_app(settings, metrics=metrics, clock=clock or time.time)
+        return await aiohttp_client(app)
 
     return factory
 
