@@ -46,7 +46,9 @@ def create_app(
     cors = CorsPolicy(settings.allowed_origins)
     trusted = TrustedProxies(parse_networks(settings.trusted_proxies))
     app = web.Application(
-        middlewares=make_middlewares(cors, trusted, metrics),
+        middlewares=make_middlewares(
+            cors, trusted, metrics, max_concurrent=settings.max_concurrent
+        ),
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -245,3 +245,16 @@ def resolve_client_ip(
             return address
         client = address
     return client
+
+
+# One IPv6 client usually holds a whole /64 and can rotate through it at will.
+LIMIT_V6_PREFIX = 64
+
+
+def limit_key(ip: IPAddress | None) -> str:
+    """The per-IP limit's key: the address, or for IPv6 its /64 (one subscriber's block)."""
+    if ip is None:
+        return ""
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, LIMIT_V6_PREFIX)))
+    return str(ip)

@@ -93,6 +93,8 @@ class ActivitySpec:
     person_limit: Rate | None = None
     ip_limit: Rate | None = None
     person_fields: frozenset[str] | None = None  # None: the global allowlist
+    strict: bool | None = None  # None: the global setting
+    signed_identity: bool | None = None  # None: the global setting
 
 
 Delivery = Literal["queue", "sync"]
@@ -129,6 +131,12 @@ class Settings:
     batch_max_wait: float = 0.25
     drain_timeout: float = 10.0
     log_level: str = "INFO"
+    strict: bool = True
+    identity_secrets: tuple[str, ...] = field(default=(), repr=False)
+    identity_required: bool = False
+    ip_anonymize: bool = False
+    read_timeout: float = 15.0
+    max_concurrent: int = 1024
 
     @property
     def upstream_base(self) -> str:
@@ -151,6 +159,14 @@ class Settings:
     def ip_rate(self, spec: ActivitySpec) -> Rate:
         """The per-IP limit that applies to an activity."""
         return spec.ip_limit or self.ip_limit
+
+    def is_strict(self, spec: ActivitySpec) -> bool:
+        """Whether undeclared attributes are refused (else dropped) for an activity."""
+        return self.strict if spec.strict is None else spec.strict
+
+    def needs_identity(self, spec: ActivitySpec) -> bool:
+        """Whether an activity must carry a signed identity token."""
+        return self.identity_required if spec.signed_identity is None else spec.signed_identity
 
 
 # -- parsers: each takes the raw value and returns the typed one or raises ValueError
@@ -314,9 +330,16 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "batch_max_wait": parse_seconds,
     "drain_timeout": parse_seconds,
     "log_level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    "strict": parse_bool,
+    "identity_required": parse_bool,
+    "ip_anonymize": parse_bool,
+    "read_timeout": parse_seconds,
+    "max_concurrent": _positive_int,
 }
 _LIST_SETTINGS = {"allowed_origins", "trusted_proxies", "person_fields"}
-_SPECIAL = {"api_key", "api_key_file", "activities", "config"}
+_SPECIAL = {"api_key", "api_key_file", "activities", "config", "identity_secret"}
+# Secrets shorter than this are refused: an HMAC key must not be guessable.
+MIN_IDENTITY_SECRET_CHARS = 32
 
 
 def env_name(name: str) -> str:
@@ -326,6 +349,8 @@ def env_name(name: str) -> str:
 
 def _parse_value(name: str, value: Any, where: str) -> Any:
     parser = _PARSERS[name]
+    if isinstance(value, bool) and parser is parse_bool:
+        return value
     if isinstance(value, bool) or (
         not isinstance(value, str) and not (name in _LIST_SETTINGS and isinstance(value, list))
     ):
@@ -342,7 +367,14 @@ def _parse_value(name: str, value: Any, where: str) -> Any:
 def _parse_spec(activity_id: str, raw: Any, where: str) -> ActivitySpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table of settings for the activity")
-    unknown = set(raw) - {"attributes", "person_limit", "ip_limit", "person_fields"}
+    unknown = set(raw) - {
+        "attributes",
+        "person_limit",
+        "ip_limit",
+        "person_fields",
+        "strict",
+        "signed_identity",
+    }
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     attributes = None
@@ -363,7 +395,16 @@ def _parse_spec(activity_id: str, raw: Any, where: str) -> ActivitySpec:
         if "ip_limit" in raw
         else None,
         person_fields=person_fields,
+        strict=_flag(raw, "strict", where),
+        signed_identity=_flag(raw, "signed_identity", where),
     )
+
+
+def _flag(raw: dict[str, Any], name: str, where: str) -> bool | None:
+    value = raw.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}.{name}: expected true or false")
 
 
 def _parse_value_with(parser: Callable[[Any], Any], value: Any, where: str) -> Any:
@@ -418,6 +459,16 @@ def load_settings(
             "GATEWAY_API_KEY: required (or GATEWAY_API_KEY_FILE); the Ortto private key"
         )
     values["activities"] = _activities(environ, data, file_label)
+    values["identity_secrets"] = _identity_secrets(environ, data, file_label)
+    if values.get("identity_required") and not values["identity_secrets"]:
+        raise ConfigError(
+            f"{env_name('identity_required')}: needs GATEWAY_IDENTITY_SECRET to check tokens"
+        )
+    if (
+        any(spec.signed_identity for spec in values["activities"].values())
+        and not values["identity_secrets"]
+    ):
+        raise ConfigError("activities: signed_identity needs GATEWAY_IDENTITY_SECRET")
 
     max_body = values.get("max_body_bytes", Settings.max_body_bytes)
     if max_body > ORTTO_MAX_BODY_BYTES:
@@ -448,6 +499,25 @@ def _api_key(environ: Mapping[str, str], data: Mapping[str, Any], file_label: st
     if not isinstance(raw, str):
         raise ConfigError(f"api_key (in {file_label}): expected a string")
     return raw.strip()
+
+
+def _identity_secrets(
+    environ: Mapping[str, str], data: Mapping[str, Any], file_label: str
+) -> tuple[str, ...]:
+    """The identity secrets: the first signs, every one verifies (key rotation)."""
+    env_key = env_name("identity_secret")
+    raw: Any = environ.get(env_key, data.get("identity_secret", ""))
+    where = env_key if env_key in environ else f"identity_secret (in {file_label})"
+    try:
+        secrets = parse_list(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for secret in secrets:
+        if len(secret) < MIN_IDENTITY_SECRET_CHARS:
+            raise ConfigError(
+                f"{where}: each secret needs at least {MIN_IDENTITY_SECRET_CHARS} characters"
+            )
+    return secrets
 
 
 def _activities(
@@ -495,6 +565,8 @@ def describe(settings: Settings) -> dict[str, Any]:
         value = getattr(settings, f.name)
         if f.name == "api_key":
             value = mask(value)
+        elif f.name == "identity_secrets":
+            value = [mask(v) for v in value]
         elif f.name == "redis_url" and value:
             value = _mask_url(value)
         elif f.name == "activities":
@@ -504,6 +576,8 @@ def describe(settings: Settings) -> dict[str, Any]:
                     "person_limit": str(settings.person_rate(s)),
                     "ip_limit": str(settings.ip_rate(s)),
                     "person_fields": sorted(s.person_fields or settings.person_fields),
+                    "strict": settings.is_strict(s),
+                    "signed_identity": settings.needs_identity(s),
                 }
                 for k, s in value.items()
             }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import uuid
 from typing import Any
@@ -32,3 +33,18 @@ def enrich(activity: dict[str, Any], client_ip: str | None, now: float) -> dict[
     activity["created"] = iso_millis(now)
     activity["key"] = new_key()
     return activity
+
+
+# Truncation used by GATEWAY_IP_ANONYMIZE: what Google Analytics' IP anonymisation keeps.
+ANONYMOUS_V4_PREFIX = 24
+ANONYMOUS_V6_PREFIX = 48
+
+
+def anonymize_ip(ip: str) -> str:
+    """The address with its host part zeroed: IPv4 to /24, IPv6 to /48."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    prefix = ANONYMOUS_V4_PREFIX if address.version == 4 else ANONYMOUS_V6_PREFIX
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)

@@ -54,6 +54,12 @@ class MethodNotAllowed(GatewayError):
     status = 405
 
 
+class RequestTimeout(GatewayError):
+    """The body did not arrive within the read timeout (a slow or stalled client)."""
+
+    status = 408
+
+
 class PayloadTooLarge(GatewayError):
     """The body is over the configured limit."""
 

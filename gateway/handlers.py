@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.cors import CorsPolicy
-from gateway.errors import Forbidden, PayloadTooLarge
+from gateway.errors import Forbidden, PayloadTooLarge, RequestTimeout
 from gateway.keys import LIFECYCLE, RELAY, SETTINGS
 from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, json_response
 from gateway.validation import decode_body
@@ -48,9 +49,14 @@ async def create_activities(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
     try:
-        body = await request.read()
+        async with asyncio.timeout(settings.read_timeout):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body over {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"request body not received within {settings.read_timeout:g} s"
+        ) from None
     data = decode_body(body, request.headers.get("Content-Type", ""), limit)
     result = await request.app[RELAY].submit(data, request[CLIENT_IP], request[REQUEST_ID])
     if result.log:

@@ -59,18 +59,23 @@ _HTTP_MESSAGES = {
 
 
 def make_middlewares(
-    cors: CorsPolicy, trusted: TrustedProxies, metrics: Metrics
+    cors: CorsPolicy, trusted: TrustedProxies, metrics: Metrics, *, max_concurrent: int = 1024
 ) -> list[Callable[..., Any]]:
     """The middlewares, outermost first."""
+    in_flight = 0
 
     @web.middleware
     async def shell(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Request id, CORS, error rendering, one log line and metrics per request."""
+        nonlocal in_flight
         started = time.perf_counter()
         request_id = new_request_id()
         request[REQUEST_ID] = request_id
         request[LOG_DATA] = {}
         origin = request.headers.get("Origin")
+        if origin is None and request.method == "POST":
+            # Old browsers omit Origin on same-origin POSTs; their Referer says where from.
+            origin = referer_origin(request.headers.get("Referer"))
         peer = request.transport.get_extra_info("peername") if request.transport else None
         peer_ip = parse_ip(peer[0]) if peer else None
         from_proxy = peer_ip is not None and peer_ip in trusted
@@ -80,7 +85,10 @@ def make_middlewares(
             proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
             scheme = proto if proto in ("http", "https") else scheme
         check = cors.check(origin, request.host, scheme)
+        in_flight += 1
         try:
+            if in_flight > max_concurrent and request.path not in ALWAYS_ANSWER:
+                raise Unavailable("the gateway is busy; try again shortly", retry_after=1.0)
             if check == "refused":
                 raise Forbidden(f"origin {origin[:200] if origin else ''!r} is not allowed")
             lifecycle = request.app[LIFECYCLE]
@@ -114,11 +122,14 @@ def make_middlewares(
             response = json_response(
                 500, {"request_id": request_id, "code": 500, "error": "internal error"}
             )
+        finally:
+            in_flight -= 1
         if check == "allowed" and origin is not None:
             response.headers.update(cors.response_headers(origin))
         elif check != "none":
             response.headers.setdefault("Vary", "Origin")
         response.headers["X-Request-Id"] = request_id
+        response.headers["X-Content-Type-Options"] = "nosniff"
         elapsed = time.perf_counter() - started
         route = _route_name(request)
         metrics.http_requests.labels(route, status_group(response.status)).inc()
@@ -136,6 +147,17 @@ def make_middlewares(
         return response
 
     return [shell]
+
+
+def referer_origin(referer: str | None) -> str | None:
+    """`scheme://host[:port]` of a Referer header, or None."""
+    if not referer:
+        return None
+    scheme, sep, rest = referer.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    return f"{scheme.lower()}://{host}" if host and "@" not in host else None
 
 
 def _route_name(request: web.Request) -> str:

@@ -14,14 +14,15 @@ from typing import Any
 
 import orjson
 
+from gateway.client_ip import limit_key, parse_ip
 from gateway.config import Settings
-from gateway.enrich import enrich
+from gateway.enrich import anonymize_ip, enrich
 from gateway.errors import GatewayError, RateLimited, Unavailable
-from gateway.identity import person_hash, person_key
+from gateway.identity import person_hash, person_key, verify_identity
 from gateway.limits import Check, Limiter
 from gateway.metrics import Metrics
 from gateway.sinks import Sink
-from gateway.validation import ParsedRequest, first_error, parse_request
+from gateway.validation import ParsedRequest, first_error, is_batch, parse_request
 
 # Retry-After answers are whole seconds, at least one (RFC 9110 delay-seconds).
 MIN_RETRY_AFTER = 1
@@ -67,22 +68,32 @@ class Relay:
         settings = self.settings
         parsed: ParsedRequest = parse_request(data, settings)
         items = parsed.items
+        raw = data["activities"] if is_batch(data) else [data]
+        now = self._clock()
+        ip_key = limit_key(parse_ip(client_ip)) if client_ip else ""
         entries: list[dict[str, Any] | None] = [None] * len(items)
         checks: list[Check] = []
         positions: list[int] = []
         errors: list[GatewayError] = []
         for i, item in enumerate(items):
+            if not isinstance(item, GatewayError):
+                spec = settings.activities[item["activity_id"]]
+                if settings.needs_identity(spec):
+                    try:
+                        verify_identity(parsed.tokens[i], item, settings.identity_secrets, now)
+                    except GatewayError as exc:
+                        item = items[i] = exc
             if isinstance(item, GatewayError):
                 entries[i] = {"status": "invalid", "error": item.message}
                 errors.append(item)
-                self.metrics.count_activity(None, "invalid")
+                activity_id = raw[i].get("activity_id") if isinstance(raw[i], dict) else None
+                self.metrics.count_activity(activity_id, "invalid")
                 continue
-            spec = settings.activities[item["activity_id"]]
             checks.append(
                 Check(
                     activity_id=item["activity_id"],
                     person_key=person_key(item),
-                    ip=client_ip or "",
+                    ip=ip_key,
                     person_rate=settings.person_rate(spec),
                     ip_rate=settings.ip_rate(spec),
                 )
@@ -97,9 +108,10 @@ class Relay:
 
         results = await self.limiter.check_many(checks)
         self.metrics.limiter_keys.set(self.limiter.store.key_count())
-        now = self._clock()
+        source_ip = anonymize_ip(client_ip) if client_ip and settings.ip_anonymize else client_ip
         accepted: list[bytes] = []
         accepted_at: list[int] = []
+        people: list[str] = []
         limited_after: list[float] = []
         for pos, check, result in zip(positions, checks, results, strict=True):
             if result.verdict != "accepted":
@@ -112,9 +124,10 @@ class Relay:
                 limited_after.append(result.retry_after)
                 self.metrics.count_activity(check.activity_id, result.verdict)
                 continue
-            activity = enrich(items[pos], client_ip, now)  # type: ignore[arg-type]
+            activity = enrich(items[pos], source_ip, now)  # type: ignore[arg-type]
             accepted.append(orjson.dumps(activity))
             accepted_at.append(pos)
+            people.append(person_hash(check.person_key))
 
         if not accepted:
             if limited_after:
@@ -141,8 +154,6 @@ class Relay:
         summary = {
             "accepted": len(accepted),
             "refused": len(items) - len(accepted),
-            "people": sorted(
-                {person_hash(checks[positions.index(p)].person_key) for p in accepted_at}
-            ),
+            "people": sorted(set(people)),
         }
         return RelayResult(outcome.status, {"activities": entries}, log=summary)

@@ -8,6 +8,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -19,8 +20,18 @@ from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.server")
 
-# Idle keep-alive connections (nginx keeps a pool to us) are closed after this.
-KEEPALIVE_TIMEOUT = 75.0
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """Options of the public listener's runner (also used by tests that build their own)."""
+    return {
+        "access_log": None,
+        "shutdown_timeout": settings.drain_timeout,
+        # aiohttp closes a connection whose request headers have not all arrived when
+        # this runs out (it starts when the connection opens or the last answer went),
+        # so it is also the header read timeout that cuts slowloris clients off; the
+        # body has its own deadline in the handler.
+        "keepalive_timeout": settings.read_timeout,
+    }
 
 
 async def start_site(
@@ -68,13 +79,7 @@ async def serve(
     for prefix, sub in (extra_apps or {}).items():
         app.add_subapp(prefix, sub)
         app.router.add_get(prefix, _redirect_to(prefix + "/"))
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=settings.drain_timeout,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
-    )
+    runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
     metrics_runner = web.AppRunner(create_metrics_app(registry), access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -85,9 +85,9 @@ MOVED_TO_FIELDS = ("str::email", "str::first", "str::last", "str::ei")
 # activity and person fields to somebody else, so only identifiers are allowed.
 MERGE_BY_FIELDS = IDENTIFIER_FIELDS
 
-BATCH_KEYS = frozenset({"activities", "async", "merge_by"})
+BATCH_KEYS = frozenset({"activities", "async", "merge_by", "identity"})
 ACTIVITY_KEYS = frozenset(
-    {"activity_id", "fields", "attributes", "location", "created", "key", "person_id"}
+    {"activity_id", "fields", "attributes", "location", "created", "key", "person_id", "identity"}
 )
 LOCATION_KEYS = frozenset({"source_ip", "custom", "address"})
 CUSTOM_LOCATION_STRINGS = frozenset({"country_name", "region_name", "city_name", "position_name"})
@@ -112,6 +112,7 @@ class ParsedRequest:
     items: list[Activity | GatewayError]
     async_: bool
     merge_by: list[str] | None
+    tokens: list[str | None]  # per activity: its signed identity token, if any (never forwarded)
 
 
 def decode_body(body: bytes, content_type: str, max_body_bytes: int) -> Any:
@@ -167,7 +168,7 @@ def parse_request(data: Any, settings: Settings) -> ParsedRequest:
     if "activities" not in data:
         if "activity_id" not in data:
             raise BadRequest('body must be {"activities": [...]} or one activity with activity_id')
-        return ParsedRequest([_item(data, settings)], False, None)
+        return ParsedRequest([_item(data, settings)], False, None, [_token(data, None)])
 
     unknown = _unknown(data, BATCH_KEYS)
     if unknown is not None:
@@ -188,7 +189,19 @@ def parse_request(data: Any, settings: Settings) -> ParsedRequest:
     elif not isinstance(async_, bool):
         raise BadRequest(f"async must be true or false, got {_kind(async_)}", field="async")
     merge_by = _merge_by(data.get("merge_by"))
-    return ParsedRequest([_item(a, settings) for a in activities], async_, merge_by)
+    shared = _token(data, None)
+    return ParsedRequest(
+        [_item(a, settings) for a in activities],
+        async_,
+        merge_by,
+        [_token(a, shared) for a in activities],
+    )
+
+
+def _token(raw: Any, default: str | None) -> str | None:
+    """The `identity` token of a body or an activity; a non-string one counts as absent."""
+    token = raw.get("identity") if isinstance(raw, dict) else None
+    return token if isinstance(token, str) else default
 
 
 def first_error(parsed: ParsedRequest) -> GatewayError | None:
@@ -301,7 +314,9 @@ def _activity(raw: Any, settings: Settings) -> Activity:
             # Never a real activity attribute; refused so it cannot reach a subscription.
             raise BadRequest(f"attribute {name} is not allowed from the browser", field=where)
         if spec.attributes is not None and name not in spec.attributes:
-            raise BadRequest(f"attribute {name} is not declared for {activity_id}", field=where)
+            if settings.is_strict(spec):
+                raise BadRequest(f"attribute {name} is not declared for {activity_id}", field=where)
+            continue  # not strict: an undeclared attribute is dropped, never forwarded
         out_attributes[name] = _value(name, value, where)
 
     out: Activity = {"activity_id": activity_id}

@@ -47,8 +47,12 @@ def test_defaults_match_the_design() -> None:
 
 
 @pytest.mark.parametrize(
-    ("region", "base"), [("default", REGION_BASES["default"]), ("au", "https://api.au.ap3api.com"),
-                         ("eu", "https://api.eu.ap3api.com")]
+    ("region", "base"),
+    [
+        ("default", REGION_BASES["default"]),
+        ("au", "https://api.au.ap3api.com"),
+        ("eu", "https://api.eu.ap3api.com"),
+    ],
 )
 def test_region_routing(region: str, base: str) -> None:
     s = load_settings(env(region=region))
@@ -195,3 +199,45 @@ def test_describe_masks_secrets() -> None:
 
 def test_settings_repr_hides_the_key() -> None:
     assert KEY not in repr(Settings(api_key=KEY))
+
+
+def test_abuse_settings() -> None:
+    secret = "x" * 40
+    s = load_settings(
+        env(
+            identity_secret=f"{secret}, {'y' * 40}",
+            identity_required="true",
+            ip_anonymize="yes",
+            strict="false",
+            read_timeout="5s",
+            max_concurrent="64",
+        )
+    )
+    assert s.identity_secrets == (secret, "y" * 40)
+    assert s.identity_required and s.ip_anonymize and not s.strict
+    assert (s.read_timeout, s.max_concurrent) == (5.0, 64)
+    text = repr(s) + repr(describe(s))
+    assert secret not in text
+    with pytest.raises(ConfigError, match="GATEWAY_IDENTITY_SECRET: each secret needs"):
+        load_settings(env(identity_secret="short"))
+    with pytest.raises(ConfigError, match="GATEWAY_IDENTITY_REQUIRED: needs"):
+        load_settings(env(identity_required="1"))
+    with pytest.raises(ConfigError, match="GATEWAY_STRICT"):
+        load_settings(env(strict="maybe"))
+
+
+def test_per_activity_strict_and_identity(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[activities."act:cm:a"]\nstrict = false\nsigned_identity = true\nidentity_secret = "x"\n'
+    )
+    with pytest.raises(ConfigError, match="identity_secret"):
+        load_settings(env(), str(path))
+    path.write_text(
+        f'identity_secret = "{"z" * 40}"\n[activities."act:cm:a"]\nstrict = false\n'
+        "signed_identity = true\n"
+    )
+    s = load_settings(env(), str(path))
+    spec = s.activities["act:cm:a"]
+    assert not s.is_strict(spec)
+    assert s.needs_identity(spec)

@@ -8,8 +8,14 @@ from typing import Any
 import pytest
 
 from gateway.config import ActivitySpec, Settings
-from gateway.errors import BadRequest, GatewayError
-from gateway.identity import PERSON_HASH_BYTES, person_hash, person_key
+from gateway.errors import BadRequest, GatewayError, Unauthorized
+from gateway.identity import (
+    PERSON_HASH_BYTES,
+    person_hash,
+    person_key,
+    sign_identity,
+    verify_identity,
+)
 from gateway.validation import parse_request
 
 ACTIVITY = "act:cm:login"
@@ -88,3 +94,89 @@ def test_hash_with_a_secret_differs_and_is_stable() -> None:
     assert keyed == person_hash(key, secret=b"site secret")
     assert keyed != person_hash(key)
     assert keyed != person_hash(key, secret=b"other secret")
+
+
+# -- signed identity tokens
+
+SECRET = "s3cret-" + "x" * 40
+OTHER = "rotated-" + "y" * 40
+NOW = 1_800_000_000.0
+
+
+def _activity(email: str) -> dict[str, object]:
+    return {"activity_id": "act:cm:login", "fields": {"str::email": email}}
+
+
+def test_token_round_trip_normalises_email() -> None:
+
+    token = sign_identity("  Chris@Example.COM ", SECRET, int(NOW) + 60)
+    assert token.startswith("v1.")
+    assert "chris" not in token.lower()
+    verify_identity(token, _activity("chris@example.com"), [SECRET], NOW)
+
+
+@pytest.mark.parametrize(
+    ("make_token", "email", "needle"),
+    [
+        (lambda s: None, "chris@example.com", "required"),
+        (lambda s: "", "chris@example.com", "required"),
+        (lambda s: "not-a-token", "chris@example.com", "malformed"),
+        (lambda s: "v2.1.abc", "chris@example.com", "malformed"),
+        (lambda s: "v1.x.abc", "chris@example.com", "malformed"),
+        (lambda s: "v1." + "9" * 300, "chris@example.com", "malformed"),
+        (lambda s: s("chris@example.com", int(NOW) - 1), "chris@example.com", "expired"),
+        (lambda s: s("alex@example.com", int(NOW) + 60), "chris@example.com", "does not match"),
+        (
+            lambda s: s("chris@example.com", int(NOW) + 60)[:-2] + "AA",
+            "chris@example.com",
+            "does not match",
+        ),
+    ],
+    ids=[
+        "missing",
+        "empty",
+        "garbage",
+        "version",
+        "expiry",
+        "long",
+        "expired",
+        "other-email",
+        "forged",
+    ],
+)
+def test_bad_tokens_are_refused(make_token, email: str, needle: str) -> None:  # type: ignore[no-untyped-def]
+
+    def sign(e: str, exp: int) -> str:
+        return sign_identity(e, SECRET, exp)
+
+    with pytest.raises(Unauthorized, match=needle) as info:
+        verify_identity(make_token(sign), _activity(email), [SECRET], NOW)
+    assert info.value.status == 401
+
+
+def test_forging_the_expiry_breaks_the_mac() -> None:
+
+    token = sign_identity("chris@example.com", SECRET, int(NOW) - 10)
+    _, _, mac = token.split(".")
+    with pytest.raises(Unauthorized, match="does not match"):
+        verify_identity(
+            f"v1.{int(NOW) + 9999}.{mac}", _activity("chris@example.com"), [SECRET], NOW
+        )
+
+
+def test_rotation_accepts_old_and_new_secrets() -> None:
+
+    old = sign_identity("chris@example.com", OTHER, int(NOW) + 60)
+    new = sign_identity("chris@example.com", SECRET, int(NOW) + 60)
+    verify_identity(old, _activity("chris@example.com"), [SECRET, OTHER], NOW)
+    verify_identity(new, _activity("chris@example.com"), [SECRET, OTHER], NOW)
+    with pytest.raises(Unauthorized):
+        verify_identity(old, _activity("chris@example.com"), [SECRET], NOW)
+
+
+def test_identity_needs_an_email() -> None:
+
+    token = sign_identity("chris@example.com", SECRET, int(NOW) + 60)
+    activity = {"activity_id": "act:cm:login", "fields": {"str::ei": "u-1"}}
+    with pytest.raises(Unauthorized, match="str::email"):
+        verify_identity(token, activity, [SECRET], NOW)

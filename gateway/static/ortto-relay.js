@@ -37,6 +37,7 @@
   var ap3c = (w.ap3c = w.ap3c || {});
   ap3c.cmd = ap3c.cmd || [];
   var person = null; // person fields from the last ap3c.track that named someone
+  var identity = ""; // the signed identity token given with that ap3c.track, if any
   var pending = []; // [{a: activity, s: its JSON}] waiting for the end of the tick
   var waiting = []; // [{batch, attempt, timer}] waiting to be retried
   var scheduled = false;
@@ -52,6 +53,7 @@
     var ei = typeof t.ei === "string" ? t.ei.trim() : "";
     if (!email && !ei) return; // a page view without identity keeps the person
     person = {};
+    identity = typeof t.identity === "string" ? t.identity : "";
     if (email) person["str::email"] = email;
     if (ei) person["str::ei"] = ei;
     if (typeof t.first === "string" && t.first) person["str::first"] = t.first;
@@ -78,6 +80,8 @@
     if (named && !same) return out;
     for (var p in person) if (!(p in fields) && !(p in attrs)) fields[p] = person[p];
     out.fields = fields;
+    // The signed identity from the site's backend (ap3c.track({..., "identity": token})).
+    if (identity && !out.identity) out.identity = identity;
     return out;
   }
 
