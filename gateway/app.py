@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -16,7 +17,7 @@ from gateway.config import ACTIVITIES_PATH, Settings
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
 from gateway.keys import LIFECYCLE, RELAY, SETTINGS
-from gateway.limits import Limiter, MemoryStore
+from gateway.limits import FallbackStore, Limiter, LimitStore, MemoryStore
 from gateway.metrics import Metrics
 from gateway.middlewares import make_middlewares
 from gateway.relay import Relay
@@ -99,9 +100,9 @@ def create_app(
             await delivery.stop(settings.drain_timeout)
 
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = MemoryStore(
-            max_keys=settings.limiter_max_keys, on_evict=metrics.limiter_evictions.inc
-        )
+        store = limiter_store(settings, metrics)
+        if isinstance(store, FallbackStore):
+            await store.warm_up()
         sink: Sink = (
             SpoolSink(app[SPOOL]) if settings.delivery == "queue" else ForwardSink(app[CLIENT])
         )
@@ -131,6 +132,26 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz, name="healthz")
     app.router.add_get("/readyz", handlers.readyz, name="readyz")
     return app
+
+
+def limiter_store(settings: Settings, metrics: Metrics) -> LimitStore:
+    """The in-process store, or Redis with the in-process store for its on-error policy."""
+    local = MemoryStore(max_keys=settings.limiter_max_keys, on_evict=metrics.limiter_evictions.inc)
+    if not settings.redis_url:
+        return local
+    from gateway.limits.redis import redis_store_from_url  # the optional `redis` extra
+
+    shared = redis_store_from_url(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        timeout=settings.limiter_timeout,
+        # Every replica shares the API key: a secret derived from it keys the hashes of
+        # person keys and IPs, so a Redis dump cannot be checked against guessed emails.
+        secret=hashlib.sha256(b"ortto-gw limiter\0" + settings.api_key.encode()).digest(),
+    )
+    return FallbackStore(
+        shared, local, settings.limiter_on_error, on_error=metrics.limiter_errors.inc
+    )
 
 
 async def _start_draining(app: web.Application) -> None:

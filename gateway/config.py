@@ -26,6 +26,15 @@ REGION_BASES: Mapping[str, str] = {
     "eu": "https://api.eu.ap3api.com",
 }
 ACTIVITIES_PATH = "/v1/activities/create"
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 
 # Ortto's own limits (activities guide): a request above them is refused by Ortto.
 ORTTO_MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -124,6 +133,7 @@ class Settings:
     redis_prefix: str = "ortto-gw"
     limiter_on_error: LimiterOnError = "local"
     limiter_max_keys: int = 1_000_000
+    limiter_timeout: float = 0.5
     upstream_rate: float = 10.0
     upstream_concurrency: int = 4
     upstream_timeout: float = 10.0
@@ -323,6 +333,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "redis_prefix": str,
     "limiter_on_error": _choice("local", "open", "closed"),
     "limiter_max_keys": _positive_int,
+    "limiter_timeout": parse_seconds,
     "upstream_rate": _positive_float,
     "upstream_concurrency": _positive_int,
     "upstream_timeout": parse_seconds,
@@ -476,10 +487,13 @@ def load_settings(
             f"{env_name('max_body_bytes')}: at most {ORTTO_MAX_BODY_BYTES} (Ortto's 2 MB), "
             f"got {max_body}"
         )
-    if values.get("redis_url") and not values["redis_url"].startswith(
-        ("redis://", "rediss://", "unix://", "redis+sentinel://")
-    ):
-        raise ConfigError(f"{env_name('redis_url')}: expected a redis:// URL")
+    if values.get("redis_url") and not values["redis_url"].startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"{env_name('redis_url')}: expected a URL starting with one of "
+            + ", ".join(REDIS_SCHEMES)
+        )
+    if "{" in values.get("redis_prefix", "") or "}" in values.get("redis_prefix", ""):
+        raise ConfigError(f"{env_name('redis_prefix')}: must not contain {{ or }}")
     return Settings(**values)
 
 

@@ -145,7 +145,8 @@ class Metrics:
             f"{PREFIX}_limiter_keys",
             "Keys held by the rate limiter store.",
             registry=r,
-            multiprocess_mode="livesum",
+            # Several workers share one Redis and report the same count: not a sum.
+            multiprocess_mode="livemax",
         )
         self.limiter_errors = Counter(
             f"{PREFIX}_limiter_errors",

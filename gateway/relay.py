@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.enrich import anonymize_ip, enrich
 from gateway.errors import GatewayError, RateLimited, Unavailable
 from gateway.identity import person_hash, person_key, verify_identity
-from gateway.limits import Check, Limiter
+from gateway.limits import Check, Limiter, LimiterUnavailable
 from gateway.metrics import Metrics
 from gateway.sinks import Sink
 from gateway.validation import ParsedRequest, first_error, is_batch, parse_request
@@ -106,7 +106,12 @@ class Relay:
             self.metrics.spool_full.inc()
             raise Unavailable("the gateway's queue is full; try again later", retry_after=5.0)
 
-        results = await self.limiter.check_many(checks)
+        try:
+            results = await self.limiter.check_many(checks)
+        except LimiterUnavailable:  # Redis is down and GATEWAY_LIMITER_ON_ERROR=closed
+            raise Unavailable(
+                "rate limiting is unavailable; try again later", retry_after=5.0
+            ) from None
         self.metrics.limiter_keys.set(self.limiter.store.key_count())
         source_ip = anonymize_ip(client_ip) if client_ip and settings.ip_anonymize else client_ip
         accepted: list[bytes] = []

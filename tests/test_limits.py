@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import pytest
 
@@ -13,37 +14,66 @@ from gateway.config import Rate, parse_rate
 from gateway.limits import (
     Check,
     Decision,
+    FallbackStore,
     Limiter,
+    LimiterClosed,
+    LimiterUnavailable,
     LimitResult,
     LimitStore,
     MemoryStore,
     Rule,
     rules_of,
 )
+from tests import redis_support
 
 DAY = 86400.0
 HOUR = 3600.0
 T0 = 1_700_000_000.0  # a realistic wall-clock time, exactly representable to the ms
 
-StoreFactory = Callable[[], Awaitable[LimitStore]]
+StoreFactory = Callable[[pytest.FixtureRequest], Awaitable[LimitStore]]
 
 
-async def memory_store() -> LimitStore:
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_support.RedisServer]:
+    """One redis-server for the store suite; each test gets its own key prefix."""
+    with redis_support.running(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+async def memory_store(request: pytest.FixtureRequest) -> LimitStore:
     return MemoryStore()
 
 
-# Every store must pass the store tests below. The Redis store joins this list when it lands:
-#   pytest.param(redis_store, id="redis", marks=pytest.mark.redis)
-# where `redis_store` connects to a throw-away redis-server with a fresh key prefix.
-STORE_FACTORIES = [pytest.param(memory_store, id="memory")]
+async def redis_store(request: pytest.FixtureRequest) -> LimitStore:
+    from gateway.limits.redis import redis_store_from_url
+
+    server: redis_support.RedisServer = request.getfixturevalue("redis_server")
+    # A generous timeout: these tests are about semantics, test_limits_redis about failures.
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    return redis_store_from_url(server.url, prefix=prefix, timeout=5.0)
+
+
+# Every store must pass the store tests below.
+STORE_FACTORIES = [
+    pytest.param(memory_store, id="memory"),
+    pytest.param(redis_store, id="redis", marks=pytest.mark.redis),
+]
 
 
 @pytest.fixture(params=STORE_FACTORIES)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[LimitStore]:
     factory: StoreFactory = request.param
-    instance = await factory()
+    instance = await factory(request)
     yield instance
     await instance.close()
+
+
+async def settled_key_count(store: LimitStore) -> int:
+    """`key_count()` once a store that counts in the background has counted now."""
+    refresh: Callable[[], Awaitable[int]] | None = getattr(store, "refresh_key_count", None)
+    if refresh is not None:
+        await refresh()
+    return store.key_count()
 
 
 def rule(key: str, rate: str) -> Rule:
@@ -149,9 +179,9 @@ async def test_concurrent_acquires_on_one_key(store: LimitStore) -> None:
 async def test_key_count(store: LimitStore) -> None:
     assert store.key_count() == 0
     await store.acquire([rule("p", "1/1d"), rule("ip", "5/1h")], T0)
-    assert store.key_count() == 2
+    assert await settled_key_count(store) == 2
     await store.acquire([rule("p2", "1/1d"), rule("ip", "5/1h")], T0)
-    assert store.key_count() == 3
+    assert await settled_key_count(store) == 3
 
 
 async def test_duplicate_keys_in_one_check_are_refused(store: LimitStore) -> None:
@@ -266,6 +296,149 @@ def test_rule_rejects_empty_limits() -> None:
         Rule("k", 0, 1.0)
     with pytest.raises(ValueError):
         Rule("k", 1, 0.0)
+
+
+# -- the fallback store (a fake primary here; test_limits_redis runs it against Redis)
+
+
+class FlakyStore(MemoryStore):
+    """A primary that fails on demand, or blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+        self.calls = 0
+        self.closed = False
+        self.gate: asyncio.Event | None = None
+
+    async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failing:
+            raise LimiterUnavailable("Redis is down")
+        return await super().acquire_many(checks, now)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Ticks:
+    """A settable monotonic clock for the circuit breaker."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fallback(
+    mode: str, primary: FlakyStore | None = None, local: MemoryStore | None = None
+) -> tuple[FallbackStore, FlakyStore, MemoryStore, list[None], Ticks]:
+    errors: list[None] = []
+    ticks = Ticks()
+    primary = primary or FlakyStore()
+    local = local or MemoryStore()
+    store = FallbackStore(
+        primary,
+        local,
+        mode,  # type: ignore[arg-type]
+        on_error=lambda: errors.append(None),
+        retry_interval=1.0,
+        clock=ticks,
+    )
+    return store, primary, local, errors, ticks
+
+
+async def test_fallback_passes_through_while_the_primary_answers() -> None:
+    store, primary, local, errors, _ = fallback("closed")
+    r = rule("k", "2/1h")
+    assert [(await store.acquire([r], T0)).allowed for _ in range(3)] == [True, True, False]
+    assert (primary.calls, local.key_count(), errors, store.degraded) == (3, 0, [], False)
+    assert store.key_count() == primary.key_count() == 1
+
+
+async def test_fallback_local_answers_and_charges_in_process() -> None:
+    store, primary, local, errors, _ = fallback("local")
+    r = rule("k", "2/1h")
+    assert (await store.acquire([r], T0)).allowed  # charged in the primary
+    primary.failing = True
+    decisions = await store.acquire_many([[r], [r], [r]], T0 + 1)
+    assert decisions == [Decision(True), Decision(True), Decision(False, HOUR, (0,))]
+    assert (errors, store.degraded, local.key_count()) == ([None], True, 1)
+
+
+async def test_fallback_open_allows_everything() -> None:
+    store, primary, _, errors, _ = fallback("open")
+    primary.failing = True
+    r = rule("k", "1/1h")
+    assert await store.acquire_many([[r]] * 5, T0) == [Decision(True)] * 5
+    assert errors == [None]
+
+
+async def test_fallback_closed_raises() -> None:
+    store, primary, _, errors, _ = fallback("closed")
+    primary.failing = True
+    with pytest.raises(LimiterClosed) as caught:
+        await store.acquire([rule("k", "1/1h")], T0)
+    assert isinstance(caught.value, LimiterUnavailable)  # the app maps both to 503
+    assert isinstance(caught.value.__cause__, LimiterUnavailable)
+    with pytest.raises(LimiterClosed):  # while the circuit is open: no cause, still refused
+        await store.acquire([rule("k", "1/1h")], T0)
+    assert errors == [None]
+
+
+async def test_fallback_skips_a_failed_primary_then_probes_it() -> None:
+    store, primary, local, errors, ticks = fallback("local")
+    r = rule("k", "100/1h")
+    primary.failing = True
+    await store.acquire([r], T0)
+    assert (primary.calls, errors) == (1, [None])
+    ticks.now += 0.999
+    for _ in range(5):
+        await store.acquire([r], T0)
+    assert (primary.calls, errors) == (1, [None])  # not hammered within retry_interval
+    ticks.now += 0.001
+    await store.acquire([r], T0)
+    assert (primary.calls, errors) == (2, [None, None])  # probed, failed again
+    primary.failing = False
+    ticks.now += 1.0
+    await store.acquire([r], T0)
+    assert (primary.calls, store.degraded) == (3, False)  # shared limiting resumed
+    await store.acquire([r], T0)
+    assert (primary.calls, local.key_count(), len(errors)) == (4, 1, 2)
+
+
+async def test_fallback_probes_with_one_call_at_a_time() -> None:
+    store, primary, _, errors, ticks = fallback("open")
+    primary.failing = True
+    await store.acquire([rule("k", "1/1h")], T0)
+    ticks.now += 1.0
+    primary.gate = asyncio.Event()
+    probe = asyncio.create_task(store.acquire([rule("k", "1/1h")], T0))
+    while primary.calls < 2:  # the probe is now waiting inside the primary
+        await asyncio.sleep(0)
+    assert (await store.acquire([rule("k", "1/1h")], T0)).allowed  # answered by the mode
+    assert primary.calls == 2
+    primary.gate.set()
+    assert (await probe).allowed
+    assert errors == [None, None]
+
+
+async def test_fallback_lets_bad_checks_through_uncounted() -> None:
+    store, _, _, errors, _ = fallback("open")
+    with pytest.raises(ValueError, match="distinct keys"):
+        await store.acquire([rule("k", "1/1d"), rule("k", "5/1h")], T0)
+    assert (errors, store.degraded) == ([], False)
+
+
+async def test_fallback_closes_both_and_checks_its_mode() -> None:
+    store, primary, _, _, _ = fallback("local")
+    await store.close()
+    assert primary.closed
+    with pytest.raises(ValueError, match="mode"):
+        FallbackStore(MemoryStore(), MemoryStore(), "fail")  # type: ignore[arg-type]
 
 
 # -- the limiter

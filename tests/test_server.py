@@ -17,61 +17,10 @@ from aiohttp.test_utils import TestServer
 
 from gateway.keys import LIFECYCLE
 from gateway.sandbox import Fault, SandboxState, wait_for
-from gateway.server import free_port
 from tests.conftest import ACTIVITIES, API_KEY, GatewayFactory
+from tests.processes import GatewayProcess
 
 PATH = "/v1/activities/create"
-
-
-class GatewayProcess:
-    """`python -m gateway serve` on free loopback ports."""
-
-    def __init__(self, upstream: str, spool: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-            "GATEWAY_API_KEY": API_KEY,
-            "GATEWAY_UPSTREAM_URL": upstream,
-            "GATEWAY_ACTIVITIES": ACTIVITIES,
-            "GATEWAY_SPOOL_PATH": str(spool),
-            "GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
-            "GATEWAY_METRICS_LISTEN": "127.0.0.1:0",
-            "GATEWAY_UPSTREAM_RATE": "50",
-            "GATEWAY_BATCH_MAX_WAIT": "20ms",
-            "GATEWAY_DRAIN_TIMEOUT": "5s",
-        }
-        self.log_path = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve"],
-                env=self.env,
-                stdout=log,
-                stderr=log,
-            )
-
-        async def ready() -> bool:
-            try:
-                async with session.get(self.url + "/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
-        while not await ready():
-            assert self.proc.poll() is None, self.log_path.read_text()
-            assert loop.time() < deadline, "gateway did not become ready"
-            await asyncio.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGKILL) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=20)
 
 
 @pytest.fixture

@@ -38,6 +38,10 @@ class Decision:
 ALLOWED = Decision(True)
 
 
+class LimiterUnavailable(Exception):
+    """A shared store did not answer in time (down, slow or failing); its verdict is unknown."""
+
+
 class LimitStore(Protocol):
     """Where the logs of accepted events live: in process or shared (Redis)."""
 
