@@ -69,12 +69,21 @@ def _worker_main(settings: Settings, index: int) -> None:
     run_loop(serve(settings, worker=index))
 
 
-def _spawn(settings: Settings, index: int) -> BaseProcess:
+def worker_settings(settings: Settings, index: int, workers: int) -> Settings:
+    """One worker's settings: its own spool, and its share of Ortto's request rate."""
+    return replace(
+        settings,
+        spool_path=worker_spool_path(settings.spool_path, index),
+        # Ortto's limit is per account: the workers together keep to the configured rate.
+        upstream_rate=settings.upstream_rate / workers,
+    )
+
+
+def _spawn(settings: Settings, index: int, workers: int) -> BaseProcess:
     ctx = multiprocessing.get_context("spawn")
-    worker_settings = replace(settings, spool_path=worker_spool_path(settings.spool_path, index))
     proc = ctx.Process(
         target=_worker_main,
-        args=(worker_settings, index),
+        args=(worker_settings(settings, index, workers), index),
         name=f"ortto-gateway-worker-{index}",
         daemon=False,
     )
@@ -111,7 +120,7 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    procs = [_spawn(settings, i) for i in range(workers)]
+    procs = [_spawn(settings, i, workers) for i in range(workers)]
     log.info(
         "workers started",
         extra={
@@ -133,7 +142,7 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None
                     )
                     if proc.pid is not None:
                         mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
-                    procs[i] = _spawn(settings, i)
+                    procs[i] = _spawn(settings, i, workers)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), RESTART_DELAY)
         log.info("stopping workers")
