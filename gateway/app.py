@@ -104,7 +104,9 @@ def create_app(
         if isinstance(store, FallbackStore):
             await store.warm_up()
         sink: Sink = (
-            SpoolSink(app[SPOOL]) if settings.delivery == "queue" else ForwardSink(app[CLIENT])
+            SpoolSink(app[SPOOL], metrics)
+            if settings.delivery == "queue"
+            else ForwardSink(app[CLIENT], metrics)
         )
         app[RELAY] = Relay(settings, Limiter(store, clock=clock), sink, metrics, clock=clock)
         app[LIFECYCLE].started = True

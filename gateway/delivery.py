@@ -128,6 +128,7 @@ class Delivery:
         self._circuit_pause = circuit_pause
         self._auth_pause = auth_pause
         self._task: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._not_before = 0.0  # monotonic time before which nothing is sent
@@ -139,8 +140,15 @@ class Delivery:
     # -- lifecycle
 
     def start(self) -> None:
-        """Start the worker task."""
+        """Start the worker task, and the task that keeps the spool gauges fresh."""
         self._task = asyncio.create_task(self._run(), name="ortto-gateway-delivery")
+        self._gauges = asyncio.create_task(self._gauge_loop(), name="ortto-gateway-gauges")
+
+    async def _gauge_loop(self) -> None:
+        """Refresh the spool gauges every second, paused or not."""
+        while True:
+            await self._refresh_gauges()
+            await asyncio.sleep(GAUGE_INTERVAL)
 
     async def stop(self, drain_timeout: float) -> None:
         """Deliver what is spooled for up to `drain_timeout`, then keep the rest for next start."""
@@ -162,6 +170,10 @@ class Delivery:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
         left = self._spool.depth
         if left:
             log.warning(
@@ -181,11 +193,9 @@ class Delivery:
 
     async def _run(self) -> None:
         try:
-            await self._refresh_gauges()
             while not (self._stopping.is_set() and self._spool.available == 0):
                 await self._wait_until_allowed()
                 if not await self._spool.wait_for_items(GAUGE_INTERVAL):
-                    await self._refresh_gauges()
                     continue
                 if not self._stopping.is_set():
                     await self._fill_wait()
@@ -229,6 +239,7 @@ class Delivery:
         if until <= self._not_before:
             return  # a longer pause is already in force
         self._not_before = until
+        self._metrics.delivery_pauses.labels(reason).inc()
         if self._pause_reason and self._pause_reason != reason:
             self._metrics.delivery_paused.labels(self._pause_reason).set(0)
         self._pause_reason = reason
@@ -319,6 +330,7 @@ class Delivery:
         self._failures += 1
         if delay > 0:
             self._not_before = max(self._not_before, time.monotonic() + delay)
+            self._metrics.delivery_pauses.labels("backoff").inc()
         log.warning(
             "delivery failed; will retry",
             extra={

@@ -31,6 +31,8 @@ ROUTES = ("activities", "preflight", "shim", "health", "ready", "demo", "other")
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 75, 90, 99, 100)
+UPSTREAM_STATUSES = ("2xx", "400", "401", "403", "404", "413", "429", "4xx", "503", "5xx", "error")
+PAUSE_REASONS = ("auth", "circuit", "rate_limit", "backoff")
 
 
 def status_group(status: int) -> str:
@@ -141,6 +143,24 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.delivery_pauses = Counter(
+            f"{PREFIX}_delivery_pauses",
+            "Times sending to Ortto paused, by reason (backoff: after 5xx or no answer).",
+            ["reason"],
+            registry=r,
+        )
+        self.spool_write_seconds = Histogram(
+            f"{PREFIX}_spool_write_seconds",
+            "Time to commit a request's activities to the spool (group commit and fsync).",
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.limiter_seconds = Histogram(
+            f"{PREFIX}_limiter_seconds",
+            "Time to check and charge a request's limits.",
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         self.limiter_keys = Gauge(
             f"{PREFIX}_limiter_keys",
             "Keys held by the rate limiter store.",
@@ -174,6 +194,16 @@ class Metrics:
             self.upstream_retries.labels(reason)
         for route in ROUTES:
             self.http_request_seconds.labels(route)
+        for route, status in (
+            *(("activities", s) for s in ("2xx", "400", "403", "404", "413", "429", "503")),
+            ("preflight", "2xx"),
+            ("preflight", "403"),
+        ):
+            self.http_requests.labels(route, status)
+        for status in UPSTREAM_STATUSES:
+            self.upstream_requests.labels(status)
+        for reason in PAUSE_REASONS:
+            self.delivery_pauses.labels(reason)
 
     def activity_label(self, activity_id: object) -> str:
         """A bounded label value: the id if it is in the catalogue, else `other`."""

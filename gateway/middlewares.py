@@ -30,6 +30,8 @@ ROUTE_NAMES = {
     "readyz": "ready",
     "demo": "demo",
 }
+PROBES = frozenset({"health", "ready"})
+PROBE_LEVEL = logging.DEBUG
 # Paths that answer while draining, so orchestrators can watch the shutdown.
 ALWAYS_ANSWER = frozenset({"/healthz", "/readyz"})
 
@@ -143,7 +145,8 @@ def make_middlewares(
         }
         extra: dict[str, Any] = request[LOG_DATA]
         data.update(extra)
-        log.info("request", extra={"data": data})
+        # Probes come every few seconds: keep them out of the INFO log.
+        log.log(PROBE_LEVEL if route in PROBES else logging.INFO, "request", extra={"data": data})
         return response
 
     return [shell]

@@ -106,8 +106,10 @@ class Relay:
             self.metrics.spool_full.inc()
             raise Unavailable("the gateway's queue is full; try again later", retry_after=5.0)
 
+        started = time.perf_counter()
         try:
             results = await self.limiter.check_many(checks)
+            self.metrics.limiter_seconds.observe(time.perf_counter() - started)
         except LimiterUnavailable:  # Redis is down and GATEWAY_LIMITER_ON_ERROR=closed
             raise Unavailable(
                 "rate limiting is unavailable; try again later", retry_after=5.0

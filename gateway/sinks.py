@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
 from gateway.errors import GatewayError, Unavailable
+from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpoolClosed, SpoolError, SpoolFull
 from gateway.upstream import OrttoClient, UpstreamError, encode_batch
 
@@ -42,8 +44,9 @@ class Sink(Protocol):
 class SpoolSink:
     """`queue` mode: commit to the spool, answer 202 once it is durable."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, metrics: Metrics) -> None:
         self._spool = spool
+        self._metrics = metrics
 
     def has_room(self, count: int, nbytes: int) -> bool:
         """Whether the spool can take this many more rows and bytes."""
@@ -53,9 +56,12 @@ class SpoolSink:
         self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
     ) -> SinkResult:
         """Spool the activities; `async` and `merge_by` do not apply to a queued batch."""
+        started = time.perf_counter()
         try:
             await self._spool.put(activities)
+            self._metrics.spool_write_seconds.observe(time.perf_counter() - started)
         except SpoolFull as exc:
+            self._metrics.spool_full.inc()
             raise Unavailable(
                 "the gateway's queue is full; try again later", retry_after=exc.retry_after
             ) from None
@@ -70,8 +76,9 @@ class SpoolSink:
 class ForwardSink:
     """`sync` mode: forward the request to Ortto now and relay its answer."""
 
-    def __init__(self, client: OrttoClient) -> None:
+    def __init__(self, client: OrttoClient, metrics: Metrics) -> None:
         self._client = client
+        self._metrics = metrics
 
     def has_room(self, count: int, nbytes: int) -> bool:
         """Forwarding has no queue to fill."""
@@ -84,10 +91,14 @@ class ForwardSink:
         body = encode_batch(activities, async_=async_)
         if merge_by:
             body = body[:-1] + b',"merge_by":' + orjson.dumps(merge_by) + b"}"
+        self._metrics.upstream_batch_activities.observe(len(activities))
         try:
             resp = await self._client.post(body)
         except UpstreamError as exc:
+            self._metrics.upstream_requests.labels("error").inc()
             raise UpstreamUnavailable(str(exc)) from None
+        self._metrics.upstream_requests.labels(status_group(resp.status)).inc()
+        self._metrics.upstream_request_seconds.observe(resp.elapsed)
         data = resp.json()
         if resp.status == 200 and isinstance(data, dict):
             entries = data.get("activities")

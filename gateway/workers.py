@@ -105,7 +105,7 @@ async def supervise(settings: Settings, workers: int) -> None:
 
 async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None:
     from aiohttp import web
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, ProcessCollector
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     from gateway.app import create_metrics_app
@@ -113,6 +113,8 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+    # The workers' process metrics are not summable; the supervisor reports its own.
+    ProcessCollector(namespace="ortto_gateway", registry=registry)
     runner = web.AppRunner(create_metrics_app(registry), access_log=None)
     await runner.setup()
     await start_site(runner, settings.metrics_listen)
