@@ -1,0 +1,223 @@
+"""Figures derived from one run's measurements, and the table printed at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROW_ORDER = ("baseline", "durable", "memory", "info_logs")
+DURABLE_TARGET = 0.80  # issue 3: durable >= 80 % of in-memory
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b > 0 else None
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """Ratios against the baseline and between rows; batch sizes; nothing not measured here."""
+    rows = results["rows"]
+    rate = {k: float(r["accepted_per_s"]) for k, r in rows.items()}
+    base = rate.get("baseline", 0.0)
+    per_cpu = {k: float(r["accepted_per_server_cpu_s"] or 0.0) for k, r in rows.items()}
+    out: dict[str, Any] = {
+        "vs_baseline": {k: _ratio(v, base) for k, v in rate.items()},
+        "per_cpu_vs_baseline": {
+            k: _ratio(v, per_cpu.get("baseline", 0.0)) for k, v in per_cpu.items()
+        },
+        "durable_over_memory": _ratio(rate.get("durable", 0), rate.get("memory", 0)),
+        "durable_over_memory_per_cpu": _ratio(per_cpu.get("durable", 0), per_cpu.get("memory", 0)),
+        "durable_target": DURABLE_TARGET,
+        "info_over_warning": _ratio(rate.get("info_logs", 0), rate.get("durable", 0)),
+        "info_over_warning_per_cpu": _ratio(per_cpu.get("info_logs", 0), per_cpu.get("durable", 0)),
+    }
+    drain = rows.get("durable", {}).get("drain")
+    if drain:
+        stats = drain["sandbox"]
+        requests = int(stats["requests"])
+        backlog = int(drain["backlog_at_end_of_load"])
+        out["upstream"] = {
+            "activities": int(stats["activities"]),
+            "duplicates": int(stats["duplicates"]),
+            "requests": requests,
+            "activities_per_request": round(int(stats["activities"]) / requests, 2)
+            if requests
+            else None,
+            "backlog_at_end_of_load": backlog,
+            "left_after_drain": drain["left"],
+            "drain_s": drain["waited_s"],
+            "drain_rate_per_s": round(backlog / drain["waited_s"], 1)
+            if drain["left"] == 0 and drain["waited_s"] > 0
+            else None,
+        }
+        out["upstream_statuses"] = drain.get("upstream_requests", {})
+    return out
+
+
+def _f(value: float | None, spec: str = ",.0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The report: machine, table, and the derived lines, every number from `results`."""
+    m = results["machine"]
+    opts = results["options"]
+    d = results["derived"]
+    rows = results["rows"]
+    git = m["git"]
+    commit = git["commit"][:12] + (
+        f" (+{git['modified_files']} modified files)" if git["dirty"] else ""
+    )
+    fs = m["spool_filesystem"]
+    lines = [
+        f"ortto-gateway benchmark, {m['date_utc']}, commit {commit}",
+        f"machine: {m['cpu_model']}, {m['nproc']} CPUs, {m['mem_total_mib']} MiB, "
+        f"Linux {m['kernel']}; Python {m['python']}, aiohttp {m['aiohttp']}, "
+        f"SQLite {m['sqlite']}, {m['event_loop']}",
+        f"durable spool on {fs['fstype']} ({fs['device']}), 4 KiB write + fsync p50 "
+        f"{m['fsync']['p50_ms']:.2f} ms, p99 {m['fsync']['p99_ms']:.2f} ms; load average at "
+        f"start {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
+        f"max rate: {m['load_tool']}, {opts['warmup_s']} s warm-up + {opts['duration_s']} s "
+        f"measured per row; every request a new person, one activity",
+        f"fixed rate: {m['fixed_rate_tool']}",
+        "",
+    ]
+    rounds = opts["rounds"]
+    header = (
+        f"{'scenario':<34} {'accepted/s':>10} {'spread':>7} {'vs base':>7} {'per CPU-s':>9} "
+        f"{'vs base':>7} {'non-202':>7} {'errors':>6} {'peak RSS':>9}  "
+        "CPU cores server/load/sandbox/other"
+    )
+    lines += [header, "-" * len(header)]
+    for key in ROW_ORDER:
+        if key not in rows:
+            continue
+        r = rows[key]
+        cpu = r["cpu_cores"]
+        spread = "" if r["spread"] is None or rounds < 2 else f"±{r['spread'] * 100:.0f}%"
+        lines.append(
+            f"{r['label']:<34} {r['accepted_per_s']:>10,.0f} {spread:>7} "
+            f"{_f(d['vs_baseline'].get(key), '.2f'):>7} "
+            f"{_f(r['accepted_per_server_cpu_s']):>9} "
+            f"{_f(d['per_cpu_vs_baseline'].get(key), '.2f'):>7} "
+            f"{r['non_202']:>7,} {r['errors']:>6,} {_mib(r['peak_rss_kib']):>9}  "
+            + "/".join(
+                f"{cpu.get(k, 0):.2f}" for k in ("server", "load generator", "sandbox", "other")
+            )
+        )
+    lines.append(
+        f"accepted/s: over {rounds} round(s) of {opts['duration_s']} s, each in a fresh process;"
+        " spread: half the range between rounds;"
+    )
+    lines.append(
+        "per CPU-s: accepted per CPU-second the server used (steadier when other processes"
+        " compete); CPU: mean cores used during the measurement"
+    )
+    lines.append("")
+    dm = d["durable_over_memory"]
+    if dm is not None:
+        verdict = "met" if dm >= d["durable_target"] else "NOT met"
+        lines.append(
+            f"durable / in-memory spool: {dm:.2f} in accepted/s (target >= "
+            f"{d['durable_target']:.2f}: {verdict}), "
+            f"{_f(d['durable_over_memory_per_cpu'], '.2f')} per server CPU-second"
+        )
+    iw = d["info_over_warning"]
+    if iw is not None and "info_logs" in rows:
+        logs = rows["info_logs"].get("logs", [])
+        n_lines = sum(log.get("lines", 0) for log in logs)
+        n_bytes = sum(log.get("bytes", 0) for log in logs)
+        lines.append(
+            f"INFO logging (one JSON line per request, to a file): {iw:.2f} of the WARNING "
+            f"throughput, {_f(d['info_over_warning_per_cpu'], '.2f')} per server CPU-second "
+            f"({n_lines:,} lines, {n_bytes / 1e6:.1f} MB written)"
+        )
+    lat = results.get("latency")
+    if lat:
+        res = lat["result"]
+        ms = res["latency_ms"]
+        extra = res
+        sv = res["service_latency_ms"]
+        lines.append(
+            f"latency at {lat['offered_rate']:,.0f}/s offered (half the durable max), durable "
+            f"spool, {res['duration_s']:g} s:"
+        )
+        for label, q in (("from scheduled send", ms), ("from actual send   ", sv)):
+            lines.append(
+                f"  {label}: p50 {_f(q.get('p50'), '.2f')} ms, p90 {_f(q.get('p90'), '.2f')} ms, "
+                f"p99 {_f(q.get('p99'), '.2f')} ms, p99.9 {_f(q.get('p99_9'), '.2f')} ms, "
+                f"max {_f(q.get('max'), '.2f')} ms"
+            )
+        lines.append(
+            f"  {res['accepted']:,} accepted of {extra['scheduled']:,} scheduled "
+            f"(sent at {_f(extra['achieved_send_rate'])}/s), {res['non_202']:,} non-202, "
+            f"{sum(res['errors'].values()):,} errors; generator lag p99 "
+            f"{_f(extra['dispatch_lag_ms'].get('p99'), '.2f')} ms"
+        )
+        server = lat["cpu_cores"].get("server", 0.0)
+        rate = res["accepted_per_s"]
+        at_max = rows.get("durable", {}).get("accepted_per_server_cpu_s")
+        lines.append(
+            f"  server CPU {server:.2f} cores = {_f(server * 1e6 / rate if rate else None)} us "
+            f"per activity (at max rate: {_f(1e6 / at_max if at_max else None)} us); other "
+            f"processes {lat['cpu_cores'].get('other', 0):.2f} cores"
+        )
+    up = d.get("upstream")
+    if up:
+        lines.append(
+            f"upstream (durable row, after the spool drained): {up['activities']:,} activities "
+            f"in {up['requests']:,} requests = {_f(up['activities_per_request'], '.1f')} per "
+            f"request (max 100); {up['duplicates']:,} duplicates"
+        )
+        rate = opts["upstream_rate"]
+        backlog = up["backlog_at_end_of_load"]
+        ceiling = rate * 100
+        if up["left_after_drain"]:
+            drained = f"{up['left_after_drain']:,} NOT delivered after {up['drain_s']:g} s"
+        else:
+            drained = f"all delivered {up['drain_s']:g} s after the load stopped"
+        kept_up = backlog <= ceiling  # no more than one second of delivery capacity
+        lines.append(
+            f"  backlog at the end of the max-rate load: {backlog:,} ({drained}); delivery "
+            + ("kept up" if kept_up else "did NOT keep up")
+            + f" (ceiling at GATEWAY_UPSTREAM_RATE={rate:g}: {ceiling:,.0f} activities/s"
+            + (
+                f", measured drain {_f(up['drain_rate_per_s'])}/s)"
+                if not kept_up and up["drain_rate_per_s"]
+                else ")"
+            )
+        )
+        statuses = d.get("upstream_statuses") or {}
+        lines.append(
+            "  upstream answers: "
+            + (", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items()) if v) or "none")
+        )
+    limiter = results.get("limiter")
+    if limiter:
+        traced = limiter.get("traced_bytes_per_key")
+        lines.append(
+            f"limiter MemoryStore: {limiter['keys']:,} keys, 1 timestamp each: "
+            f"{limiter['rss_bytes_per_key']:.0f} B/key (RSS growth)"
+            + (f", {traced:.0f} B/key (tracemalloc)" if traced is not None else "")
+            + f"; filled at {limiter['acquires_per_s']:,} acquires/s"
+        )
+    other = max(
+        [c.get("other", 0.0) for k in rows for c in rows[k]["cpu_cores_rounds"]]
+        + ([lat["cpu_cores"].get("other", 0.0)] if lat else [])
+    )
+    if other > 0.15:
+        lines.append(
+            f"WARNING: other processes used up to {other:.2f} cores during a phase: the machine "
+            "was not quiet, figures are lower and noisier than on an idle machine"
+        )
+    logged_errors = sum(log.get("errors", 0) for k in rows for log in rows[k].get("logs", []))
+    if logged_errors:
+        lines.append(
+            f"WARNING: the gateways logged {logged_errors} error line(s): see `logs` in the JSON"
+        )
+    nonaccepted = sum(rows[k]["non_202"] + rows[k]["errors"] for k in rows)
+    if nonaccepted or (lat and (lat["result"]["non_202"] or lat["result"]["errors"])):
+        lines.append("WARNING: some requests were not answered 202: see the table and the JSON")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The request every load generator sends: one activity, a new person each time.
+
+Every request carries a unique email (so the per-person limit never refuses one) and an
+`X-Forwarded-For` address that changes every `PER_IP` requests (so the per-IP limit,
+100/1h by default, never does either). The gateway believes `X-Forwarded-For` from
+127.0.0.1 by default. The same template feeds the wrk Lua script and the Python
+generators, so both tools send byte-identical shapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ACTIVITY_ID = "act:cm:logged-in"
+PATH = "/v1/activities/create"
+# Requests per client address: half the default per-IP limit of 100/1h.
+PER_IP = 50
+# Address blocks reserved per load phase, so phases against one gateway never share an IP.
+IP_BLOCK = 100_000
+LUA_SCRIPT = Path(__file__).with_name("activity.lua")
+
+# Ortto's guide example (tests/ortto-examples/01-single.json) with `{local}` in the email.
+BODY_TEMPLATE = (
+    '{"activities":[{"activity_id":"' + ACTIVITY_ID + '",'
+    '"fields":{"str::first":"Chris","str::last":"Smith","str::email":"{local}@example.com"},'
+    '"attributes":{"str:cm:payment-plan":"$100 starter plan","bol:cm:account-owner":true,'
+    '"str:cm:web-browser":"Google Chrome","int::v":1530}}]}'
+)
+# What the gateway answers for one accepted activity (and what the baseline answers).
+ACCEPTED_BODY = {"activities": [{"status": "queued", "person_status": "queued"}]}
+
+
+def lua_body_format() -> str:
+    """The body template as a Lua `string.format` pattern (`%s` = the email's local part)."""
+    return BODY_TEMPLATE.replace("%", "%%").replace("{local}", "%s")
+
+
+def client_ip(ip_base: int, n: int) -> str:
+    """The `X-Forwarded-For` address of request `n` of a phase (10.0.0.0/8)."""
+    block = (ip_base + n // PER_IP) % (1 << 24)
+    return f"10.{block >> 16}.{(block >> 8) & 255}.{block & 255}"
+
+
+class RequestFactory:
+    """Builds request `n` of a phase as raw HTTP/1.1 bytes (keep-alive)."""
+
+    def __init__(self, host: str, port: int, prefix: str, ip_base: int) -> None:
+        self.prefix = prefix
+        self.ip_base = ip_base
+        self._head = (
+            f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        )
+
+    def __call__(self, n: int) -> bytes:
+        body = BODY_TEMPLATE.replace("{local}", f"{self.prefix}-{n}").encode()
+        return (
+            f"{self._head}X-Forwarded-For: {client_ip(self.ip_base, n)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
