@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
+
+# Parsed addresses are cached: the same proxies and clients come back request after request.
+PARSE_CACHE_SIZE = 8192
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -104,6 +108,7 @@ def _valid_port(port: str) -> bool:
     return port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535
 
 
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def parse_ip(text: str) -> IPAddress | None:
     """Parse "1.2.3.4", "1.2.3.4:80", "::1", "[::1]:80" or "fe80::1%eth0"; None otherwise.
 

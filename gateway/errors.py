@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+from random import getrandbits
 from typing import Any
 
 
@@ -85,5 +85,14 @@ class Unavailable(GatewayError):
 
 
 def new_request_id() -> str:
-    """A fresh request id, in the form Ortto uses (a UUID)."""
-    return str(uuid.uuid4())
+    """A fresh request id in the form Ortto uses (a version-4 UUID).
+
+    From `random` rather than `os.urandom`: an id only has to be unique, not secret,
+    and the system call cost more than the rest of a request's bookkeeping (profiled).
+    """
+    h = f"{getrandbits(128) & _UUID4_MASK | _UUID4_BITS:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_UUID4_MASK = ~(0xF000 << 64) & ~(0xC000 << 48) & (1 << 128) - 1
+_UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)

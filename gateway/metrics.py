@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.platform_collector import PlatformCollector
@@ -178,6 +179,10 @@ class Metrics:
             "Limiter keys evicted to keep the in-process store bounded.",
             registry=r,
         )
+        # Label lookups cost more than the increment: children are kept once bound.
+        self._activity_children: dict[tuple[str, str], Any] = {}
+        self._request_children: dict[tuple[str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
         if process_metrics:
             ProcessCollector(namespace=PREFIX, registry=r)
             PlatformCollector(registry=r)
@@ -213,4 +218,20 @@ class Metrics:
 
     def count_activity(self, activity_id: object, outcome: str, n: int = 1) -> None:
         """Count `n` activities with an outcome."""
-        self.activities.labels(self.activity_label(activity_id), outcome).inc(n)
+        key = (self.activity_label(activity_id), outcome)
+        child = self._activity_children.get(key)
+        if child is None:
+            child = self._activity_children[key] = self.activities.labels(*key)
+        child.inc(n)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """Count and time one public request."""
+        key = (route, status_group(status))
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.http_requests.labels(*key)
+        counter.inc()
+        timer = self._latency_children.get(route)
+        if timer is None:
+            timer = self._latency_children[route] = self.http_request_seconds.labels(route)
+        timer.observe(seconds)

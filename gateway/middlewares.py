@@ -14,7 +14,7 @@ from gateway.client_ip import TrustedProxies, parse_ip, resolve_client_ip
 from gateway.cors import CorsPolicy
 from gateway.errors import Forbidden, GatewayError, Unavailable, new_request_id
 from gateway.keys import LIFECYCLE
-from gateway.metrics import Metrics, status_group
+from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.http")
 
@@ -134,8 +134,7 @@ def make_middlewares(
         response.headers["X-Content-Type-Options"] = "nosniff"
         elapsed = time.perf_counter() - started
         route = _route_name(request)
-        metrics.http_requests.labels(route, status_group(response.status)).inc()
-        metrics.http_request_seconds.labels(route).observe(elapsed)
+        metrics.observe_request(route, response.status, elapsed)
         data: dict[str, Any] = {
             "request_id": request_id,
             "method": request.method,

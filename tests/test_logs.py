@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.logs import JsonFormatter, setup_logging
+from gateway.logs import JsonFormatter, flush_logs, setup_logging, stop_logging
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
 
@@ -25,11 +25,26 @@ def log_stream() -> Iterator[io.StringIO]:
     try:
         yield stream
     finally:
+        stop_logging()
         for handler in list(root.handlers):
             root.removeHandler(handler)
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+
+
+def test_lines_are_written_off_the_event_loop(log_stream: io.StringIO) -> None:
+    log = logging.getLogger("gateway.test")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed %s", "here", extra={"data": {"n": 2}})
+    flush_logs()
+    line = json.loads(log_stream.getvalue().splitlines()[-1])
+    assert line["msg"] == "failed here"
+    assert line["error"] == "ValueError: boom"
+    assert line["n"] == 2
+    assert "Traceback" not in log_stream.getvalue()
 
 
 def test_formatter_merges_data_and_keeps_reserved_keys() -> None:
@@ -75,6 +90,7 @@ async def test_logs_are_json_lines_without_key_or_email(
     await wait_for(lambda: "refused the API key" in log_stream.getvalue())
     await client.close()
 
+    flush_logs()
     text = log_stream.getvalue()
     lines = text.splitlines()
     assert len(lines) > 10
