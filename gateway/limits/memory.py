@@ -46,8 +46,11 @@ _FORMAT_WIDE = 1  # uint64 offsets
 _MAX_NARROW_OFFSET = 0xFFFFFFFF  # ms: about 49.7 days
 
 
-def _pack(times: Sequence[int]) -> bytes:
-    """Ascending times in ms as a format byte, the first as int64 and offsets from it."""
+def _pack(times: Sequence[int]) -> bytes | int:
+    """Ascending times in ms: one time as a plain int (the common case, and the smallest
+    object), more as a format byte, the first as int64 and offsets from it."""
+    if len(times) == 1:
+        return times[0]
     base = times[0]
     offsets = [t - base for t in times[1:]]
     if offsets and offsets[-1] > _MAX_NARROW_OFFSET:
@@ -55,8 +58,10 @@ def _pack(times: Sequence[int]) -> bytes:
     return struct.pack(f"<Bq{len(offsets)}I", _FORMAT_NARROW, base, *offsets)
 
 
-def _unpack(value: bytes) -> list[int]:
+def _unpack(value: bytes | int) -> list[int]:
     """The ascending times in ms that `_pack` stored."""
+    if isinstance(value, int):
+        return [value]
     wide = value[0] == _FORMAT_WIDE
     n = (len(value) - 9) // (8 if wide else 4)
     fields: tuple[int, ...] = struct.unpack_from(f"<q{n}{'Q' if wide else 'I'}", value, 1)
@@ -69,14 +74,14 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
-class _Logs(LRUCache[int, bytes]):
+class _Logs(LRUCache[int, bytes | int]):
     """An LRU cache that counts the keys it evicts."""
 
     def __init__(self, maxsize: int) -> None:
         super().__init__(maxsize)
         self.evicted = 0
 
-    def popitem(self) -> tuple[int, bytes]:
+    def popitem(self) -> tuple[int, bytes | int]:
         """Drop the least recently used key (only called when the cache is full)."""
         item = super().popitem()
         self.evicted += 1
