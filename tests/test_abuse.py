@@ -414,6 +414,6 @@ async def test_limiter_memory_bounded_under_a_flood_of_unique_people() -> None:
             at_bound = tracemalloc.get_traced_memory()[0]
     end = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    assert store.key_count() == 10_000
-    assert evictions == 90_000
+    assert 5_000 <= store.key_count() <= 10_000
+    assert evictions + store.key_count() == 100_000  # every forgotten key was counted
     assert end - at_bound < 512 * 1024  # flat once the bound is reached
