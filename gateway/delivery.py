@@ -84,6 +84,16 @@ def _created_at(payload: dict[str, Any]) -> float | None:
         return None
 
 
+def _activity_id(payload: bytes) -> str:
+    """The activity id of a spooled payload (for the delivered count)."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return ""
+    activity_id = data.get("activity_id") if isinstance(data, dict) else None
+    return activity_id if isinstance(activity_id, str) else ""
+
+
 def _describe(payload: bytes) -> tuple[str, str, dict[str, Any]]:
     """Activity id and hashed person of a spooled payload (for dead letters)."""
     try:
@@ -354,10 +364,10 @@ class Delivery:
                     dead.append((item.id, activity_id, who, str(entry.get("error", "invalid"))))
                 else:
                     done.append(item.id)
-                    delivered.append(_describe(item.payload)[0])
+                    delivered.append(_activity_id(item.payload))
         else:
             done = [i.id for i in items]
-            delivered = [_describe(i.payload)[0] for i in items]
+            delivered = [_activity_id(i.payload) for i in items]
         if done:
             await self._spool.ack(done)
             for activity_id in delivered:

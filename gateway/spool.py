@@ -14,9 +14,10 @@ durability costs one fsync per group, not per request.
 Durability. WAL with ``synchronous=FULL`` fsyncs the log at every commit, so a
 commit that returned survives power loss, not only a process crash (``NORMAL``
 would only survive the latter). ``put`` resolves, and the handler answers 202,
-strictly after ``COMMIT`` returned. Each operation runs inside a SAVEPOINT, so one
-failing operation (e.g. a full spool) is undone alone while the rest of the group
-commits; a put's rows are therefore all present or all absent. Moves (ack = delete,
+strictly after ``COMMIT`` returned. Each other operation runs inside a SAVEPOINT, so one
+failing operation is undone alone while the rest of the group commits; the group's puts
+are inserted together by one statement after their room was checked (a full spool
+refuses a put before any SQL), so a put's rows are all present or all absent. Moves (ack = delete,
 dead letter = insert + delete, replay = insert + delete) are single transactions, so
 a SIGKILL or power cut at any instant leaves every committed row either queued or
 acked/dead-lettered, never both or neither. If a COMMIT fails, every operation of
@@ -70,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 MEMORY = ":memory:"
 SCHEMA_VERSION = 1
+# Ids per statement when acknowledging (well under SQLite's limit on bound variables).
+ACK_CHUNK = 500
 # Long enough to ride out a concurrent admin process (dead-letters CLI) holding the lock.
 BUSY_TIMEOUT_MS = 5000
 # Truncate the WAL back to this size after checkpoints so a burst does not keep disk forever.
@@ -515,7 +518,12 @@ class _Writer:
         now = time.time()
         try:
             db.execute("BEGIN IMMEDIATE")
+            puts = [op for op in ops if isinstance(op, _Put)]
             for op in ops:
+                if isinstance(op, _Put):
+                    if op is puts[0]:  # in phase order: after the removals, all at once
+                        self._put_all(puts, work, now, done, failed)
+                    continue
                 db.execute("SAVEPOINT op")
                 try:
                     result, effect = self._apply(op, work, now)
@@ -572,6 +580,49 @@ class _Writer:
             return self._purge(op)
         raise TypeError(f"not a write: {op!r}")
 
+    def _put_all(
+        self,
+        puts: list[_Put],
+        work: _Counters,
+        now: float,
+        done: list[tuple[_Op[Any], object, _Effect]],
+        failed: list[_Outcome],
+    ) -> None:
+        """Insert every put of the group with one statement.
+
+        A put can only be refused for room, which is decided here before any SQL, so
+        puts need no SAVEPOINT each; and one `executemany` keeps the writer thread's
+        trips through the GIL (one per SQLite call) down to a handful per group, which
+        matters while the event loop keeps the GIL busy. The ids are consecutive: this
+        thread is the only writer and holds the write lock (BEGIN IMMEDIATE), so an
+        AUTOINCREMENT table hands out one more than the largest id each time.
+        """
+        assert self._db is not None
+        accepted: list[_Put] = []
+        for op in puts:
+            try:
+                self._check_room(work, len(op.payloads), op.nbytes)
+            except SpoolFull as exc:
+                failed.append((op, False, exc))
+                continue
+            work.add(_Effect(rows=len(op.payloads), nbytes=op.nbytes))
+            accepted.append(op)
+        rows = [(payload, now) for op in accepted for payload in op.payloads]
+        if not rows:
+            return
+        try:
+            self._db.executemany("INSERT INTO queue (payload, enqueued_at) VALUES (?, ?)", rows)
+            (last,) = self._db.execute("SELECT last_insert_rowid()").fetchone()
+        except sqlite3.Error as exc:
+            raise _FatalGroupError(f"cannot insert: {exc}") from exc
+        next_id = last - len(rows) + 1
+        for op in accepted:
+            ids = list(range(next_id, next_id + len(op.payloads)))
+            next_id += len(op.payloads)
+            # Already counted in `work` above: the effect here is for the bookkeeping after
+            # commit, so it carries no deltas of its own.
+            done.append((op, ids, _Effect()))
+
     def _put(self, op: _Put, work: _Counters, now: float) -> tuple[list[int], _Effect]:
         assert self._db is not None
         self._check_room(work, len(op.payloads), op.nbytes)
@@ -587,15 +638,20 @@ class _Writer:
     def _ack(self, ids: tuple[int, ...]) -> _Effect:
         assert self._db is not None
         rows = nbytes = 0
-        for row_id in dict.fromkeys(ids):
-            row = self._db.execute(
-                "SELECT length(payload) FROM queue WHERE id = ?", (row_id,)
+        unique = list(dict.fromkeys(ids))
+        # Two statements per chunk rather than two per row: each SQLite call is a trip
+        # through the GIL, which the event loop keeps busy.
+        for start in range(0, len(unique), ACK_CHUNK):
+            chunk = unique[start : start + ACK_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            count, total = self._db.execute(
+                f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM queue"  # noqa: S608
+                f" WHERE id IN ({marks})",
+                chunk,
             ).fetchone()
-            if row is None:
-                continue
-            self._db.execute("DELETE FROM queue WHERE id = ?", (row_id,))
-            rows += 1
-            nbytes += int(row[0])
+            self._db.execute(f"DELETE FROM queue WHERE id IN ({marks})", chunk)  # noqa: S608
+            rows += int(count)
+            nbytes += int(total)
         return _Effect(
             rows=-rows,
             nbytes=-nbytes,
