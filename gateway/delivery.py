@@ -84,6 +84,19 @@ def _created_at(payload: dict[str, Any]) -> float | None:
         return None
 
 
+_CREATED = b'"created":"'
+
+
+def _created_of(payload: bytes) -> float | None:
+    """When a spooled activity was accepted: found in the bytes, no JSON parse per item."""
+    at = payload.rfind(_CREATED)  # enrichment writes it after the browser's fields
+    if at < 0:
+        return None
+    start = at + len(_CREATED)
+    end = payload.find(b'"', start)
+    return _created_at({"created": payload[start:end].decode("ascii", "replace")})
+
+
 def _activity_id(payload: bytes) -> str:
     """The activity id of a spooled payload (for the delivered count)."""
     try:
@@ -277,9 +290,9 @@ class Delivery:
         keep: list[SpooledItem] = []
         dead: list[tuple[int, str, str, str]] = []
         for item in items:
-            activity_id, who, data = _describe(item.payload)
-            created = _created_at(data)
+            created = _created_of(item.payload)
             if created is not None and now - created > MAX_AGE:
+                activity_id, who, _ = _describe(item.payload)
                 dead.append(
                     (item.id, activity_id, who, "Created date is more than 90 days ago (gateway)")
                 )
