@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -101,3 +101,12 @@ class FakeClock:
 def example(name: str) -> bytes:
     """One of Ortto's documented request bodies."""
     return (EXAMPLES / name).read_bytes()
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[Any]]:
+    """Objects with a `kill()` that teardown calls, so a failing test leaks no process."""
+    spawned: list[Any] = []
+    yield spawned
+    for item in spawned:
+        item.kill()

@@ -70,6 +70,12 @@ class GatewayProcess:
             assert loop.time() < deadline, "gateway did not become ready"
             await asyncio.sleep(0.05)
 
+    def kill(self) -> None:
+        """For teardown: make sure the process is gone, whatever the test did."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+
     def stop(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -62,11 +63,13 @@ async def test_sigkill_loses_nothing_and_duplicates_nothing(
     session: aiohttp.ClientSession,
     tmp_path: Path,
     kill_after: int,
+    reaper: list[Any],
 ) -> None:
     sandbox_state.latency = 0.02  # batches are in flight when the kill lands
     upstream = str(sandbox.make_url("")).rstrip("/")
     spool = tmp_path / "spool.sqlite3"
     first = GatewayProcess(upstream, spool, tmp_path / "first.log")
+    reaper.append(first)
     await first.start(session)
     accepted: list[str] = []
     load = asyncio.create_task(_load(session, first.url, accepted, kill_after))
@@ -74,6 +77,7 @@ async def test_sigkill_loses_nothing_and_duplicates_nothing(
     first.stop(signal.SIGKILL)
     await load
     second = GatewayProcess(upstream, spool, tmp_path / "second.log")
+    reaper.append(second)
     await second.start(session)
     try:
         expected = set(accepted)
@@ -92,9 +96,11 @@ async def test_sigterm_drains_and_exits_cleanly(
     sandbox_state: SandboxState,
     session: aiohttp.ClientSession,
     tmp_path: Path,
+    reaper: list[Any],
 ) -> None:
     upstream = str(sandbox.make_url("")).rstrip("/")
     gw = GatewayProcess(upstream, tmp_path / "spool.sqlite3", tmp_path / "gw.log")
+    reaper.append(gw)
     await gw.start(session)
     for i in range(20):
         body = {"activity_id": "act:cm:login", "fields": {"str::email": f"t{i}@example.com"}}

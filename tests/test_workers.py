@@ -49,6 +49,7 @@ async def test_three_processes_share_exact_limits(
     session: aiohttp.ClientSession,
     redis_server: redis_support.RedisServer,
     tmp_path: Path,
+    reaper: list[Any],
 ) -> None:
     upstream = str(sandbox.make_url("")).rstrip("/")
     env = {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_UPSTREAM_RATE": "100"}
@@ -56,6 +57,7 @@ async def test_three_processes_share_exact_limits(
         GatewayProcess(upstream, tmp_path / f"spool{i}.sqlite3", tmp_path / f"gw{i}.log", env=env)
         for i in range(3)
     ]
+    reaper.extend(gateways)
     await asyncio.gather(*(g.start(session) for g in gateways))
     try:
         statuses: Counter[int] = Counter()
@@ -114,6 +116,7 @@ async def test_workers_share_one_port_and_one_metrics_listener(
     session: aiohttp.ClientSession,
     redis_server: redis_support.RedisServer,
     tmp_path: Path,
+    reaper: list[Any],
 ) -> None:
     upstream = str(sandbox.make_url("")).rstrip("/")
     gw = GatewayProcess(
@@ -123,6 +126,7 @@ async def test_workers_share_one_port_and_one_metrics_listener(
         args=("--workers", "2"),
         env={"GATEWAY_REDIS_URL": redis_server.url},
     )
+    reaper.append(gw)
     await gw.start(session)
     try:
         statuses: Counter[int] = Counter()
