@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-ROW_ORDER = ("baseline", "durable", "memory", "info_logs")
+ROW_ORDER = ("baseline", "durable", "memory", "info_logs", "redis_w1", "redis_w2")
 DURABLE_TARGET = 0.80  # issue 3: durable >= 80 % of in-memory
+SCALE_OUT_TARGET = 1.0  # `--workers 2` with Redis must accept more than one worker
+WRK_SATURATED = 0.8  # wrk cores per thread from which it may be the bottleneck
+CPU_COLUMNS = ("server", "load generator", "sandbox", "redis", "other")
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -49,6 +52,53 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             else None,
         }
         out["upstream_statuses"] = drain.get("upstream_requests", {})
+    if "redis_w1" in rows and "redis_w2" in rows:
+        w1, w2 = rows["redis_w1"], rows["redis_w2"]
+        ratio = _ratio(rate["redis_w2"], rate["redis_w1"])
+        threads = int(results["options"]["scale_out_load"].split()[0].removeprefix("-t"))
+        wrk_cores = [c.get("load generator", 0.0) for r in (w1, w2) for c in r["cpu_cores_rounds"]]
+        checked = [
+            keys >= accepted
+            for r in (w1, w2)
+            for keys, accepted in zip(
+                r["redis_keys_at_end"], r["accepted_incl_warmup"], strict=True
+            )
+        ]
+        out["scale_out"] = {
+            "workers_2_over_1": ratio,
+            "workers_2_over_1_per_cpu": _ratio(per_cpu["redis_w2"], per_cpu["redis_w1"]),
+            "target_above": SCALE_OUT_TARGET,
+            "met": ratio is not None and ratio > SCALE_OUT_TARGET,
+            "redis_1_worker_over_durable": _ratio(rate["redis_w1"], rate.get("durable", 0)),
+            "load": results["options"]["scale_out_load"],
+            "load_generator_cores_per_thread_max": round(max(wrk_cores) / threads, 2),
+            "machine_busy_cores_2_workers": w2["cpu_cores"].get("total_busy"),
+            "every_accepted_activity_in_redis": all(checked),
+            "limiter_errors": sum(sum(r["limiter_errors"]) for r in (w1, w2)),
+            "processes_left_after_stop": sum(sum(r["processes_left_after_stop"]) for r in (w1, w2)),
+        }
+    stores = results.get("limiter_stores")
+    if stores:
+        t = stores["throughput"]
+        out["limiter_stores"] = {
+            key: {
+                "memory_acquires_per_s": t["memory"][key]["acquires_per_s"],
+                "redis_acquires_per_s": t["redis"][key]["acquires_per_s"],
+                "redis_over_memory": _ratio(
+                    t["redis"][key]["acquires_per_s"], t["memory"][key]["acquires_per_s"]
+                ),
+            }
+            for key in ("single", "batch100")
+        }
+        mem = stores["redis_memory"]
+        out["limiter_bytes_per_key"] = {
+            "redis_used_memory": mem["used_memory_bytes_per_key"],
+            "redis_used_memory_keys": mem["keys"],
+            "redis_memory_usage_1_time": mem["memory_usage_bytes_by_times"]["1"],
+            "redis_memory_usage_10_times": mem["memory_usage_bytes_by_times"]["10"],
+            "memory_store_rss": (results.get("limiter") or {}).get("rss_bytes_per_key"),
+            "memory_store_keys": (results.get("limiter") or {}).get("keys"),
+        }
     return out
 
 
@@ -82,13 +132,21 @@ def render(results: dict[str, Any]) -> str:
         f"max rate: {m['load_tool']}, {opts['warmup_s']} s warm-up + {opts['duration_s']} s "
         f"measured per row; every request a new person, one activity",
         f"fixed rate: {m['fixed_rate_tool']}",
-        "",
     ]
+    redis = results.get("redis") or {}
+    if "version" in redis:
+        lines.append(
+            f"redis: {redis['version']}, {redis['args']}; scale-out rows: wrk "
+            f"{opts['scale_out_load']}"
+        )
+    elif "skipped" in redis:
+        lines.append(f"redis: rows skipped ({redis['skipped']})")
+    lines.append("")
     rounds = opts["rounds"]
     header = (
         f"{'scenario':<34} {'accepted/s':>10} {'spread':>7} {'vs base':>7} {'per CPU-s':>9} "
         f"{'vs base':>7} {'non-202':>7} {'errors':>6} {'peak RSS':>9}  "
-        "CPU cores server/load/sandbox/other"
+        "CPU cores server/load/sandbox/redis/other"
     )
     lines += [header, "-" * len(header)]
     for key in ROW_ORDER:
@@ -103,9 +161,7 @@ def render(results: dict[str, Any]) -> str:
             f"{_f(r['accepted_per_server_cpu_s']):>9} "
             f"{_f(d['per_cpu_vs_baseline'].get(key), '.2f'):>7} "
             f"{r['non_202']:>7,} {r['errors']:>6,} {_mib(r['peak_rss_kib']):>9}  "
-            + "/".join(
-                f"{cpu.get(k, 0):.2f}" for k in ("server", "load generator", "sandbox", "other")
-            )
+            + "/".join(f"{cpu[k]:.2f}" if k in cpu else "-" for k in CPU_COLUMNS)
         )
     lines.append(
         f"accepted/s: over {rounds} round(s) of {opts['duration_s']} s, each in a fresh process;"
@@ -115,6 +171,11 @@ def render(results: dict[str, Any]) -> str:
         "per CPU-s: accepted per CPU-second the server used (steadier when other processes"
         " compete); CPU: mean cores used during the measurement"
     )
+    if "redis_w2" in rows:
+        lines.append(
+            "2 workers: server CPU and peak RSS summed over the supervisor, its workers and"
+            " multiprocessing's resource tracker"
+        )
     lines.append("")
     dm = d["durable_over_memory"]
     if dm is not None:
@@ -194,6 +255,7 @@ def render(results: dict[str, Any]) -> str:
             "  upstream answers: "
             + (", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items()) if v) or "none")
         )
+    lines += _scale_out_lines(results)
     limiter = results.get("limiter")
     if limiter:
         traced = limiter.get("traced_bytes_per_key")
@@ -203,6 +265,7 @@ def render(results: dict[str, Any]) -> str:
             + (f", {traced:.0f} B/key (tracemalloc)" if traced is not None else "")
             + f"; filled at {limiter['acquires_per_s']:,} acquires/s"
         )
+    lines += _store_lines(results)
     other = max(
         [c.get("other", 0.0) for k in rows for c in rows[k]["cpu_cores_rounds"]]
         + ([lat["cpu_cores"].get("other", 0.0)] if lat else [])
@@ -217,7 +280,106 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"WARNING: the gateways logged {logged_errors} error line(s): see `logs` in the JSON"
         )
+    so = d.get("scale_out")
+    if so and so["load_generator_cores_per_thread_max"] >= WRK_SATURATED:
+        lines.append(
+            f"WARNING: wrk used up to {so['load_generator_cores_per_thread_max']:.2f} cores per "
+            "thread in a scale-out row: it may have been the bottleneck (--scale-out-threads)"
+        )
+    if so and (so["limiter_errors"] or not so["every_accepted_activity_in_redis"]):
+        lines.append(
+            f"WARNING: the scale-out rows' limiter failed over to its in-process store "
+            f"({so['limiter_errors']} errors): not every activity was checked in Redis"
+        )
+    if so and so["processes_left_after_stop"]:
+        lines.append(
+            f"WARNING: {so['processes_left_after_stop']} gateway process(es) outlived SIGTERM "
+            "to the supervisor and were killed"
+        )
+    stores = results.get("limiter_stores")
+    if stores:
+        bad = sum(
+            p["refused"] + p["errors"]
+            for kind in stores["throughput"].values()
+            for p in kind.values()
+        )
+        if bad:
+            lines.append(
+                f"WARNING: {bad} limiter-store calls were refused or failed: see limiter_stores"
+            )
     nonaccepted = sum(rows[k]["non_202"] + rows[k]["errors"] for k in rows)
     if nonaccepted or (lat and (lat["result"]["non_202"] or lat["result"]["errors"])):
         lines.append("WARNING: some requests were not answered 202: see the table and the JSON")
     return "\n".join(lines)
+
+
+def _scale_out_lines(results: dict[str, Any]) -> list[str]:
+    """The `--workers 1` vs `--workers 2` comparison (limits in Redis)."""
+    so = results["derived"].get("scale_out")
+    if not so:
+        return []
+    rows = results["rows"]
+    w1, w2 = rows["redis_w1"], rows["redis_w2"]
+    nproc = results["machine"]["nproc"]
+    verdict = "met" if so["met"] else "NOT met"
+    redis_cores = "/".join(f"{r['cpu_cores'].get('redis', 0):.2f}" for r in (w1, w2))
+    keys = sum(sum(r["redis_keys_at_end"]) for r in (w1, w2))
+    accepted = sum(sum(r["accepted_incl_warmup"]) for r in (w1, w2))
+    wrk = so["load_generator_cores_per_thread_max"]
+    return [
+        f"scale-out, limits in Redis, durable spool per worker, wrk {so['load']}: "
+        f"--workers 1 {w1['accepted_per_s']:,.0f} accepted/s, --workers 2 "
+        f"{w2['accepted_per_s']:,.0f} accepted/s",
+        f"  2 workers / 1 worker: {_f(so['workers_2_over_1'], '.2f')} in accepted/s (target > "
+        f"{so['target_above']:.2f}: {verdict}), "
+        f"{_f(so['workers_2_over_1_per_cpu'], '.2f')} per server CPU-second; the machine was "
+        f"busy {_f(so['machine_busy_cores_2_workers'], '.2f')} of {nproc} CPUs during the "
+        "2-worker row",
+        f"  Redis limits, 1 worker / durable row (in-process limits): "
+        f"{_f(so['redis_1_worker_over_durable'], '.2f')} in accepted/s; redis-server used "
+        f"{redis_cores} cores (1/2 workers)",
+        f"  wrk used at most {wrk:.2f} cores per thread ("
+        + ("may be the bottleneck" if wrk >= WRK_SATURATED else "not the bottleneck")
+        + f"); Redis held {keys:,} keys after the rows for {accepted:,} accepted activities "
+        f"(one new person each; limiter errors: {so['limiter_errors']}); processes left "
+        f"after SIGTERM to the supervisor: {so['processes_left_after_stop']}",
+    ]
+
+
+def _store_lines(results: dict[str, Any]) -> list[str]:
+    """`MemoryStore` vs `RedisStore`: throughput, and Redis memory beside the in-process one."""
+    stores = results.get("limiter_stores")
+    if not stores:
+        return []
+    d = results["derived"]
+    lines = [
+        f"limiter stores, one process, {stores['callers']} concurrent asyncio callers of "
+        f"Limiter.check_many, 2 rules per activity ({stores['rules']}), "
+        f"{stores['duration_s']:g} s each:"
+    ]
+    for key, label in (
+        ("single", "1 activity per call:   "),
+        ("batch100", "100 activities per call:"),
+    ):
+        mem, red = stores["throughput"]["memory"][key], stores["throughput"]["redis"][key]
+        lat = red["call_latency_ms"]
+        lines.append(
+            f"  {label} MemoryStore {mem['acquires_per_s']:,.0f} acquires/s, RedisStore "
+            f"{red['acquires_per_s']:,.0f} acquires/s = "
+            f"{_f(d['limiter_stores'][key]['redis_over_memory'], '.2f')} of MemoryStore "
+            f"(Redis call p50 {_f(lat.get('p50'), '.2f')} ms, p99 {_f(lat.get('p99'), '.2f')} "
+            f"ms; client {red['cpu_cores']['client']:.2f} cores, redis-server "
+            f"{_f(red['cpu_cores']['redis'], '.2f')} cores)"
+        )
+    b = d["limiter_bytes_per_key"]
+    mem = stores["redis_memory"]
+    lines.append(
+        f"limiter memory per key, 1 timestamp each: Redis {b['redis_used_memory']:.0f} B/key "
+        f"(used_memory growth over {b['redis_used_memory_keys']:,} keys) vs MemoryStore "
+        f"{_f(b['memory_store_rss'], '.0f')} B/key (RSS growth at "
+        f"{_f(b['memory_store_keys'], ',')} keys, in process); Redis MEMORY USAGE of one "
+        f"person key ({mem['key_name_chars']}-character name): "
+        f"{b['redis_memory_usage_1_time']} B with 1 timestamp, "
+        f"{b['redis_memory_usage_10_times']} B with 10"
+    )
+    return lines

@@ -9,9 +9,19 @@ one of them is under load at a time):
    a fixed offered rate of half that maximum.
 3. gateway, in-memory spool (`GATEWAY_SPOOL_PATH=:memory:`): max accepted/s.
 4. gateway, durable spool with `GATEWAY_LOG_LEVEL=INFO` (one JSON line per request).
-5. limiter memory per key at 1,000,000 keys (`limiter_mem.py`, a fresh process).
+5. scale-out: the gateway, durable spool, limits in Redis (`GATEWAY_REDIS_URL`), run as
+   `serve --workers 1` and as `serve --workers 2` (a supervisor and two workers sharing
+   the port with SO_REUSEPORT, each with its own spool file in the temp dir); Redis is
+   flushed before each. Ready when `/readyz` answers and every worker listens.
+6. limiter memory per key at 1,000,000 keys (`limiter_mem.py`, a fresh process).
+7. limiter stores (`limiter_stores.py`, a fresh process): `MemoryStore` vs `RedisStore`
+   acquires/s (32 callers, 1 and 100 activities per call) and Redis memory per key.
 
-Rows 1-4 are measured `--rounds` times (default 2) in mirrored order (1 2 3 4, 4 3 2 1),
+Redis is the run's own `redis-server` (free loopback port, `--save "" --appendonly no`,
+in the temp dir), started after the sandbox and stopped at the end; without
+redis-server (or `--no-redis`) rows 5 and 7 are skipped and the report says so.
+
+Rows 1-5 are measured `--rounds` times (default 2) in mirrored order (1 2 3 4 5, 5 4 3 2 1),
 each time in a fresh process, so a drift in the machine's load weighs on every row alike.
 Every max-rate measurement gets a warm-up first (not counted). Every response status is
 counted; anything but 202 is reported next to the figure it would otherwise inflate.
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import shutil
@@ -37,8 +48,25 @@ from typing import Any
 from gateway.server import free_port
 from tests.bench import report
 from tests.bench.load import LoadResult, closed_loop, open_loop, run_wrk, wrk_version
-from tests.bench.procs import Proc, Procs, child_env, http, wait_ready
-from tests.bench.sysinfo import CpuMeter, fsync_probe, loadavg, machine_info
+from tests.bench.procs import (
+    Proc,
+    Procs,
+    child_env,
+    descendants,
+    http,
+    pid_alive,
+    status_kib,
+    wait_listeners,
+    wait_ready,
+)
+from tests.bench.redis_server import BenchRedis, find_binary, start_redis
+from tests.bench.sysinfo import (
+    CpuMeter,
+    fsync_probe,
+    loadavg,
+    machine_info,
+    redis_server_version,
+)
 from tests.bench.workload import ACTIVITY_ID, IP_BLOCK, PATH, RequestFactory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +85,14 @@ class Options:
     load_tool: str
     limiter_keys: int
     limiter_tracemalloc: bool
+    redis_server: str | None  # None: no Redis rows
+    no_redis_reason: str
+    scale_out_threads: int
+    scale_out_connections: int
+    store_duration: float
+    store_warmup: float
+    store_callers: int
+    redis_memory_keys: int
     upstream_rate: float
     drain_timeout: float
     spool_dir: Path | None
@@ -80,7 +116,7 @@ def parse_args(argv: list[str] | None) -> Options:
         "--latency-duration", type=int, help="seconds of the fixed-rate phase (default: duration)"
     )
     parser.add_argument("--json", type=Path, default=Path("bench-results/latest.json"))
-    parser.add_argument("--quick", action="store_true", help="a ~30 s run with short phases")
+    parser.add_argument("--quick", action="store_true", help="a ~55 s run with short phases")
     parser.add_argument("--connections", type=int, default=32, help="load connections (32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     parser.add_argument(
@@ -94,6 +130,30 @@ def parse_args(argv: list[str] | None) -> Options:
         "--limiter-tracemalloc",
         action="store_true",
         help="also count Python allocations per limiter key (adds ~40 s)",
+    )
+    parser.add_argument(
+        "--no-redis", action="store_true", help="skip the Redis rows (scale-out, limiter stores)"
+    )
+    parser.add_argument("--redis-server", help="the redis-server binary (default: on PATH)")
+    parser.add_argument(
+        "--scale-out-threads", type=int, help="wrk threads for the scale-out rows (--threads)"
+    )
+    parser.add_argument(
+        "--scale-out-connections",
+        type=int,
+        help="load connections for the scale-out rows (--connections)",
+    )
+    parser.add_argument(
+        "--store-duration",
+        type=float,
+        help="seconds per limiter-store throughput phase (default 3; quick 1)",
+    )
+    parser.add_argument("--store-callers", type=int, default=32, help="limiter-store callers (32)")
+    parser.add_argument(
+        "--redis-memory-keys",
+        type=int,
+        default=100_000,
+        help="keys for Redis used_memory per key (100000)",
     )
     parser.add_argument(
         "--upstream-rate", type=float, default=30.0, help="GATEWAY_UPSTREAM_RATE (30: Business)"
@@ -111,6 +171,20 @@ def parse_args(argv: list[str] | None) -> Options:
     rounds = args.rounds or (1 if quick else 2)
     if min(duration, rounds, args.connections, args.threads) < 1 or warmup < 0:
         parser.error("--duration, --rounds, --connections, --threads must be >= 1")
+    redis_server: str | None = None
+    no_redis_reason = ""
+    if args.no_redis:
+        no_redis_reason = "--no-redis"
+    elif importlib.util.find_spec("redis") is None:
+        no_redis_reason = "the redis package is not installed (pip install '.[redis]')"
+    else:
+        redis_server = find_binary(args.redis_server)
+        if redis_server is None:
+            no_redis_reason = "redis-server not found (apt-get install redis-server)"
+    scale_threads = args.scale_out_threads or args.threads
+    scale_connections = args.scale_out_connections or args.connections
+    if min(scale_threads, scale_connections, args.store_callers, args.redis_memory_keys) < 1:
+        parser.error("--scale-out-*, --store-callers, --redis-memory-keys must be >= 1")
     return Options(
         duration=duration,
         warmup=warmup,
@@ -121,6 +195,14 @@ def parse_args(argv: list[str] | None) -> Options:
         load_tool=args.load_tool,
         limiter_keys=args.limiter_keys,
         limiter_tracemalloc=args.limiter_tracemalloc,
+        redis_server=redis_server,
+        no_redis_reason=no_redis_reason,
+        scale_out_threads=scale_threads,
+        scale_out_connections=scale_connections,
+        store_duration=args.store_duration or (1.0 if quick else 3.0),
+        store_warmup=0.5 if quick else 1.0,
+        store_callers=args.store_callers,
+        redis_memory_keys=args.redis_memory_keys,
         upstream_rate=args.upstream_rate,
         drain_timeout=args.drain_timeout or (45.0 if quick else 120.0),
         spool_dir=args.spool_dir,
@@ -137,10 +219,22 @@ class Target:
     proc: Proc
     port: int
     metrics_port: int | None = None
+    workers: list[int] = field(default_factory=list)  # `--workers N > 1`: the workers' pids
+    helpers: list[int] = field(default_factory=list)  # other descendants (resource tracker)
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}{PATH}"
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process of the server (a supervisor, its workers and helpers)."""
+        return [self.proc.pid, *self.workers, *self.helpers]
+
+    def peak_rss_kib(self) -> int | None:
+        """Peak RSS; for a supervisor and its workers, the sum of each one's peak."""
+        peaks = [status_kib(pid, "VmHWM") for pid in self.pids]
+        return sum(k for k in peaks if k is not None) if any(peaks) else None
 
 
 @dataclass
@@ -149,6 +243,8 @@ class Row:
 
     key: str
     label: str
+    threads: int | None = None  # wrk threads and connections when not the run's
+    connections: int | None = None
     results: list[LoadResult] = field(default_factory=list)
     warmups: list[LoadResult | None] = field(default_factory=list)
     cpus: list[dict[str, float]] = field(default_factory=list)
@@ -210,6 +306,7 @@ class Bench:
         if opts.load_tool == "wrk" and self.wrk is None:
             raise RuntimeError("--load-tool wrk: wrk is not installed")
         self.sandbox: Target | None = None
+        self.redis: BenchRedis | None = None
 
     # -- processes
 
@@ -254,12 +351,27 @@ class Bench:
         return Target("baseline", proc, port)
 
     def start_gateway(
-        self, name: str, spool_path: str, *, log_level: str = "WARNING", drain_timeout: str = "10s"
+        self,
+        name: str,
+        spool_path: str,
+        *,
+        log_level: str = "WARNING",
+        drain_timeout: str = "10s",
+        workers: int | None = None,
     ) -> Target:
+        """`serve` (or `serve --workers N` with this run's Redis: the scale-out rows)."""
         assert self.sandbox is not None
         port, metrics_port = free_port(HOST), free_port(HOST)
+        extra: dict[str, str] = {}
+        argv = [sys.executable, "-m", "gateway", "serve"]
+        if workers is not None:
+            assert self.redis is not None
+            argv += ["--workers", str(workers)]
+            # The supervisor's metrics directory (tempfile) goes to the run's temp dir too.
+            extra = {"GATEWAY_REDIS_URL": self.redis.url, "TMPDIR": str(self.workdir)}
         env = child_env(
             {
+                **extra,
                 "GATEWAY_API_KEY": API_KEY,
                 "GATEWAY_UPSTREAM_URL": f"http://{HOST}:{self.sandbox.port}",
                 "GATEWAY_ACTIVITIES": ACTIVITY_ID,
@@ -271,31 +383,45 @@ class Bench:
                 "GATEWAY_DRAIN_TIMEOUT": drain_timeout,
             }
         )
-        proc = self.procs.start(name, [sys.executable, "-m", "gateway", "serve"], env)
+        proc = self.procs.start(name, argv, env)
         wait_ready(proc, f"http://{HOST}:{port}/readyz")
-        return Target(name, proc, port, metrics_port)
+        target = Target(name, proc, port, metrics_port)
+        if workers is not None and workers > 1:
+            # One worker answering /readyz is not all of them: wait until each listens.
+            target.workers = wait_listeners(proc, port, workers)
+            target.helpers = [p for p in descendants(proc.pid) if p not in target.workers]
+        return target
 
     def stop(self, target: Target) -> int:
+        """SIGTERM (a supervisor forwards it to its workers); check that every process ended."""
         status = target.proc.stop()
         if status != 0:
             print(
                 f"bench: warning: {target.name} exited with status {status}:\n{target.proc.tail()}",
                 file=sys.stderr,
             )
+        left = [pid for pid in target.pids if pid_alive(pid)]
+        if target.proc.strays or left:
+            print(
+                f"bench: warning: {target.name}: {target.proc.strays} process(es) outlived it "
+                f"and were killed; still running: {left}",
+                file=sys.stderr,
+            )
         return status
 
     # -- load
 
-    def drive(self, target: Target, seconds: int) -> LoadResult:
+    def drive(self, target: Target, seconds: int, row: Row) -> LoadResult:
         """Max-rate load for `seconds`; every phase sends people and IPs never sent before."""
         self.phase += 1
         prefix, ip_base = f"r{self.phase}", self.phase * IP_BLOCK
+        connections = row.connections or self.opts.connections
         if self.wrk is not None:
             result = run_wrk(
                 self.wrk,
                 target.url,
-                connections=self.opts.connections,
-                threads=self.opts.threads,
+                connections=connections,
+                threads=row.threads or self.opts.threads,
                 duration=seconds,
                 prefix=prefix,
                 ip_base=ip_base,
@@ -306,7 +432,7 @@ class Bench:
                 closed_loop(
                     HOST,
                     target.port,
-                    connections=self.opts.connections,
+                    connections=connections,
                     duration=seconds,
                     make_request=factory,
                 )
@@ -319,10 +445,10 @@ class Bench:
             f"{row.label} (round {len(row.results) + 1}): warm-up {self.opts.warmup} s, "
             f"then {self.opts.duration} s at max rate"
         )
-        warm = self.drive(target, self.opts.warmup) if self.opts.warmup > 0 else None
+        warm = self.drive(target, self.opts.warmup, row) if self.opts.warmup > 0 else None
         meter = self.meter(target)
         meter.start()
-        result = self.drive(target, self.opts.duration)
+        result = self.drive(target, self.opts.duration, row)
         cpu = meter.stop(load_tool_is_child=self.wrk is not None)
         row.add(result, warm, cpu)
         progress(
@@ -356,9 +482,11 @@ class Bench:
         return result, cpu
 
     def meter(self, target: Target) -> CpuMeter:
-        pids = {"server": target.proc.pid}
+        pids: dict[str, list[int]] = {"server": target.pids}
         if self.sandbox is not None:
-            pids["sandbox"] = self.sandbox.proc.pid
+            pids["sandbox"] = [self.sandbox.proc.pid]
+        if self.redis is not None:
+            pids["redis"] = [self.redis.pid]
         return CpuMeter(pids)
 
     def check_alive(self, target: Target) -> None:
@@ -367,6 +495,9 @@ class Bench:
                 f"{target.name} died under load (status {target.proc.popen.returncode}):\n"
                 f"{target.proc.tail()}"
             )
+        dead = [pid for pid in target.workers if not pid_alive(pid)]
+        if dead:  # the supervisor would restart it: the figure would not be two workers'
+            raise RuntimeError(f"{target.name}: worker(s) {dead} died under load")
 
     # -- gateway state
 
@@ -430,14 +561,55 @@ class Bench:
         progress(f"  {data['rss_bytes_per_key']} B/key (RSS)")
         return data
 
+    def limiter_stores(self) -> dict[str, Any]:
+        """`MemoryStore` vs `RedisStore` throughput and Redis memory per key (fresh process)."""
+        assert self.redis is not None
+        opts = self.opts
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.bench.limiter_stores",
+            "--redis-url",
+            self.redis.url,
+            "--redis-pid",
+            str(self.redis.pid),
+            "--duration",
+            f"{opts.store_duration:g}",
+            "--warmup",
+            f"{opts.store_warmup:g}",
+            "--callers",
+            str(opts.store_callers),
+            "--memory-keys",
+            str(opts.redis_memory_keys),
+        ]
+        progress(
+            f"limiter stores: MemoryStore vs RedisStore, {opts.store_callers} callers, "
+            f"{opts.store_warmup:g} s warm-up + {opts.store_duration:g} s per phase; Redis "
+            f"memory over {opts.redis_memory_keys:,} keys"
+        )
+        proc = self.procs.start("limiter-stores", argv, child_env({}))
+        try:
+            status = proc.popen.wait(timeout=300)
+        finally:
+            proc.stop()
+        if status != 0:
+            raise RuntimeError(f"limiter-store measurement failed ({status}):\n{proc.tail()}")
+        data: dict[str, Any] = json.loads(proc.log_path.read_text().strip().splitlines()[-1])
+        for kind in ("memory", "redis"):
+            for key, phase in data["throughput"][kind].items():
+                progress(f"  {kind} {key}: {phase['acquires_per_s']:,.0f} acquires/s")
+        mem = data["redis_memory"]
+        progress(f"  Redis: {mem['used_memory_bytes_per_key']} B/key (used_memory)")
+        return data
+
 
 def progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
 def fmt_cpu(cpu: dict[str, float]) -> str:
-    keys = ("server", "load generator", "sandbox", "other")
-    return " ".join(f"{k}={cpu.get(k, 0):.2f}" for k in keys)
+    keys = ("server", "load generator", "sandbox", "redis", "other")
+    return " ".join(f"{k}={cpu[k]:.2f}" for k in keys if k in cpu)
 
 
 def log_lines(proc: Proc) -> dict[str, Any]:
@@ -463,7 +635,16 @@ ROWS = {
     "durable": "gateway, durable spool",
     "memory": "gateway, in-memory spool",
     "info_logs": "gateway, durable spool, INFO logs",
+    "redis_w1": "gateway, Redis limits, 1 worker",
+    "redis_w2": "gateway, Redis limits, 2 workers",
 }
+# The scale-out rows: `serve --workers N` with the limits in this run's Redis.
+SCALE_OUT = {"redis_w1": 1, "redis_w2": 2}
+
+
+def metric_sum(metrics: dict[str, float], name: str) -> float:
+    """The sum of a metric's samples over every label set (0 when absent)."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 def run_row(bench: Bench, row: Row, results: dict[str, Any], *, first_durable: bool) -> None:
@@ -477,17 +658,41 @@ def run_row(bench: Bench, row: Row, results: dict[str, Any], *, first_durable: b
         return
     bench.sandbox_call("/_sandbox/reset", "POST")
     spool = ":memory:" if row.key == "memory" else str(bench.workdir / f"spool-{tag}.sqlite3")
+    workers = SCALE_OUT.get(row.key)
+    if workers is not None:
+        assert bench.redis is not None
+        bench.redis.flushall()  # every scale-out row starts from an empty Redis
     target = bench.start_gateway(
         f"gateway-{tag}",
         spool,
         log_level="INFO" if row.key == "info_logs" else "WARNING",
         # Rows that do not wait for delivery leave a backlog: do not wait 10 s on exit.
         drain_timeout="10s" if first_durable else "1s",
+        workers=workers,
     )
+    if workers is not None:
+        # Where the supervisor's metrics directory went (TMPDIR = the run's temp dir).
+        row.extra.setdefault("metrics_dirs_in_workdir", []).append(
+            len(list(bench.workdir.glob("ortto-gateway-metrics-*")))
+        )
     result = bench.max_rate(target, row)
     at_end = bench.metrics(target)
     backlog = int(at_end.get("ortto_gateway_spool_depth", -1))
     row.extra.setdefault("backlog_at_end_of_load", []).append(backlog)
+    if workers is not None:
+        assert bench.redis is not None
+        warm = row.warmups[-1]
+        row.extra["workers"] = workers
+        row.extra.setdefault("worker_pids", []).append(target.workers or [target.proc.pid])
+        # Each accepted activity is a new person: a key in Redis unless the limiter fell
+        # back to its in-process store (counted by limiter_errors_total).
+        row.extra.setdefault("accepted_incl_warmup", []).append(
+            (warm.accepted if warm else 0) + result.accepted
+        )
+        row.extra.setdefault("redis_keys_at_end", []).append(bench.redis.dbsize())
+        row.extra.setdefault("limiter_errors", []).append(
+            int(metric_sum(at_end, "ortto_gateway_limiter_errors_total"))
+        )
     if first_durable:
         warm = row.warmups[-1]
         accepted = (warm.accepted if warm else 0) + result.accepted
@@ -510,12 +715,20 @@ def run_row(bench: Bench, row: Row, results: dict[str, Any], *, first_durable: b
         }
         before = drain["delivered"]
         results["latency"]["drain"] = bench.wait_delivered(before + latency.accepted)
-    row.peak_rss_kib.append(target.proc.status_kib("VmHWM"))
+    row.peak_rss_kib.append(target.peak_rss_kib())
     bench.stop(target)
     row.extra.setdefault("logs", []).append(log_lines(target.proc))
+    if workers is not None:
+        row.extra.setdefault("processes_left_after_stop", []).append(
+            target.proc.strays + sum(1 for pid in target.pids if pid_alive(pid))
+        )
     if spool != ":memory:":
-        for suffix in ("", "-wal", "-shm"):
-            Path(spool + suffix).unlink(missing_ok=True)
+        # The spool and its WAL files; with --workers N, each worker's (spool-<tag>.w<i>.*).
+        files = sorted(Path(spool).parent.glob(Path(spool).stem + ".*"))
+        if workers is not None:
+            row.extra.setdefault("spool_files", []).append([f.name for f in files])
+        for path in files:
+            path.unlink(missing_ok=True)
 
 
 def run(opts: Options) -> dict[str, Any]:
@@ -536,6 +749,11 @@ def run(opts: Options) -> dict[str, Any]:
         info["fixed_rate_tool"] = "built-in asyncio open loop, 64 connections (no wrk2)"
         results["machine"] = info
         results["options"] = {
+            "scale_out_load": f"-t{opts.scale_out_threads} -c{opts.scale_out_connections}",
+            "store_duration_s": opts.store_duration,
+            "store_warmup_s": opts.store_warmup,
+            "store_callers": opts.store_callers,
+            "redis_memory_keys": opts.redis_memory_keys,
             "duration_s": opts.duration,
             "warmup_s": opts.warmup,
             "rounds": opts.rounds,
@@ -548,16 +766,37 @@ def run(opts: Options) -> dict[str, Any]:
         }
         progress(f"load tool: {info['load_tool']}; work dir {workdir}")
         bench.start_sandbox()
-        rows = {key: Row(key, label) for key, label in ROWS.items()}
+        if opts.redis_server is not None:
+            bench.redis = start_redis(procs, workdir, opts.redis_server)
+            results["redis"] = {
+                "version": redis_server_version(opts.redis_server),
+                "args": "--bind 127.0.0.1 --save '' --appendonly no (temp dir)",
+            }
+            progress(f"redis: {results['redis']['version']} on port {bench.redis.port}")
+        else:
+            results["redis"] = {"skipped": opts.no_redis_reason}
+            progress(f"redis rows skipped: {opts.no_redis_reason}")
+        keys = [k for k in ROWS if bench.redis is not None or k not in SCALE_OUT]
+        rows = {key: Row(key, ROWS[key]) for key in keys}
+        for key in SCALE_OUT:
+            if key in rows:
+                rows[key].threads = opts.scale_out_threads
+                rows[key].connections = opts.scale_out_connections
         # Rounds run in mirrored order (A B C D, D C B A, ...) so a drift in the machine's
         # load weighs on every row alike.
         for round_no in range(opts.rounds):
-            order = list(ROWS) if round_no % 2 == 0 else list(reversed(ROWS))
+            order = keys if round_no % 2 == 0 else list(reversed(keys))
             for key in order:
                 first_durable = key == "durable" and round_no == 0
                 run_row(bench, rows[key], results, first_durable=first_durable)
         bench.sandbox_call("/_sandbox/reset", "POST")
         results["limiter"] = bench.limiter_memory()
+        if bench.redis is not None:
+            results["limiter_stores"] = bench.limiter_stores()
+            status = bench.redis.proc.stop()
+            results["redis"]["exit_status"] = status
+            if status != 0:
+                progress(f"warning: redis-server exited with {status}:\n{bench.redis.proc.tail()}")
         results["rows"] = {k: r.as_dict() for k, r in rows.items()}
         results["derived"] = report.derive(results)
         results["machine"]["loadavg_at_end"] = loadavg()

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def event_loop_name() -> str:
         import uvloop
     except ImportError:
         return "asyncio (default selector loop; uvloop not installed)"
-    return f"uvloop {uvloop.__version__}"
+    return f"uvloop {getattr(uvloop, '__version__', '(unknown version)')}"
 
 
 def machine_info(repo: Path, spool_dir: Path) -> dict[str, Any]:
@@ -149,6 +150,27 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
+def group_cpu_seconds(pids: Sequence[int]) -> float | None:
+    """utime + stime summed over live processes (None when one of them is gone)."""
+    total = 0.0
+    for pid in pids:
+        seconds = process_cpu_seconds(pid)
+        if seconds is None:
+            return None
+        total += seconds
+    return total
+
+
+def redis_server_version(binary: str) -> str:
+    """`redis-server --version`, shortened: `Redis server v=7.0.15 ... malloc=jemalloc-5.3.0`."""
+    proc = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+    )
+    words = proc.stdout.split()
+    keep = [w for w in words if w.startswith(("v=", "malloc="))]
+    return "redis-server " + " ".join(k.split("=", 1)[1] for k in keep) if keep else "redis-server"
+
+
 def _own_and_reaped_children() -> tuple[float, float]:
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -168,20 +190,21 @@ class _Snap:
 class CpuMeter:
     """Cores used per component during a phase, and by everything else on the machine.
 
-    `pids` are long-lived children (gateway, sandbox); the load generator is either this
+    `pids` are long-lived children (gateway, sandbox, redis), one pid or several per
+    component (a supervisor and its workers: their sum); the load generator is either this
     process (built-in) or a child reaped at the end of the phase (wrk), counted through
     getrusage. "other" is what the rest of the machine used: if it is not near zero,
     the figures were taken on a busy machine and say so.
     """
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self._pids = pids
+    def __init__(self, pids: Mapping[str, int | Sequence[int]]) -> None:
+        self._pids = {k: (v,) if isinstance(v, int) else tuple(v) for k, v in pids.items()}
         self._start: _Snap | None = None
 
     def _snap(self) -> _Snap:
         busy, steal = _busy_and_steal()
         own, reaped = _own_and_reaped_children()
-        procs = {name: process_cpu_seconds(pid) for name, pid in self._pids.items()}
+        procs = {name: group_cpu_seconds(pids) for name, pids in self._pids.items()}
         return _Snap(time.monotonic(), busy, steal, procs, own, reaped)
 
     def start(self) -> None:
