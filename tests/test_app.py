@@ -163,3 +163,15 @@ async def test_key_never_in_responses(
         text = await resp.text()
         assert API_KEY not in text
         assert all(API_KEY not in v for v in resp.headers.values())
+
+
+async def test_sync_mode_wrong_key_is_502_without_the_key(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.api_key = "the-key-ortto-expects"
+    client = await make_gateway(delivery="sync")
+    resp = await client.post(PATH, data=example("01-single.json"), headers=JSON)
+    assert resp.status == 502
+    text = await resp.text()
+    assert API_KEY not in text
+    assert "authenticate" in (await resp.json())["error"]

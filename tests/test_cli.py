@@ -112,3 +112,25 @@ def test_dead_letters_without_spool(tmp_path: Path, capsys: pytest.CaptureFixtur
     env = {"GATEWAY_SPOOL_PATH": str(tmp_path / "missing.sqlite3")}
     assert main(["dead-letters", "list"], env) == 1
     assert "no spool" in capsys.readouterr().err
+
+
+def test_sign_identity_prints_a_token_the_gateway_accepts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    from gateway.identity import verify_identity
+
+    secret = "s" * 40
+    assert (
+        main(
+            ["sign-identity", "Chris@Example.com", "--ttl", "1h"],
+            {"GATEWAY_IDENTITY_SECRET": secret},
+        )
+        == 0
+    )
+    token = capsys.readouterr().out.strip()
+    activity = {"activity_id": "act:cm:login", "fields": {"str::email": "chris@example.com"}}
+    verify_identity(token, activity, [secret], time.time())
+    assert main(["sign-identity", "a@b.c"], {}) == 2
+    assert "GATEWAY_IDENTITY_SECRET" in capsys.readouterr().err
