@@ -158,10 +158,6 @@ class Settings:
         """`{base}/v1/activities/create`."""
         return self.upstream_base + ACTIVITIES_PATH
 
-    def spec(self, activity_id: str) -> ActivitySpec | None:
-        """The catalogue entry for an activity id, or None when not enabled."""
-        return self.activities.get(activity_id)
-
     def person_rate(self, spec: ActivitySpec) -> Rate:
         """The per-person limit that applies to an activity."""
         return spec.person_limit or self.person_limit

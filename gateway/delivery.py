@@ -205,13 +205,6 @@ class Delivery:
             )
         await self._refresh_gauges()
 
-    @property
-    def paused(self) -> str | None:
-        """Why sending is paused now, or None."""
-        if time.monotonic() < self._not_before:
-            return self._pause_reason
-        return None
-
     # -- the loop
 
     async def _run(self) -> None:

@@ -48,12 +48,6 @@ class NotFound(GatewayError):
     status = 404
 
 
-class MethodNotAllowed(GatewayError):
-    """Wrong HTTP method."""
-
-    status = 405
-
-
 class RequestTimeout(GatewayError):
     """The body did not arrive within the read timeout (a slow or stalled client)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -28,7 +28,6 @@ class SinkResult:
     body: dict[str, Any] | None = None  # a whole-request answer (sync mode errors)
     retry_after: float | None = None
     delivered: bool = False  # True when Ortto took them (sync mode)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Sink(Protocol):

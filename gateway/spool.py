@@ -566,8 +566,6 @@ class _Writer:
             self._drained.append((time.monotonic(), drained_rows, drained_bytes))
 
     def _apply(self, op: _Op[Any], work: _Counters, now: float) -> tuple[object, _Effect]:
-        if isinstance(op, _Put):
-            return self._put(op, work, now)
         if isinstance(op, _Ack):
             return None, self._ack(op.ids)
         if isinstance(op, _DeadLetterOp):
@@ -622,18 +620,6 @@ class _Writer:
             # Already counted in `work` above: the effect here is for the bookkeeping after
             # commit, so it carries no deltas of its own.
             done.append((op, ids, _Effect()))
-
-    def _put(self, op: _Put, work: _Counters, now: float) -> tuple[list[int], _Effect]:
-        assert self._db is not None
-        self._check_room(work, len(op.payloads), op.nbytes)
-        ids: list[int] = []
-        for payload in op.payloads:
-            cursor = self._db.execute(
-                "INSERT INTO queue (payload, enqueued_at) VALUES (?, ?)", (payload, now)
-            )
-            assert cursor.lastrowid is not None
-            ids.append(cursor.lastrowid)
-        return ids, _Effect(rows=len(ids), nbytes=op.nbytes)
 
     def _ack(self, ids: tuple[int, ...]) -> _Effect:
         assert self._db is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +325,3 @@ async def test_gauges_follow_the_spool(rig: Rig, sandbox_state: SandboxState) ->
     await wait_for(lambda: rig.value("ortto_gateway_spool_depth") == 3)
     await wait_for(lambda: rig.value("ortto_gateway_spool_oldest_age_seconds") >= 0)
     sandbox_state.clear_faults()
-
-
-Starter = Callable[..., Awaitable[Any]]
