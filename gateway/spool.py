@@ -336,6 +336,7 @@ class _Writer:
         self._max_group = max_group
         self._db: sqlite3.Connection | None = None
         self._data_version: object = None
+        self._checked_external = 0.0
         self._depth = 0
         self._bytes = 0
         self._dead = 0
@@ -493,7 +494,12 @@ class _Writer:
     def _process(self, group: list[_Op[Any]]) -> None:
         if not group:
             return
-        self._external_change()
+        # Another process (the dead-letters command) rarely writes: look once a second, not
+        # per group; `lease` reads the table itself, so only the counters can lag, briefly.
+        now = time.monotonic()
+        if now - self._checked_external >= EXTERNAL_CHECK_INTERVAL:
+            self._checked_external = now
+            self._external_change()
         writes = sorted((op for op in group if op.phase is not None), key=_phase)
         reads = [op for op in group if op.phase is None]
         outcomes: list[_Outcome] = []
@@ -501,7 +507,9 @@ class _Writer:
         # serialisation: writes (removals first) and their commit, then reads.
         if writes:
             self._write(writes, outcomes)
-            self._refresh_oldest()
+            # Only a removal can change the oldest row, or a put into an empty queue.
+            if self._oldest is None or any(not isinstance(op, _Put) for op in writes):
+                self._refresh_oldest()
         for op in reads:
             try:
                 outcomes.append((op, True, self._read(op)))
