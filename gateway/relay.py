@@ -24,6 +24,8 @@ from gateway.metrics import Metrics
 from gateway.sinks import Sink
 from gateway.validation import ParsedRequest, first_error, is_batch, parse_request
 
+# The limiter's key count is a gauge: once a second is fresh enough.
+KEYS_REPORT_INTERVAL = 1.0
 # Retry-After answers are whole seconds, at least one (RFC 9110 delay-seconds).
 MIN_RETRY_AFTER = 1
 
@@ -62,6 +64,7 @@ class Relay:
         self.sink = sink
         self.metrics = metrics
         self._clock = clock
+        self._keys_reported = 0.0
 
     async def submit(self, data: Any, client_ip: str | None, request_id: str) -> RelayResult:
         """Run one decoded request body through the flow; raise GatewayError to refuse it whole."""
@@ -114,7 +117,9 @@ class Relay:
             raise Unavailable(
                 "rate limiting is unavailable; try again later", retry_after=5.0
             ) from None
-        self.metrics.limiter_keys.set(self.limiter.store.key_count())
+        if now - self._keys_reported >= KEYS_REPORT_INTERVAL:
+            self._keys_reported = now
+            self.metrics.limiter_keys.set(self.limiter.store.key_count())
         source_ip = anonymize_ip(client_ip) if client_ip and settings.ip_anonymize else client_ip
         accepted: list[bytes] = []
         accepted_at: list[int] = []
