@@ -49,8 +49,11 @@ async def create_activities(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
     try:
-        async with asyncio.timeout(settings.read_timeout):
+        if request.content.is_eof():  # the whole body came with the headers: no wait
             body = await request.read()
+        else:
+            async with asyncio.timeout(settings.read_timeout):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body over {limit} bytes") from None
     except TimeoutError:
