@@ -96,7 +96,6 @@ def create_app(
         try:
             yield
         finally:
-            app[LIFECYCLE].draining = True
             await delivery.stop(settings.drain_timeout)
 
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -113,7 +112,6 @@ def create_app(
         try:
             yield
         finally:
-            app[LIFECYCLE].draining = True
             await store.close()
 
     app.cleanup_ctx.append(upstream_ctx)

@@ -74,10 +74,8 @@ def full_jitter(attempt: int, rng: Callable[[], float] = random.random) -> float
     return rng() * min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(attempt, 30))
 
 
-def _created_at(payload: dict[str, Any]) -> float | None:
-    created = payload.get("created")
-    if not isinstance(created, str):
-        return None
+def _created_at(created: str) -> float | None:
+    """Unix time of an ISO 8601 `created` (as enrichment writes it), or None."""
     try:
         return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
     except ValueError:
@@ -94,7 +92,7 @@ def _created_of(payload: bytes) -> float | None:
         return None
     start = at + len(_CREATED)
     end = payload.find(b'"', start)
-    return _created_at({"created": payload[start:end].decode("ascii", "replace")})
+    return _created_at(payload[start:end].decode("ascii", "replace"))
 
 
 def _activity_id(payload: bytes) -> str:

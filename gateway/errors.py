@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from random import getrandbits
 from typing import Any
 
@@ -76,6 +77,17 @@ class Unavailable(GatewayError):
     """The spool is full or the gateway is shutting down."""
 
     status = 503
+
+
+# Retry-After answers are whole seconds, at least one (RFC 9110 delay-seconds).
+MIN_RETRY_AFTER = 1
+
+
+def retry_after_header(seconds: float | None) -> int | None:
+    """Seconds rounded up to a whole number for the `Retry-After` header."""
+    if seconds is None:
+        return None
+    return max(MIN_RETRY_AFTER, math.ceil(seconds))
 
 
 def new_request_id() -> str:

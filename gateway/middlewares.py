@@ -12,7 +12,13 @@ from aiohttp import web
 
 from gateway.client_ip import TrustedProxies, parse_ip, resolve_client_ip
 from gateway.cors import CorsPolicy
-from gateway.errors import Forbidden, GatewayError, Unavailable, new_request_id
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    Unavailable,
+    new_request_id,
+    retry_after_header,
+)
 from gateway.keys import LIFECYCLE
 from gateway.metrics import Metrics
 
@@ -25,6 +31,7 @@ CLIENT_IP = web.RequestKey("client_ip", str)
 LOG_DATA = web.RequestKey[dict[str, Any]]("log_data")
 ROUTE_NAMES = {
     "activities": "activities",
+    "activities-preflight": "preflight",
     "shim": "shim",
     "healthz": "health",
     "readyz": "ready",
@@ -49,7 +56,7 @@ def error_response(err: GatewayError, request_id: str) -> web.Response:
     """Ortto's error shape, with `Retry-After` when the error has one."""
     headers = {}
     if err.retry_after is not None:
-        headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
+        headers["Retry-After"] = str(retry_after_header(err.retry_after))
     return json_response(err.status, err.body(request_id), headers)
 
 
@@ -165,6 +172,4 @@ def referer_origin(referer: str | None) -> str | None:
 def _route_name(request: web.Request) -> str:
     route = request.match_info.route
     name = route.name if route is not None else None
-    if request.method == "OPTIONS" and name == "activities-preflight":
-        return "preflight"
-    return ROUTE_NAMES.get(name or "", "preflight" if name == "activities-preflight" else "other")
+    return ROUTE_NAMES.get(name or "", "other")

@@ -6,7 +6,6 @@ everything between is here, one step after another as in the design's data flow.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import orjson
 from gateway.client_ip import limit_key, parse_ip
 from gateway.config import Settings
 from gateway.enrich import anonymize_ip, enrich
-from gateway.errors import GatewayError, RateLimited, Unavailable
+from gateway.errors import GatewayError, RateLimited, Unavailable, retry_after_header
 from gateway.identity import person_hash, person_key, verify_identity
 from gateway.limits import Check, Limiter, LimiterUnavailable
 from gateway.metrics import Metrics
@@ -26,8 +25,6 @@ from gateway.validation import ParsedRequest, first_error, is_batch, parse_reque
 
 # The limiter's key count is a gauge: once a second is fresh enough.
 KEYS_REPORT_INTERVAL = 1.0
-# Retry-After answers are whole seconds, at least one (RFC 9110 delay-seconds).
-MIN_RETRY_AFTER = 1
 
 
 @dataclass(slots=True)
@@ -38,13 +35,6 @@ class RelayResult:
     body: dict[str, Any]
     retry_after: int | None = None
     log: dict[str, Any] | None = None  # merged into the request's log line
-
-
-def retry_after_header(seconds: float | None) -> int | None:
-    """Seconds rounded up to a whole number for the `Retry-After` header."""
-    if seconds is None:
-        return None
-    return max(MIN_RETRY_AFTER, math.ceil(seconds))
 
 
 class Relay:
