@@ -539,6 +539,18 @@ class Bench:
 
     # -- the limiter
 
+    def _json_child(self, name: str, argv: list[str]) -> dict[str, Any]:
+        """Run a measuring subprocess and read the JSON object it prints last."""
+        proc = self.procs.start(name, argv, child_env({}))
+        try:
+            status = proc.popen.wait(timeout=300)
+        finally:
+            proc.stop()
+        if status != 0:
+            raise RuntimeError(f"{name} measurement failed ({status}):\n{proc.tail()}")
+        data: dict[str, Any] = json.loads(proc.log_path.read_text().strip().splitlines()[-1])
+        return data
+
     def limiter_memory(self) -> dict[str, Any]:
         argv = [
             sys.executable,
@@ -550,14 +562,7 @@ class Bench:
         if self.opts.limiter_tracemalloc:
             argv.append("--tracemalloc")
         progress(f"limiter: MemoryStore with {self.opts.limiter_keys:,} keys")
-        proc = self.procs.start("limiter", argv, child_env({}))
-        try:
-            status = proc.popen.wait(timeout=300)
-        finally:
-            proc.stop()
-        if status != 0:
-            raise RuntimeError(f"limiter measurement failed ({status}):\n{proc.tail()}")
-        data: dict[str, Any] = json.loads(proc.log_path.read_text().strip().splitlines()[-1])
+        data = self._json_child("limiter", argv)
         progress(f"  {data['rss_bytes_per_key']} B/key (RSS)")
         return data
 
@@ -587,14 +592,7 @@ class Bench:
             f"{opts.store_warmup:g} s warm-up + {opts.store_duration:g} s per phase; Redis "
             f"memory over {opts.redis_memory_keys:,} keys"
         )
-        proc = self.procs.start("limiter-stores", argv, child_env({}))
-        try:
-            status = proc.popen.wait(timeout=300)
-        finally:
-            proc.stop()
-        if status != 0:
-            raise RuntimeError(f"limiter-store measurement failed ({status}):\n{proc.tail()}")
-        data: dict[str, Any] = json.loads(proc.log_path.read_text().strip().splitlines()[-1])
+        data = self._json_child("limiter-stores", argv)
         for kind in ("memory", "redis"):
             for key, phase in data["throughput"][kind].items():
                 progress(f"  {kind} {key}: {phase['acquires_per_s']:,.0f} acquires/s")
