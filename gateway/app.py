@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -25,6 +26,8 @@ from gateway.sinks import ForwardSink, Sink, SpoolSink
 from gateway.spool import Spool
 from gateway.state import Lifecycle
 from gateway.upstream import OrttoClient
+
+log = logging.getLogger(__name__)
 
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
@@ -73,8 +76,10 @@ def create_app(
             settings.spool_path,
             max_rows=settings.spool_max_rows,
             max_bytes=settings.spool_max_bytes,
+            commit_on=settings.spool_commit,
         )
         await spool.open()
+        log.info("spool open", extra={"data": {"path": spool.path, "commit_on": spool.commit_on}})
         app[SPOOL] = spool
         try:
             yield

@@ -129,6 +129,7 @@ class Settings:
     spool_path: str = "./data/spool.sqlite3"
     spool_max_rows: int = 1_000_000
     spool_max_bytes: int = 1024**3
+    spool_commit: str = "auto"
     redis_url: str | None = field(default=None, repr=False)
     redis_prefix: str = "ortto-gw"
     limiter_on_error: LimiterOnError = "local"
@@ -325,6 +326,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "spool_path": str,
     "spool_max_rows": _positive_int,
     "spool_max_bytes": parse_size,
+    "spool_commit": _choice("auto", "loop", "thread"),
     "redis_url": str,
     "redis_prefix": str,
     "limiter_on_error": _choice("local", "open", "closed"),

@@ -73,6 +73,12 @@ MEMORY = ":memory:"
 SCHEMA_VERSION = 1
 # Ids per statement when acknowledging (well under SQLite's limit on bound variables).
 ACK_CHUNK = 500
+# Where a group commits: on the event loop itself, or on the writer thread; "auto" picks
+# "loop" when the spool's disk flushes fast (see `choose_commit_mode`).
+COMMIT_MODES = ("auto", "loop", "thread")
+# "auto": commit on the loop when the median fsync of the spool's directory is below this.
+FAST_FSYNC_SECONDS = 0.0005
+FSYNC_PROBES = 16
 # Rows per INSERT statement (two bound values each; SQLite before 3.32 allows 999).
 INSERT_CHUNK = 450
 # Long enough to ride out a concurrent admin process (dead-letters CLI) holding the lock.
@@ -365,24 +371,54 @@ class _Writer:
             stop = False
             while not stop:
                 group, stop = self._collect()
-                try:
-                    self._process(group)
-                except BaseException as exc:
-                    failure = SpoolError(f"spool writer failed: {exc!r}")
-                    self._post(
-                        self._spool._on_group,
-                        [(op, False, failure) for op in group],
-                        self._snapshot(),
-                    )
-                    raise
+                self.process_or_fail(group)
         except BaseException as exc:
             error = exc
         finally:
-            if self._db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.close()
-                self._db = None
+            self.close_db()
             self._post(self._spool._on_stop, error)
+
+    def process_or_fail(self, group: list[_Op[Any]]) -> None:
+        """Run one group; if that fails outright, fail each of its operations, then raise."""
+        try:
+            self._process(group)
+        except BaseException as exc:
+            failure = SpoolError(f"spool writer failed: {exc!r}")
+            self._post(
+                self._spool._on_group,
+                [(op, False, failure) for op in group],
+                self._snapshot(),
+            )
+            raise
+
+    def take_group(self) -> list[_Op[Any]]:
+        """What is queued now, up to ``max_group`` rows, without waiting ("loop" mode)."""
+        group: list[_Op[Any]] = []
+        rows = 0
+        while rows < self._max_group:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if op is not None:
+                group.append(op)
+                rows += op.size
+        return group
+
+    def check_external(self) -> None:
+        """Publish the counters if another process changed the file (the idle check)."""
+        now = time.monotonic()
+        if now - self._checked_external >= EXTERNAL_CHECK_INTERVAL:
+            self._checked_external = now
+            if self._external_change():
+                self._post(self._spool._on_group, [], self._snapshot())
+
+    def close_db(self) -> None:
+        """Close the connection, if open."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
@@ -848,6 +884,37 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def choose_commit_mode(path: str) -> str:
+    """ "loop" for an in-memory spool or a disk whose fsync is fast, else "thread".
+
+    On the loop, a group's commit blocks the event loop for one fsync, and no thread
+    hand-off is paid (each one waits for the busy loop to release the GIL): measured here
+    with fsync at 0.2 ms, p99 at 1,500 requests/s went from 10-11 ms to 7-8 ms. With a
+    slow disk the blocked loop would cost more than the hand-offs, so the thread commits.
+    """
+    if path == MEMORY:
+        return "loop"
+    directory = Path(path).parent
+    probe = directory / f".fsync-probe-{os.getpid()}"
+    times: list[float] = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for i in range(FSYNC_PROBES):
+                os.write(fd, i.to_bytes(4, "little") * 1024)
+                started = time.perf_counter()
+                os.fsync(fd)
+                times.append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError:
+        return "thread"  # opening the spool will report the real problem
+    times.sort()
+    return "loop" if times[len(times) // 2] < FAST_FSYNC_SECONDS else "thread"
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve a fire-and-forget future's outcome so asyncio does not log it."""
     if not future.cancelled():
@@ -865,10 +932,18 @@ class Spool:
         max_bytes: int = 1 << 30,
         commit_interval: float = 0.0,
         max_group: int = 1000,
+        commit_on: str = "auto",
     ) -> None:
         if max_rows < 1 or max_bytes < 1 or max_group < 1 or commit_interval < 0:
             raise ValueError("max_rows, max_bytes, max_group must be >= 1, commit_interval >= 0")
+        if commit_on not in COMMIT_MODES:
+            raise ValueError(f"commit_on must be one of {', '.join(COMMIT_MODES)}")
         self._path = os.fspath(path)
+        self._commit_on = commit_on
+        # "loop" mode: the writer runs on the event loop; a flush is scheduled (or running).
+        self._inline: _Writer | None = None
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._max_rows = max_rows
         self._max_bytes = max_bytes
         self._commit_interval = commit_interval
@@ -889,6 +964,11 @@ class Spool:
     def path(self) -> str:
         """The database path (``:memory:`` for the in-memory variant)."""
         return self._path
+
+    @property
+    def commit_on(self) -> str:
+        """Where groups commit: "loop" or "thread" ("auto" until opened)."""
+        return self._commit_on
 
     @property
     def depth(self) -> int:
@@ -950,6 +1030,12 @@ class Spool:
             commit_interval=self._commit_interval,
             max_group=self._max_group,
         )
+        if self._commit_on == "auto":
+            self._commit_on = await asyncio.to_thread(choose_commit_mode, self._path)
+        if self._commit_on == "loop":
+            self._open_inline(writer)
+            await self._opened
+            return
         self._thread = threading.Thread(target=writer.run, name="spool-writer", daemon=True)
         self._thread.start()
         try:
@@ -962,9 +1048,14 @@ class Spool:
             raise
 
     async def close(self) -> None:
-        """Commit what is pending, stop the writer thread and close the database."""
-        if self._state == "new":
-            self._state = "closed"
+        """Commit what is pending, stop the writer (thread) and close the database."""
+        if self._state == "new" or (self._state == "closed" and self._thread is None):
+            self._state = "closed"  # never opened, or opened on the loop and failed
+            return
+        if self._inline is not None:
+            self._close_inline()
+            assert self._stopped is not None
+            await asyncio.shield(self._stopped)
             return
         if self._state in ("opening", "open"):
             self._state = "closing"
@@ -1064,8 +1155,74 @@ class Spool:
         return self._loop.create_future()
 
     async def _submit(self, op: _Op[T]) -> T:
-        self._ops.put(op)
+        self._enqueue(op)
         return await op.future
+
+    def _enqueue(self, op: _Op[Any]) -> None:
+        self._ops.put(op)
+        if self._inline is not None and self._flush_handle is None:
+            assert self._loop is not None
+            # The group is whatever arrives before the loop gets back to this callback:
+            # every request read in the same loop iteration shares the commit.
+            if self._commit_interval > 0:
+                self._flush_handle = self._loop.call_later(self._commit_interval, self._flush)
+            else:
+                self._flush_handle = self._loop.call_soon(self._flush)
+
+    # -- "loop" mode: the writer's groups run on the event loop ----------------------------
+
+    def _open_inline(self, writer: _Writer) -> None:
+        self._inline = writer
+        try:
+            snapshot = writer._connect()
+        except BaseException:
+            writer.close_db()
+            self._inline = None
+            self._state = "closed"
+            raise
+        self._on_open(snapshot)
+        assert self._loop is not None
+        self._tick_handle = self._loop.call_later(EXTERNAL_CHECK_INTERVAL, self._tick)
+
+    def _flush(self) -> None:
+        """Run the queued operations as groups, one commit each (see `_Writer._process`)."""
+        self._flush_handle = None
+        writer = self._inline
+        assert writer is not None
+        while group := writer.take_group():
+            try:
+                writer.process_or_fail(group)
+            except Exception as exc:  # as when the writer thread dies: stop, fail the rest
+                self._state = "closing"
+                for handle in (self._flush_handle, self._tick_handle):
+                    if handle is not None:
+                        handle.cancel()
+                self._flush_handle = self._tick_handle = None
+                writer.close_db()
+                writer._post(self._on_stop, exc)
+                return
+
+    def _tick(self) -> None:
+        """Every second while open: notice commits by another process when idle."""
+        writer = self._inline
+        assert writer is not None and self._loop is not None
+        writer.check_external()
+        self._tick_handle = self._loop.call_later(EXTERNAL_CHECK_INTERVAL, self._tick)
+
+    def _close_inline(self) -> None:
+        writer = self._inline
+        assert writer is not None
+        if self._state in ("opening", "open"):
+            self._state = "closing"
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush()  # what was submitted before close still commits
+        for handle in (self._flush_handle, self._tick_handle):
+            if handle is not None:
+                handle.cancel()
+        self._flush_handle = self._tick_handle = None
+        writer.close_db()
+        writer._post(self._on_stop, None)  # after the answers to the last group
 
     def _apply_snapshot(self, snapshot: _Snapshot) -> None:
         self._snapshot = snapshot
@@ -1104,7 +1261,7 @@ class Spool:
                     assert isinstance(value, list)
                     release = _Release(self._future(), tuple(i.id for i in value), False)
                     release.future.add_done_callback(_consume)
-                    self._ops.put(release)
+                    self._enqueue(release)
                 continue
             if ok:
                 future.set_result(value)

@@ -9,6 +9,7 @@ from datetime import datetime
 import orjson
 import pytest
 
+from gateway.app import SPOOL
 from gateway.sandbox import SandboxState, wait_for
 from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
 
@@ -60,6 +61,18 @@ async def test_ortto_examples_reach_the_upstream(
         for attr, value in original["attributes"].items():
             if attr not in fields:
                 assert got["attributes"][attr] == value
+
+
+@pytest.mark.parametrize("commit_on", ["loop", "thread"])
+async def test_both_spool_commit_modes_deliver(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState, commit_on: str
+) -> None:
+    client = await make_gateway(spool_commit=commit_on)
+    for _ in range(3):
+        resp = await client.post(PATH, data=example("02-two-at-once.json"), headers=JSON)
+        assert resp.status == 202, await resp.text()
+    await wait_for(lambda: len(sandbox_state.activities) == 6)
+    assert client.app[SPOOL].commit_on == commit_on
 
 
 async def test_subscription_fields_refused_by_default(

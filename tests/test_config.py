@@ -44,6 +44,8 @@ def test_defaults_match_the_design() -> None:
     assert s.delivery == "queue"
     assert s.max_body_bytes == 64 * 1024
     assert s.batch_max_wait == 0.25
+    assert s.spool_commit == "auto"
+    assert load_settings(env(spool_commit="thread")).spool_commit == "thread"
 
 
 @pytest.mark.parametrize(
@@ -107,6 +109,7 @@ def test_parse_seconds_and_size() -> None:
         ("activities", "logged-in", "GATEWAY_ACTIVITIES"),
         ("upstream_rate", "0", "GATEWAY_UPSTREAM_RATE"),
         ("delivery", "later", "GATEWAY_DELIVERY"),
+        ("spool_commit", "later", "GATEWAY_SPOOL_COMMIT"),
         ("max_body_bytes", "3MiB", "GATEWAY_MAX_BODY_BYTES"),
         ("redis_url", "http://x", "GATEWAY_REDIS_URL"),
     ],

@@ -17,6 +17,14 @@ from gateway.spool import MEMORY, DeadLetter, Spool, SpoolClosed, SpoolFull, Spo
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
 
 
+@pytest.fixture(autouse=True, params=["loop", "thread"])
+def commit_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with groups committed on the event loop and on the writer thread."""
+    mode: str = request.param
+    monkeypatch.setattr(spool_module, "choose_commit_mode", lambda path: mode)
+    return mode
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "spool.sqlite3"
@@ -546,3 +554,31 @@ async def test_memory_variant(tmp_path: Path) -> None:
         assert await spool.replay_dead_letters() == 1
         assert spool.path == ":memory:"
     assert not any(tmp_path.iterdir())
+
+
+async def test_auto_mode_is_the_one_chosen(db_path: Path, commit_on: str) -> None:
+    async with Spool(db_path) as spool:
+        assert spool.commit_on == commit_on
+        assert await spool.put([b"a"]) == [1]
+    async with Spool(db_path, commit_on="thread") as spool:  # an explicit choice wins
+        assert spool.commit_on == "thread"
+        assert spool.depth == 1
+
+
+def test_commit_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="commit_on"):
+        Spool(MEMORY, commit_on="sometimes")
+
+
+def test_choose_commit_mode_by_fsync_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real chooser, not the autouse stand-in
+    assert spool_module.choose_commit_mode(MEMORY) == "loop"
+    path = str(tmp_path / "new" / "spool.sqlite3")
+    monkeypatch.setattr(spool_module, "FAST_FSYNC_SECONDS", 0.0)  # no disk is that fast
+    assert spool_module.choose_commit_mode(path) == "thread"
+    monkeypatch.setattr(spool_module, "FAST_FSYNC_SECONDS", 3600.0)
+    assert spool_module.choose_commit_mode(path) == "loop"
+    assert [p.name for p in (tmp_path / "new").iterdir()] == []  # the probe file is gone
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    assert spool_module.choose_commit_mode(str(blocker / "spool.sqlite3")) == "thread"
