@@ -77,16 +77,26 @@ def _index(networks: Iterable[IPNetwork], bits: int) -> tuple[tuple[int, frozens
 
 class TrustedProxies:
     """The networks whose forwarding headers are believed; membership costs one set lookup per
-    distinct prefix length, and IPv4-mapped IPv6 addresses count as their IPv4 address."""
+    distinct prefix length, and IPv4-mapped IPv6 addresses count as their IPv4 address.
+    Answers are remembered per address (the peer is nearly always the same proxy)."""
 
-    __slots__ = ("_v4", "_v6", "networks")
+    __slots__ = ("_known", "_v4", "_v6", "networks")
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self.networks: tuple[IPNetwork, ...] = tuple(_as_ipv4(n) for n in networks)
         self._v4 = _index((n for n in self.networks if n.version == 4), 32)
         self._v6 = _index((n for n in self.networks if n.version == 6), 128)
+        self._known: dict[IPAddress, bool] = {}
 
     def __contains__(self, ip: IPAddress) -> bool:
+        known = self._known.get(ip)
+        if known is None:
+            if len(self._known) >= PARSE_CACHE_SIZE:
+                self._known.clear()
+            known = self._known[ip] = self._lookup(ip)
+        return known
+
+    def _lookup(self, ip: IPAddress) -> bool:
         index = self._v4
         if isinstance(ip, ipaddress.IPv6Address):
             mapped = ip.ipv4_mapped
@@ -256,6 +266,13 @@ def resolve_client_ip(
 LIMIT_V6_PREFIX = 64
 
 
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def ip_text(ip: IPAddress) -> str:
+    """`str(ip)`, cached: formatting an address costs more than the lookup (profiled)."""
+    return str(ip)
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def limit_key(ip: IPAddress | None) -> str:
     """The per-IP limit's key: the address, or for IPv6 its /64 (one subscriber's block)."""
     if ip is None:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.client_ip import TrustedProxies, parse_ip, resolve_client_ip
+from gateway.client_ip import TrustedProxies, ip_text, parse_ip, resolve_client_ip
 from gateway.cors import CorsPolicy
 from gateway.errors import (
     Forbidden,
@@ -109,7 +109,7 @@ def make_middlewares(
                 request.headers.getall("Forwarded", ()),
                 trusted,
             )
-            request[CLIENT_IP] = str(ip) if ip is not None else ""
+            request[CLIENT_IP] = ip_text(ip) if ip is not None else ""
             response = await handler(request)
         except GatewayError as err:
             response = error_response(err, request_id)

@@ -337,6 +337,7 @@ class _Writer:
         self._spool = spool
         self._loop = loop
         self._ops = ops
+        self.on_loop = False  # "loop" mode: groups run on the event loop's own thread
         self._path = path
         self._max_rows = max_rows
         self._max_bytes = max_bytes
@@ -421,6 +422,9 @@ class _Writer:
             self._db = None
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
+        if self.on_loop:  # no thread to wake the loop from: skip the self-pipe write
+            self._loop.call_soon(callback, *args)
+            return
         with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
             self._loop.call_soon_threadsafe(callback, *args)
 
@@ -1173,6 +1177,7 @@ class Spool:
 
     def _open_inline(self, writer: _Writer) -> None:
         self._inline = writer
+        writer.on_loop = True
         try:
             snapshot = writer._connect()
         except BaseException:
