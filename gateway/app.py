@@ -80,6 +80,7 @@ def create_app(
         )
         await spool.open()
         log.info("spool open", extra={"data": {"path": spool.path, "commit_on": spool.commit_on}})
+        metrics.spool_commit_mode.labels(spool.commit_on).set(1)
         app[SPOOL] = spool
         try:
             yield

@@ -132,6 +132,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.spool_commit_mode = Gauge(
+            f"{PREFIX}_spool_commit_mode",
+            "Where spool groups commit (GATEWAY_SPOOL_COMMIT as chosen): 1 for the mode in use.",
+            ["mode"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.spool_full = Counter(
             f"{PREFIX}_spool_full",
             "Requests refused with 503 because the spool was full.",

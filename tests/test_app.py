@@ -9,7 +9,7 @@ from datetime import datetime
 import orjson
 import pytest
 
-from gateway.app import SPOOL
+from gateway.app import METRICS, SPOOL
 from gateway.sandbox import SandboxState, wait_for
 from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
 
@@ -73,6 +73,8 @@ async def test_both_spool_commit_modes_deliver(
         assert resp.status == 202, await resp.text()
     await wait_for(lambda: len(sandbox_state.activities) == 6)
     assert client.app[SPOOL].commit_on == commit_on
+    registry = client.app[METRICS].registry
+    assert registry.get_sample_value("ortto_gateway_spool_commit_mode", {"mode": commit_on}) == 1
 
 
 async def test_subscription_fields_refused_by_default(

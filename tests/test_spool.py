@@ -582,3 +582,53 @@ def test_choose_commit_mode_by_fsync_time(tmp_path: Path, monkeypatch: pytest.Mo
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
     assert spool_module.choose_commit_mode(str(blocker / "spool.sqlite3")) == "thread"
+
+
+async def test_a_write_lock_held_elsewhere_delays_puts_without_blocking(
+    db_path: Path, commit_on: str
+) -> None:
+    """Another process mid-transaction (the dead-letters command): puts wait for it and
+    then commit; in "loop" mode the event loop keeps running meanwhile."""
+    async with Spool(db_path) as spool:
+        await spool.put([b"first"])
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock
+            put = asyncio.create_task(spool.put([b"second"]))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            ticks = 0
+            while loop.time() - started < 0.3:  # the loop turns while the lock is held
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert not put.done()
+            assert ticks >= 10
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        assert await asyncio.wait_for(put, DEADLINE) == [2]
+        assert spool.depth == 2
+
+
+async def test_close_fails_puts_still_locked_out(
+    db_path: Path, commit_on: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if commit_on != "loop":
+        pytest.skip("the writer thread waits for the lock on its own")
+    spool = Spool(db_path)
+    await spool.open()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT_MS", 50)  # how long close waits
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        put = asyncio.create_task(spool.put([b"x"]))
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while not spool._busy_group:  # the put met the lock and waits for a retry
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        await spool.close()
+        with pytest.raises(SpoolClosed):
+            await put
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
