@@ -7,6 +7,7 @@ A sink: it imports no gateway module. Callers pass structured data with
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import logging.handlers
 import queue
@@ -60,22 +61,117 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
+class _Line:
+    """A structured line queued without a `LogRecord`: it has just what the handler
+    and `JsonFormatter` read. Building a LogRecord (caller lookup, thread and process
+    names, the handler chain) cost the event loop about 20 µs a request (profiled)."""
+
+    __slots__ = ("created", "data", "levelname", "levelno", "msecs", "msg", "name")
+    exc_info = None
+    error_text = None
+
+    def __init__(self, name: str, level: int, msg: str, data: dict[str, Any]) -> None:
+        self.created = time.time()
+        self.msecs = (self.created % 1) * 1000
+        self.name = name
+        self.levelno = level
+        self.levelname = logging.getLevelName(level)
+        self.msg = msg
+        self.data = data
+
+    def getMessage(self) -> str:  # the LogRecord interface
+        return self.msg
+
+
+def log_line(logger: logging.Logger, level: int, msg: str, data: dict[str, Any]) -> None:
+    """`logger.log(level, msg, extra={"data": data})`, cheaper: for a line per request.
+
+    With `setup_logging` the line goes straight to the writer thread's queue (the logger's
+    level still decides; its handlers and filters are the root's JSON writer); otherwise
+    it takes the ordinary path.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    if _records is None:
+        logger.log(level, msg, extra={"data": data})
+        return
+    _records.put(_Line(logger.name, level, msg, data))  # type: ignore[arg-type]
+
+
+# The writer thread wakes at most this often and writes what came meanwhile in one go.
+BATCH_INTERVAL = 0.01
+BATCH_MAX = 1000
+
+
+class _BatchWriter(logging.StreamHandler):  # type: ignore[type-arg]
+    """Formats records as they come and writes them in one call per batch."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+    def write_pending(self) -> None:
+        """Write and flush what `emit` collected."""
+        if not self._pending:
+            return
+        text, self._pending = "".join(self._pending), []
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing to do
+            self.stream.write(text)
+            self.flush()
+
+
+class _BatchListener(logging.handlers.QueueListener):
+    """A QueueListener that drains the queue in batches: one wake-up (one trip through
+    the GIL, which the event loop keeps busy) and one write per batch, not per line."""
+
+    def _monitor(self) -> None:
+        q: Any = self.queue  # a SimpleQueue (setup_logging)
+        while True:
+            batch = [self.dequeue(True)]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            for record in batch:
+                if record is self._sentinel:  # type: ignore[attr-defined]
+                    stop = True
+                else:
+                    self.handle(record)
+            for handler in self.handlers:
+                if isinstance(handler, _BatchWriter):
+                    handler.write_pending()
+            if stop:
+                return
+            time.sleep(BATCH_INTERVAL)
+
+
 _listener: logging.handlers.QueueListener | None = None
+_records: queue.SimpleQueue[logging.LogRecord] | None = None
 
 
 def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route every logger to one JSON writer on stderr (or `stream`).
 
-    Formatting and writing happen on a background thread (a `QueueListener`), so a
-    log line costs the event loop a queue put, not a JSON encode and a write.
+    Formatting and writing happen on a background thread (a `QueueListener` that wakes
+    every BATCH_INTERVAL at most and writes a batch at once), so a log line costs the
+    event loop a queue put, not a JSON encode and a write.
     """
-    global _listener
+    global _listener, _records
     stop_logging()
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _BatchWriter(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, handler)
+    _listener = _BatchListener(records, handler)
     _listener.start()
+    _records = records
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -94,7 +190,8 @@ def flush_logs() -> None:
 
 def stop_logging() -> None:
     """Write out what is queued and stop the writer thread."""
-    global _listener
+    global _listener, _records
+    _records = None
     if _listener is not None:
         _listener.stop()
         _listener = None

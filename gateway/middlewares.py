@@ -20,6 +20,7 @@ from gateway.errors import (
     retry_after_header,
 )
 from gateway.keys import LIFECYCLE
+from gateway.logs import log_line
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.http")
@@ -152,7 +153,7 @@ def make_middlewares(
         extra: dict[str, Any] = request[LOG_DATA]
         data.update(extra)
         # Probes come every few seconds: keep them out of the INFO log.
-        log.log(PROBE_LEVEL if route in PROBES else logging.INFO, "request", extra={"data": data})
+        log_line(log, PROBE_LEVEL if route in PROBES else logging.INFO, "request", data)
         return response
 
     return [shell]

@@ -14,6 +14,7 @@ from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
 
 PATH = "/v1/activities/create"
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
@@ -105,3 +106,29 @@ async def test_logs_are_json_lines_without_key_or_email(
     assert all("request_id" in r and "status" in r for r in requests)
     accepted = [r for r in requests if r.get("accepted")]
     assert accepted and all(len(p) == 12 for r in accepted for p in r["people"])
+
+
+async def test_request_line_follows_the_logger_level(
+    make_gateway: GatewayFactory, log_stream: io.StringIO
+) -> None:
+    client = await make_gateway()
+    resp = await client.post(PATH, data=example("01-single.json"), headers=JSON_TYPE)
+    assert resp.status == 202
+    flush_logs()
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    (line,) = [x for x in lines if x["msg"] == "request" and x.get("route") == "activities"]
+    assert line["logger"] == "gateway.http"
+    assert line["level"] == "info"
+    assert line["request_id"] == resp.headers["X-Request-Id"]
+    assert line["status"] == 202 and line["accepted"] == 1
+    assert line["ts"].endswith("Z") and len(line["ts"]) == 24
+
+    logging.getLogger("gateway.http").setLevel(logging.WARNING)
+    try:
+        resp = await client.post(PATH, data=example("01-single.json"), headers=JSON_TYPE)
+        assert resp.status == 202
+        flush_logs()
+        ids = [json.loads(line).get("request_id") for line in log_stream.getvalue().splitlines()]
+        assert resp.headers["X-Request-Id"] not in ids
+    finally:
+        logging.getLogger("gateway.http").setLevel(logging.NOTSET)
