@@ -27,6 +27,7 @@ from gateway.limits import (
     Rule,
     rules_of,
 )
+from gateway.limits import redis as redis_module
 from gateway.limits.redis import RedisStore, redis_store_from_url
 from tests import redis_support
 from tests.redis_support import RedisServer
@@ -106,6 +107,36 @@ async def test_more_calls_than_connections_wait_their_turn(server: RedisServer) 
         r = Rule("k", 100, HOUR)
         decisions = await asyncio.gather(*(store.acquire([r], T0) for _ in range(500)))
         assert sum(d.allowed for d in decisions) == 100
+    finally:
+        await store.close()
+
+
+async def test_calls_in_one_loop_turn_share_a_script_call(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = redis_store_from_url(server.url, prefix=fresh_prefix(), timeout=5.0)
+    sizes: list[int] = []
+    script = store._script
+
+    async def counted(keys: list[str], args: list[int]) -> object:
+        sizes.append(len(keys))
+        return await script(keys, args)
+
+    monkeypatch.setattr(store, "_script", counted)
+    monkeypatch.setattr(redis_module, "MAX_SHARED_CHECKS", 120)
+    try:
+        # 15 requests for one person (limit 10), then 300 for new people from one IP
+        # (limit 100): each in the order submitted, as if they were separate calls.
+        same = await asyncio.gather(*(store.acquire(check("p@x"), T0) for _ in range(15)))
+        assert [d.allowed for d in same] == [True] * 10 + [False] * 5
+        assert sizes == [30]  # one script call for all 15 (two keys each)
+        sizes.clear()
+        many = await asyncio.gather(
+            *(store.acquire(check(f"n{i}@x", ip="198.51.100.9"), T0) for i in range(300))
+        )
+        assert [d.allowed for d in many] == [True] * 100 + [False] * 200
+        assert all(d.refused == (1,) for d in many[100:])
+        assert sizes == [240, 240, 120]  # at most 120 checks (240 keys) a call
     finally:
         await store.close()
 
