@@ -56,6 +56,7 @@ async def _load(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("commit_on", ["loop", "thread"])
 @pytest.mark.parametrize("kill_after", [1, 40, 300])
 async def test_sigkill_loses_nothing_and_duplicates_nothing(
     sandbox: TestServer,
@@ -63,12 +64,15 @@ async def test_sigkill_loses_nothing_and_duplicates_nothing(
     session: aiohttp.ClientSession,
     tmp_path: Path,
     kill_after: int,
+    commit_on: str,
     reaper: list[Any],
 ) -> None:
     sandbox_state.latency = 0.02  # batches are in flight when the kill lands
     upstream = str(sandbox.make_url("")).rstrip("/")
     spool = tmp_path / "spool.sqlite3"
-    first = GatewayProcess(upstream, spool, tmp_path / "first.log")
+    first = GatewayProcess(
+        upstream, spool, tmp_path / "first.log", env={"GATEWAY_SPOOL_COMMIT": commit_on}
+    )
     reaper.append(first)
     await first.start(session)
     accepted: list[str] = []
