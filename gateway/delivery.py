@@ -95,8 +95,16 @@ def _created_of(payload: bytes) -> float | None:
     return _created_at(payload[start:end].decode("ascii", "replace"))
 
 
+_ID_PREFIX = b'{"activity_id":"'
+
+
 def _activity_id(payload: bytes) -> str:
     """The activity id of a spooled payload (for the delivered count)."""
+    # The relay encodes activity_id first, and catalogue ids hold no quote or escape.
+    if payload.startswith(_ID_PREFIX):
+        end = payload.find(b'"', len(_ID_PREFIX))
+        if end > 0 and b"\\" not in payload[len(_ID_PREFIX) : end]:
+            return payload[len(_ID_PREFIX) : end].decode("ascii", "replace")
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError:

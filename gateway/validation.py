@@ -625,6 +625,8 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 def _unknown(obj: dict[Any, Any], known: frozenset[str]) -> str | None:
     """The first key (sorted, shown) that is not known, or None."""
+    if obj.keys() <= known:  # the usual case, in C
+        return None
     extra = [key for key in obj if key not in known]
     if not extra:
         return None

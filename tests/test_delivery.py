@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.delivery import BAD_REQUEST_BUDGET, Delivery, full_jitter
+from gateway.delivery import BAD_REQUEST_BUDGET, Delivery, _activity_id, full_jitter
 from gateway.enrich import enrich
 from gateway.metrics import Metrics
 from gateway.sandbox import Fault, SandboxState, wait_for
@@ -325,3 +325,17 @@ async def test_gauges_follow_the_spool(rig: Rig, sandbox_state: SandboxState) ->
     await wait_for(lambda: rig.value("ortto_gateway_spool_depth") == 3)
     await wait_for(lambda: rig.value("ortto_gateway_spool_oldest_age_seconds") >= 0)
     sandbox_state.clear_faults()
+
+
+@pytest.mark.parametrize(
+    ("payload", "activity_id"),
+    [
+        (b'{"activity_id":"act:cm:login","fields":{}}', "act:cm:login"),
+        (b'{"activity_id":"a\\"b","fields":{}}', 'a"b'),  # escaped: the slow path
+        (b'{"fields":{},"activity_id":"act:cm:x"}', "act:cm:x"),  # not first
+        (b"[1]", ""),
+        (b"{", ""),
+    ],
+)
+def test_activity_id_of_a_payload(payload: bytes, activity_id: str) -> None:
+    assert _activity_id(payload) == activity_id
