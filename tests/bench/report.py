@@ -110,6 +110,19 @@ def _mib(kib: int | None) -> str:
     return "n/a" if kib is None else f"{kib / 1024:.1f} MiB"
 
 
+def _commit_modes(rows: dict[str, Any]) -> str:
+    """Where each gateway row's spool committed, e.g. "loop" or "durable: loop, ..."."""
+    modes = {
+        key: sorted({m for per_round in row.get("spool_commit", []) for m in per_round})
+        for key, row in rows.items()
+        if key != "baseline"
+    }
+    found = {"/".join(v) or "?" for v in modes.values()}
+    if len(found) == 1:
+        return f"{found.pop()} in every gateway row"
+    return ", ".join(f"{key}: {'/'.join(v) or '?'}" for key, v in modes.items())
+
+
 def render(results: dict[str, Any]) -> str:
     """The report: machine, table, and the derived lines, every number from `results`."""
     m = results["machine"]
@@ -129,6 +142,7 @@ def render(results: dict[str, Any]) -> str:
         f"durable spool on {fs['fstype']} ({fs['device']}), 4 KiB write + fsync p50 "
         f"{m['fsync']['p50_ms']:.2f} ms, p99 {m['fsync']['p99_ms']:.2f} ms; load average at "
         f"start {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
+        f"spool commits (GATEWAY_SPOOL_COMMIT=auto chose): {_commit_modes(rows)}",
         f"max rate: {m['load_tool']}, {opts['warmup_s']} s warm-up + {opts['duration_s']} s "
         f"measured per row; every request a new person, one activity",
         f"fixed rate: {m['fixed_rate_tool']}",

@@ -677,6 +677,7 @@ def run_row(bench: Bench, row: Row, results: dict[str, Any], *, first_durable: b
     at_end = bench.metrics(target)
     backlog = int(at_end.get("ortto_gateway_spool_depth", -1))
     row.extra.setdefault("backlog_at_end_of_load", []).append(backlog)
+    row.extra.setdefault("spool_commit", []).append(spool_commit_modes(at_end))
     if workers is not None:
         assert bench.redis is not None
         warm = row.warmups[-1]
@@ -803,6 +804,13 @@ def run(opts: Options) -> dict[str, Any]:
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def spool_commit_modes(metrics: dict[str, float]) -> list[str]:
+    """Where the gateway's spool commits (`spool_commit_mode{mode}`), as GATEWAY_SPOOL_COMMIT
+    =auto chose on this disk; one entry per mode in use (workers may differ)."""
+    prefix = 'ortto_gateway_spool_commit_mode{mode="'
+    return sorted(k[len(prefix) : -2] for k, v in metrics.items() if k.startswith(prefix) and v)
 
 
 def upstream_statuses(metrics: dict[str, float]) -> dict[str, int]:
