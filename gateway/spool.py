@@ -594,18 +594,16 @@ class _Writer:
         done: list[tuple[_Op[Any], object, _Effect]] = []
         failed: list[_Outcome] = []
         now = time.time()
-        if self.on_loop:
-            # Never wait on the loop for another process's transaction (the dead-letters
-            # command replaying): give the group back before anything of it ran.
+        try:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                # On the loop, never wait for another process's transaction (the
+                # dead-letters command replaying): give the group back before any of it ran.
+                busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if self.on_loop and busy:
                     raise _Busy from exc
                 raise
-        try:
-            if not self.on_loop:
-                db.execute("BEGIN IMMEDIATE")
             puts = [op for op in ops if isinstance(op, _Put)]
             for op in ops:
                 if isinstance(op, _Put):
