@@ -450,8 +450,8 @@ class _Writer:
             self._db = None
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
-        if self.on_loop:  # no thread to wake the loop from: skip the self-pipe write
-            self._loop.call_soon(callback, *args)
+        if self.on_loop:  # already on the loop: answer now, not one loop turn later
+            callback(*args)
             return
         with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
             self._loop.call_soon_threadsafe(callback, *args)
@@ -1276,7 +1276,9 @@ class Spool:
                 handle.cancel()
         self._flush_handle = self._tick_handle = None
         writer.close_db()
-        writer._post(self._on_stop, None)  # after the answers to the last group
+        assert self._loop is not None
+        # One turn later: whoever awaited the last group resumes before `close` returns.
+        self._loop.call_soon(self._on_stop, None)
 
     def _apply_snapshot(self, snapshot: _Snapshot) -> None:
         self._snapshot = snapshot
