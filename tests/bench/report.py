@@ -142,7 +142,8 @@ def render(results: dict[str, Any]) -> str:
         f"durable spool on {fs['fstype']} ({fs['device']}), 4 KiB write + fsync p50 "
         f"{m['fsync']['p50_ms']:.2f} ms, p99 {m['fsync']['p99_ms']:.2f} ms; load average at "
         f"start {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
-        f"spool commits (GATEWAY_SPOOL_COMMIT=auto chose): {_commit_modes(rows)}",
+        f"spool commits (GATEWAY_SPOOL_COMMIT={opts.get('spool_commit', 'auto')}): "
+        f"{_commit_modes(rows)}",
         f"max rate: {m['load_tool']}, {opts['warmup_s']} s warm-up + {opts['duration_s']} s "
         f"measured per row; every request a new person, one activity",
         f"fixed rate: {m['fixed_rate_tool']}",

@@ -96,6 +96,7 @@ class Options:
     upstream_rate: float
     drain_timeout: float
     spool_dir: Path | None
+    spool_commit: str
     json_path: Path
     quick: bool
 
@@ -164,6 +165,12 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--spool-dir", type=Path, help="where the durable spool's temp dir goes (default: TMPDIR)"
     )
+    parser.add_argument(
+        "--spool-commit",
+        choices=("auto", "loop", "thread"),
+        default="auto",
+        help="GATEWAY_SPOOL_COMMIT of every gateway row (auto)",
+    )
     args = parser.parse_args(argv)
     quick = bool(args.quick)
     duration = args.duration or (4 if quick else 10)
@@ -206,6 +213,7 @@ def parse_args(argv: list[str] | None) -> Options:
         upstream_rate=args.upstream_rate,
         drain_timeout=args.drain_timeout or (45.0 if quick else 120.0),
         spool_dir=args.spool_dir,
+        spool_commit=args.spool_commit,
         json_path=args.json,
         quick=quick,
     )
@@ -381,6 +389,7 @@ class Bench:
                 "GATEWAY_UPSTREAM_RATE": f"{self.opts.upstream_rate:g}",
                 "GATEWAY_LOG_LEVEL": log_level,
                 "GATEWAY_DRAIN_TIMEOUT": drain_timeout,
+                "GATEWAY_SPOOL_COMMIT": self.opts.spool_commit,
             }
         )
         proc = self.procs.start(name, argv, env)
@@ -762,6 +771,7 @@ def run(opts: Options) -> dict[str, Any]:
             "upstream_rate": opts.upstream_rate,
             "quick": opts.quick,
             "limiter_keys": opts.limiter_keys,
+            "spool_commit": opts.spool_commit,
         }
         progress(f"load tool: {info['load_tool']}; work dir {workdir}")
         bench.start_sandbox()
