@@ -934,25 +934,31 @@ def choose_commit_mode(path: str) -> str:
     """
     if path == MEMORY:
         return "loop"
-    directory = Path(path).parent
-    probe = directory / f".fsync-probe-{os.getpid()}"
-    times: list[float] = []
     try:
+        directory = Path(path).parent
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            for i in range(FSYNC_PROBES):
-                os.write(fd, i.to_bytes(4, "little") * 1024)
-                started = time.perf_counter()
-                os.fsync(fd)
-                times.append(time.perf_counter() - started)
-        finally:
-            os.close(fd)
-            probe.unlink(missing_ok=True)
+        times = fsync_times(directory, FSYNC_PROBES)
     except OSError:
         return "thread"  # opening the spool will report the real problem
-    times.sort()
     return "loop" if times[len(times) // 2] < FAST_FSYNC_SECONDS else "thread"
+
+
+def fsync_times(directory: Path, count: int) -> list[float]:
+    """Seconds each of `count` 4 KiB write + fsync took in `directory`, ascending (what
+    one group commit waits for); the probe file is removed."""
+    probe = directory / f".fsync-probe-{os.getpid()}"
+    times: list[float] = []
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for i in range(count):
+            os.write(fd, i.to_bytes(4, "little") * 1024)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+    return sorted(times)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.spool import fsync_times
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -111,19 +113,7 @@ def machine_info(repo: Path, spool_dir: Path) -> dict[str, Any]:
 
 def fsync_probe(directory: Path, count: int = 100) -> dict[str, float]:
     """Milliseconds per small write + fsync in `directory` (what one group commit waits for)."""
-    path = directory / "fsync-probe"
-    times: list[float] = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for i in range(count):
-            os.write(fd, i.to_bytes(4, "little") * 1024)
-            started = time.perf_counter()
-            os.fsync(fd)
-            times.append(time.perf_counter() - started)
-    finally:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-    times.sort()
+    times = fsync_times(directory, count)
     return {
         "count": count,
         "p50_ms": round(times[len(times) // 2] * 1000, 3),
