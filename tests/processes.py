@@ -81,3 +81,8 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=20)
+
+    async def stop_async(self, sig: int = signal.SIGTERM) -> int:
+        """`stop` without blocking the event loop: the in-process sandbox keeps answering
+        while the gateway drains its spool into it."""
+        return await asyncio.to_thread(self.stop, sig)

@@ -106,7 +106,7 @@ async def test_three_processes_share_exact_limits(
         assert all(g.log_path.read_text().count('"status":202') > 0 for g in gateways)
     finally:
         for g in gateways:
-            assert g.stop(signal.SIGTERM) == 0
+            assert await g.stop_async(signal.SIGTERM) == 0
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ async def test_workers_share_one_port_and_one_metrics_listener(
         spools = sorted(p.name for p in tmp_path.glob("spool.w*.sqlite3"))
         assert spools == ["spool.w0.sqlite3", "spool.w1.sqlite3"]
     finally:
-        assert gw.stop(signal.SIGTERM) == 0
+        assert await gw.stop_async(signal.SIGTERM) == 0
     assert API_KEY not in gw.log_path.read_text()
 
 
