@@ -160,6 +160,7 @@ class Delivery:
         self._gauges: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._leasing = False  # between taking a slot and handing the batch to a task
         self._not_before = 0.0  # monotonic time before which nothing is sent
         self._pause_reason: str | None = None
         self._failures = 0  # consecutive retryable failures, for the backoff exponent
@@ -185,8 +186,10 @@ class Delivery:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         if self._task is not None:
-            if self._spool.available:
-                # The loop leases until nothing is left, then returns by itself.
+            if self._spool.available or self._leasing:
+                # The loop leases until nothing is left, then returns by itself. A lease
+                # under way may already hold the last items (the spool then counts none
+                # available): cancelling it now would leave them undelivered until restart.
                 await asyncio.wait({self._task}, timeout=drain_timeout)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -222,6 +225,7 @@ class Delivery:
                 if not self._stopping.is_set():
                     await self._fill_wait()
                 await self._slots.acquire()
+                self._leasing = True  # `stop` lets this iteration finish (see there)
                 try:
                     await self._wait_until_allowed()
                     await self._rate.acquire()
@@ -229,6 +233,8 @@ class Delivery:
                 except BaseException:
                     self._slots.release()
                     raise
+                finally:
+                    self._leasing = False
                 if not items:
                     self._slots.release()
                     continue

@@ -1203,7 +1203,18 @@ class Spool:
 
     async def _submit(self, op: _Op[T]) -> T:
         self._enqueue(op)
-        return await op.future
+        try:
+            return await op.future
+        except asyncio.CancelledError:
+            # Cancelled after the answer arrived but before it was taken: a lease's items
+            # reached nobody, so give them back (as `_on_group` does for an earlier cancel).
+            future = op.future
+            answered = future.done() and not future.cancelled() and future.exception() is None
+            if isinstance(op, _Lease) and answered and self._state == "open":
+                items: list[SpooledItem] = op.future.result()
+                if items:
+                    self._give_back(items)
+            raise
 
     def _enqueue(self, op: _Op[Any]) -> None:
         self._ops.put(op)
@@ -1319,17 +1330,20 @@ class Spool:
             future = op.future
             if future.done():  # the caller was cancelled
                 if ok and isinstance(op, _Lease) and value and self._state == "open":
-                    # Nobody received these items: give them back without an attempt.
                     assert isinstance(value, list)
-                    release = _Release(self._future(), tuple(i.id for i in value), False)
-                    release.future.add_done_callback(_consume)
-                    self._enqueue(release)
+                    self._give_back(value)
                 continue
             if ok:
                 future.set_result(value)
             else:
                 assert isinstance(value, BaseException)
                 future.set_exception(value)
+
+    def _give_back(self, items: list[SpooledItem]) -> None:
+        """Nobody received these leased items: release them without counting an attempt."""
+        release = _Release(self._future(), tuple(i.id for i in items), False)
+        release.future.add_done_callback(_consume)
+        self._enqueue(release)
 
     def _on_stop(self, error: BaseException | None) -> None:
         if error is not None:

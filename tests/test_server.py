@@ -116,7 +116,7 @@ async def test_sigterm_drains_and_exits_cleanly(
     assert '"msg":"stopped"' in log
     assert "drain timeout" not in log  # the drain delivered everything before exiting
     assert API_KEY not in log
-    assert len(sandbox_state.activities) == 20
+    await wait_for(lambda: len(sandbox_state.activities) == 20)
 
 
 async def test_restart_delivers_what_a_wrong_key_left_spooled(

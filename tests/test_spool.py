@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import gateway.spool as spool_module
-from gateway.spool import MEMORY, DeadLetter, Spool, SpoolClosed, SpoolFull, SpoolStats
+from gateway.spool import MEMORY, DeadLetter, Spool, SpoolClosed, SpoolFull, SpoolStats, _Lease
 
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
 
@@ -632,3 +632,25 @@ async def test_close_fails_puts_still_locked_out(
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+async def test_a_lease_cancelled_after_its_answer_gives_the_items_back(spool: Spool) -> None:
+    """The caller was cancelled between the answer and taking it (the delivery loop
+    stopped at shutdown): the items must not stay leased to nobody until a restart."""
+    await spool.put([b"a", b"b"])
+    op = _Lease(spool._future(), 10, 1 << 20)
+    waiter = asyncio.ensure_future(spool._submit(op))
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while not op.future.done():  # answered; the waiter has not resumed yet
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0)
+    assert not waiter.done() and spool.leased == 2
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    while spool.leased:  # the release commits in a later group
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
+    assert spool.available == 2
+    items = await spool.lease(10, 1 << 20)
+    assert [(i.payload, i.attempts) for i in items] == [(b"a", 0), (b"b", 0)]
