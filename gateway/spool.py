@@ -432,15 +432,11 @@ class _Writer:
             if self._external_change():
                 self._post(self._spool._on_group, [], self._snapshot())
 
-    def no_busy_wait(self) -> None:
-        """In "loop" mode a locked database answers at once (see `_Busy`), never blocks."""
-        assert self._db is not None
-        self._db.execute("PRAGMA busy_timeout=0")
-
-    def wait_when_busy(self) -> None:
-        """Wait up to BUSY_TIMEOUT_MS for another process's lock again (at close)."""
+    def set_busy_timeout(self, ms: int) -> None:
+        """How long SQLite waits for another process's lock: 0 on the loop (see `_Busy`),
+        BUSY_TIMEOUT_MS on the thread and when closing."""
         if self._db is not None:
-            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._db.execute(f"PRAGMA busy_timeout={ms}")
 
     def close_db(self) -> None:
         """Close the connection, if open."""
@@ -463,8 +459,7 @@ class _Writer:
                 first = self._ops.get(timeout=EXTERNAL_CHECK_INTERVAL)
                 break
             except queue.Empty:
-                if self._external_change():  # e.g. a replay by the CLI: wake the worker
-                    self._post(self._spool._on_group, [], self._snapshot())
+                self.check_external()  # e.g. a replay by the CLI: wake the worker
         if first is None:
             return [], True
         group = [first]
@@ -1234,7 +1229,7 @@ class Spool:
         writer.on_loop = True
         try:
             snapshot = writer._connect()
-            writer.no_busy_wait()
+            writer.set_busy_timeout(0)
         except BaseException:
             writer.close_db()
             self._inline = None
@@ -1261,10 +1256,7 @@ class Spool:
                 return
             except Exception as exc:  # as when the writer thread dies: stop, fail the rest
                 self._state = "closing"
-                for handle in (self._flush_handle, self._tick_handle):
-                    if handle is not None:
-                        handle.cancel()
-                self._flush_handle = self._tick_handle = None
+                self._cancel_timers()
                 writer.close_db()
                 writer._post(self._on_stop, exc)
                 return
@@ -1276,22 +1268,24 @@ class Spool:
         writer.check_external()
         self._tick_handle = self._loop.call_later(EXTERNAL_CHECK_INTERVAL, self._tick)
 
+    def _cancel_timers(self) -> None:
+        for handle in (self._flush_handle, self._tick_handle):
+            if handle is not None:
+                handle.cancel()
+        self._flush_handle = self._tick_handle = None
+
     def _close_inline(self) -> None:
         writer = self._inline
         assert writer is not None
         if self._state in ("opening", "open"):
             self._state = "closing"
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-            writer.wait_when_busy()  # shutting down: waiting for a lock is fine now
+            self._cancel_timers()
+            writer.set_busy_timeout(BUSY_TIMEOUT_MS)  # shutting down: waiting is fine now
             self._flush()  # what was submitted before close still commits
         for op in self._busy_group:  # still locked out: fail them with the rest (_on_stop)
             self._ops.put(op)
         self._busy_group = []
-        for handle in (self._flush_handle, self._tick_handle):
-            if handle is not None:
-                handle.cancel()
-        self._flush_handle = self._tick_handle = None
+        self._cancel_timers()
         writer.close_db()
         assert self._loop is not None
         # One turn later: whoever awaited the last group resumes before `close` returns.

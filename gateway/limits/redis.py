@@ -342,17 +342,14 @@ class RedisStore:
         return ""
 
     async def _call_all(self, batches: Sequence[tuple[str, _Batch]]) -> list[list[list[int]]]:
-        if len(batches) == 1:
-            return [await self._submit(*batches[0])]
-        try:  # a cluster: the slots' calls at once; one failing cancels the others
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._wait(*batch)) for batch in batches]
-        except ExceptionGroup as failed:
-            raise failed.exceptions[0] from failed
-        return [task.result() for task in tasks]
-
-    async def _wait(self, slot: str, batch: _Batch) -> list[list[int]]:
-        return await self._submit(slot, batch)
+        # One batch per slot (several only on a cluster): their script calls run at once.
+        futures = [self._submit(slot, batch) for slot, batch in batches]
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:  # one failed or we gave up: the others are not awaited
+                future.cancel()
+            raise
 
     def _submit(self, slot: str, batch: _Batch) -> asyncio.Future[list[list[int]]]:
         """Queue a batch for the slot's next script call; its replies, in order.
