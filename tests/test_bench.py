@@ -1,0 +1,79 @@
+"""`make bench` (tests/bench) end to end, shortened: it runs, counts honestly, reports.
+
+Speed is never asserted here (the figures are the benchmark's job); what is checked is
+that the tool measures what it says: every row ran against a live server, every answer
+was a 202, the delivered activities match the accepted ones with no duplicate, and the
+report prints the table, the ratios and the commit mode from the same JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench",
+            "--quick",
+            "--no-redis",
+            "--load-tool",
+            "builtin",  # the same run with or without wrk installed
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--latency-duration",
+            "1",
+            "--limiter-keys",
+            "20000",
+            "--spool-dir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+
+    rows = results["rows"]
+    assert list(rows) == ["baseline", "durable", "memory", "info_logs"]
+    for row in rows.values():
+        assert row["accepted_per_s"] > 0
+        assert row["non_202"] == 0 and row["errors"] == 0
+    derived = results["derived"]
+    assert derived["vs_baseline"]["baseline"] == 1.0
+    assert 0 < derived["vs_baseline"]["durable"] < 2
+    upstream = derived["upstream"]
+    assert upstream["duplicates"] == 0 and upstream["left_after_drain"] == 0
+    assert upstream["activities"] >= rows["durable"]["rounds"][0]["accepted"]
+    assert 1 <= upstream["activities_per_request"] <= 100
+    latency = results["latency"]["result"]
+    assert latency["non_202"] == 0 and latency["latency_ms"]["p99"] > 0
+    assert results["limiter"]["keys"] == 20000 and results["limiter"]["rss_bytes_per_key"] > 0
+    modes = {m for per_round in rows["durable"]["spool_commit"] for m in per_round}
+    assert modes <= {"loop", "thread"} and len(modes) == 1
+
+    report = proc.stdout
+    assert "baseline: bare aiohttp app" in report
+    assert "gateway, durable spool" in report
+    assert f"spool commits (GATEWAY_SPOOL_COMMIT=auto): {modes.pop()} in every gateway row" in (
+        report
+    )
+    assert "redis: rows skipped (--no-redis)" in report
