@@ -248,9 +248,12 @@ class Delivery:
             raise
 
     async def _fill_wait(self) -> None:
-        """Give a batch `batch_max_wait` to fill when fewer than 100 are waiting."""
-        if self._spool.available < ORTTO_MAX_ACTIVITIES:
-            await asyncio.sleep(self._batch_max_wait)
+        """Give a batch up to `batch_max_wait` to fill: it goes as soon as 100 are waiting.
+
+        Sleeping the whole wait instead would let several batches pile up and go out
+        back to back, a burst of loop work that stalls the requests arriving meanwhile.
+        """
+        await self._spool.wait_for_items(self._batch_max_wait, ORTTO_MAX_ACTIVITIES)
 
     async def _wait_until_allowed(self) -> None:
         delay = self._not_before - time.monotonic()

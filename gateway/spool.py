@@ -997,7 +997,8 @@ class Spool:
         self._pending_rows = 0
         self._pending_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
+        # wait_for_items: (how many unleased items, future resolved once there are that many)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._thread: threading.Thread | None = None
         self._opened: asyncio.Future[None] | None = None
         self._stopped: asyncio.Future[None] | None = None
@@ -1058,7 +1059,6 @@ class Spool:
             raise RuntimeError("a Spool can be opened once")
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._event = asyncio.Event()
         self._opened = loop.create_future()
         self._stopped = loop.create_future()
         self._state = "opening"
@@ -1127,17 +1127,25 @@ class Spool:
         return await self._submit(_Lease(self._future(), max_items, max_bytes))
 
     # The timeout parameter is the agreed interface (the delivery worker's idle tick).
-    async def wait_for_items(self, timeout: float | None) -> bool:  # noqa: ASYNC109
-        """Wait until unleased items exist (True) or the timeout passes (False)."""
+    async def wait_for_items(self, timeout: float | None, count: int = 1) -> bool:  # noqa: ASYNC109
+        """Wait until at least `count` unleased items exist (True) or the timeout passes
+        (False); SpoolClosed if the spool closes meanwhile."""
         self._check_open()
-        assert self._event is not None
+        if self._snapshot.available >= count:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        waiter = (count, self._future())
+        self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
-                while self._snapshot.available <= 0:
-                    await self._event.wait()
-                    self._check_open()
+                await waiter[1]
         except TimeoutError:
             return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+        self._check_open()
         return True
 
     async def ack(self, ids: Sequence[int]) -> None:
@@ -1293,11 +1301,15 @@ class Spool:
 
     def _apply_snapshot(self, snapshot: _Snapshot) -> None:
         self._snapshot = snapshot
-        assert self._event is not None
-        if snapshot.available > 0 or self._state != "open":
-            self._event.set()
-        else:
-            self._event.clear()
+        if self._waiters:
+            self._wake(snapshot.available)
+
+    def _wake(self, available: int) -> None:
+        """Resolve the waiters `available` satisfies (all of them once no longer open)."""
+        closed = self._state != "open"
+        for count, future in self._waiters:
+            if (closed or available >= count) and not future.done():
+                future.set_result(None)
 
     def _settle(self, op: _Op[Any]) -> None:
         """An operation got its answer: it no longer counts as pending."""
@@ -1353,8 +1365,7 @@ class Spool:
             self._settle(op)
             if not op.future.done():
                 op.future.set_exception(SpoolClosed("spool closed"))
-        if self._event is not None:
-            self._event.set()
+        self._wake(0)
         assert self._stopped is not None
         if not self._stopped.done():
             self._stopped.set_result(None)

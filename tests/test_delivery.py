@@ -104,6 +104,18 @@ async def test_full_batches_under_load(rig: Rig, sandbox_state: SandboxState) ->
     assert rig.value("ortto_gateway_upstream_batch_activities_count") == 3
 
 
+async def test_a_full_batch_goes_without_waiting_out_the_fill_time(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    # The fill wait ends as soon as 100 are waiting: batches leave one by one as they fill,
+    # never several at once after the whole wait (a burst of loop work).
+    await rig.spool.put([payload(i) for i in range(30)])
+    rig.start(batch_max_wait=3600.0)
+    await rig.spool.put([payload(i) for i in range(30, 100)])
+    await wait_for(lambda: len(sandbox_state.activities) == 100)
+    assert [r.n_activities for r in sandbox_state.requests] == [100]
+
+
 async def test_largest_activities_fit_one_request(rig: Rig, sandbox_state: SandboxState) -> None:
     # 100 activities near Ortto's 16 kB each still make one request under its 2 MB.
     big = "x" * 3900

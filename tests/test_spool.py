@@ -470,6 +470,26 @@ async def test_wait_for_items_wakes_on_put(spool: Spool) -> None:
     assert await spool.wait_for_items(0) is True
 
 
+async def test_wait_for_items_waits_for_a_count(spool: Spool) -> None:
+    await spool.put([b"a", b"b"])
+    assert await spool.wait_for_items(0.01, count=3) is False
+    waiter = asyncio.create_task(spool.wait_for_items(DEADLINE, count=3))
+    await spool.put([b"c"])  # the put's commit publishes 3 available
+    assert await asyncio.wait_for(waiter, DEADLINE) is True
+    assert spool.available == 3
+    assert spool._waiters == []  # nothing left behind
+
+
+async def test_wait_for_items_ends_when_the_spool_closes(db_path: Path) -> None:
+    spool = Spool(db_path)
+    await spool.open()
+    waiter = asyncio.create_task(spool.wait_for_items(None, count=5))
+    await asyncio.sleep(0)
+    await spool.close()
+    with pytest.raises(SpoolClosed):
+        await asyncio.wait_for(waiter, DEADLINE)
+
+
 async def test_wait_for_items_ignores_leased_items(spool: Spool) -> None:
     await spool.put([b"a"])
     items = await spool.lease(10, 1000)
