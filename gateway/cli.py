@@ -109,6 +109,13 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     check_workers(settings, args.workers)
     setup_logging(settings.log_level)
+    if settings.delivery == "queue":
+        # Spool files of a former worker count: their accepted activities must still go out.
+        from gateway.adopt import adopt_orphans
+        from gateway.workers import drained_spool_files, spool_files
+
+        owned = drained_spool_files(settings.spool_path, args.workers)
+        adopt_orphans(spool_files(settings.spool_path), owned)
     if args.workers > 1:
         run_loop(supervise(settings, args.workers))
         return 0

@@ -75,6 +75,8 @@ __all__ = [
     "SpoolFull",
     "SpoolStats",
     "SpooledItem",
+    "ensure_schema",
+    "fsync_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -497,20 +499,9 @@ class _Writer:
         db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         if db.execute("PRAGMA synchronous").fetchone()[0] != 2:
             raise SpoolError("cannot set synchronous=FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise SpoolError(f"{self._path} has schema {version}, newer than this gateway")
-            for statement in _SCHEMA:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        ensure_schema(db, self._path)
         if created:
-            _fsync_dir(Path(self._path).parent)
+            fsync_dir(Path(self._path).parent)
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
         self._load_counters()
         return self._snapshot()
@@ -897,6 +888,22 @@ class _Writer:
         ]
 
 
+def ensure_schema(db: sqlite3.Connection, path: str) -> None:
+    """Create the spool's tables if missing; SpoolError if the file is from a newer gateway."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise SpoolError(f"{path} has schema {version}, newer than this gateway")
+        for statement in _SCHEMA:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def _phase(op: _Op[Any]) -> int:
     assert op.phase is not None
     return op.phase
@@ -908,7 +915,7 @@ def _db_error(exc: BaseException) -> SpoolError:
     return error
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a new database file's directory entry durable (POSIX only)."""
     if os.name != "posix":
         return

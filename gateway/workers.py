@@ -40,6 +40,13 @@ def worker_spool_path(spool_path: str, index: int) -> str:
     return str(path.with_name(f"{path.stem}.w{index}{path.suffix}"))
 
 
+def drained_spool_files(spool_path: str, workers: int) -> list[str]:
+    """The spool files `serve --workers <workers>` drains (the first takes in orphans)."""
+    if workers == 1:
+        return [spool_path]
+    return [worker_spool_path(spool_path, i) for i in range(workers)]
+
+
 def spool_files(spool_path: str) -> list[str]:
     """The spool file and every worker's, those that exist (for the dead-letters command)."""
     path = Path(spool_path)
