@@ -53,7 +53,7 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
 
     rows = results["rows"]
-    assert list(rows) == ["baseline", "durable", "memory", "info_logs"]
+    assert list(rows) == ["baseline", "shell", "durable", "memory", "info_logs"]
     for row in rows.values():
         assert row["accepted_per_s"] > 0
         assert row["non_202"] == 0 and row["errors"] == 0
@@ -73,6 +73,7 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     report = proc.stdout
     assert "baseline: bare aiohttp app" in report
     assert "gateway, durable spool" in report
+    assert "HTTP shell alone (relay stubbed)" in report
     assert f"spool commits (GATEWAY_SPOOL_COMMIT=auto): {modes.pop()} in every gateway row" in (
         report
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ROW_ORDER = ("baseline", "durable", "memory", "info_logs", "redis_w1", "redis_w2")
+ROW_ORDER = ("baseline", "shell", "durable", "memory", "info_logs", "redis_w1", "redis_w2")
 DURABLE_TARGET = 0.80  # issue 3: durable >= 80 % of in-memory
 SCALE_OUT_TARGET = 1.0  # `--workers 2` with Redis must accept more than one worker
 WRK_SATURATED = 0.8  # wrk cores per thread from which it may be the bottleneck
@@ -209,6 +209,13 @@ def render(results: dict[str, Any]) -> str:
             f"INFO logging (one JSON line per request, to a file): {iw:.2f} of the WARNING "
             f"throughput, {_f(d['info_over_warning_per_cpu'], '.2f')} per server CPU-second "
             f"({n_lines:,} lines, {n_bytes / 1e6:.1f} MB written)"
+        )
+    shell = d["vs_baseline"].get("shell")
+    if shell is not None and "durable" in rows:
+        lines.append(
+            f"HTTP shell alone (relay stubbed): {shell:.2f} of the baseline, the most any relay "
+            f"behind it could reach; the relay (validation, limits, enrichment, spool) takes "
+            f"the durable row to {_f(d['vs_baseline']['durable'], '.2f')}"
         )
     lat = results.get("latency")
     if lat:

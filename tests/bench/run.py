@@ -4,24 +4,26 @@ Scenarios, in order (each server is its own subprocess on free loopback ports, a
 one of them is under load at a time):
 
 1. baseline: `tests/bench/baseline.py`, a bare aiohttp app (same body, same 202 answer).
-2. gateway, durable spool (SQLite file in a temp dir): max accepted/s; then, once the
+2. gateway, HTTP shell only: `tests/bench/shell_only.py`, the gateway with its relay
+   stubbed (accepts without validating, limiting or spooling): the shell's own ceiling.
+3. gateway, durable spool (SQLite file in a temp dir): max accepted/s; then, once the
    spool has drained into the sandbox, activities per upstream request; then latency at
    a fixed offered rate of half that maximum.
-3. gateway, in-memory spool (`GATEWAY_SPOOL_PATH=:memory:`): max accepted/s.
-4. gateway, durable spool with `GATEWAY_LOG_LEVEL=INFO` (one JSON line per request).
-5. scale-out: the gateway, durable spool, limits in Redis (`GATEWAY_REDIS_URL`), run as
+4. gateway, in-memory spool (`GATEWAY_SPOOL_PATH=:memory:`): max accepted/s.
+5. gateway, durable spool with `GATEWAY_LOG_LEVEL=INFO` (one JSON line per request).
+6. scale-out: the gateway, durable spool, limits in Redis (`GATEWAY_REDIS_URL`), run as
    `serve --workers 1` and as `serve --workers 2` (a supervisor and two workers sharing
    the port with SO_REUSEPORT, each with its own spool file in the temp dir); Redis is
    flushed before each. Ready when `/readyz` answers and every worker listens.
-6. limiter memory per key at 1,000,000 keys (`limiter_mem.py`, a fresh process).
-7. limiter stores (`limiter_stores.py`, a fresh process): `MemoryStore` vs `RedisStore`
+7. limiter memory per key at 1,000,000 keys (`limiter_mem.py`, a fresh process).
+8. limiter stores (`limiter_stores.py`, a fresh process): `MemoryStore` vs `RedisStore`
    acquires/s (32 callers, 1 and 100 activities per call) and Redis memory per key.
 
 Redis is the run's own `redis-server` (free loopback port, `--save "" --appendonly no`,
 in the temp dir), started after the sandbox and stopped at the end; without
-redis-server (or `--no-redis`) rows 5 and 7 are skipped and the report says so.
+redis-server (or `--no-redis`) rows 6 and 8 are skipped and the report says so.
 
-Rows 1-5 are measured `--rounds` times (default 2) in mirrored order (1 2 3 4 5, 5 4 3 2 1),
+Rows 1-6 are measured `--rounds` times (default 2) in mirrored order (1 2 3 4 5 6, 6 5 4 3 2 1),
 each time in a fresh process, so a drift in the machine's load weighs on every row alike.
 Every max-rate measurement gets a warm-up first (not counted). Every response status is
 counted; anything but 202 is reported next to the figure it would otherwise inflate.
@@ -366,12 +368,14 @@ class Bench:
         log_level: str = "WARNING",
         drain_timeout: str = "10s",
         workers: int | None = None,
+        module: str = "gateway",
     ) -> Target:
-        """`serve` (or `serve --workers N` with this run's Redis: the scale-out rows)."""
+        """`serve` (or `serve --workers N` with this run's Redis: the scale-out rows;
+        `module` tests.bench.shell_only: the relay stubbed)."""
         assert self.sandbox is not None
         port, metrics_port = free_port(HOST), free_port(HOST)
         extra: dict[str, str] = {}
-        argv = [sys.executable, "-m", "gateway", "serve"]
+        argv = [sys.executable, "-m", module, "serve"]
         if workers is not None:
             assert self.redis is not None
             argv += ["--workers", str(workers)]
@@ -639,6 +643,7 @@ def log_lines(proc: Proc) -> dict[str, Any]:
 
 ROWS = {
     "baseline": "baseline: bare aiohttp app",
+    "shell": "gateway shell, relay stubbed",
     "durable": "gateway, durable spool",
     "memory": "gateway, in-memory spool",
     "info_logs": "gateway, durable spool, INFO logs",
@@ -676,6 +681,7 @@ def run_row(bench: Bench, row: Row, results: dict[str, Any], *, first_durable: b
         # Rows that do not wait for delivery leave a backlog: do not wait 10 s on exit.
         drain_timeout="10s" if first_durable else "1s",
         workers=workers,
+        module="tests.bench.shell_only" if row.key == "shell" else "gateway",
     )
     if workers is not None:
         # Where the supervisor's metrics directory went (TMPDIR = the run's temp dir).
