@@ -143,17 +143,19 @@ def make_middlewares(
         elapsed = time.perf_counter() - started
         route = _route_name(request)
         metrics.observe_request(route, response.status, elapsed)
-        data: dict[str, Any] = {
-            "request_id": request_id,
-            "method": request.method,
-            "route": route,
-            "status": response.status,
-            "ms": round(elapsed * 1000, 3),
-        }
-        extra: dict[str, Any] = request[LOG_DATA]
-        data.update(extra)
         # Probes come every few seconds: keep them out of the INFO log.
-        log_line(log, PROBE_LEVEL if route in PROBES else logging.INFO, "request", data)
+        level = PROBE_LEVEL if route in PROBES else logging.INFO
+        if log.isEnabledFor(level):  # at WARNING, do not even build the line
+            data: dict[str, Any] = {
+                "request_id": request_id,
+                "method": request.method,
+                "route": route,
+                "status": response.status,
+                "ms": round(elapsed * 1000, 3),
+            }
+            extra: dict[str, Any] = request[LOG_DATA]
+            data.update(extra)
+            log_line(log, level, "request", data)
         return response
 
     return [shell]

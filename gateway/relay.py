@@ -6,6 +6,7 @@ everything between is here, one step after another as in the design's data flow.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from gateway.validation import ParsedRequest, first_error, is_batch, parse_reque
 
 # The limiter's key count is a gauge: once a second is fresh enough.
 KEYS_REPORT_INTERVAL = 1.0
+# The request log line (middlewares.py) is where a request's summary goes.
+REQUEST_LOG = logging.getLogger("gateway.http")
 
 
 @dataclass(slots=True)
@@ -113,6 +116,8 @@ class Relay:
         source_ip = anonymize_ip(client_ip) if client_ip and settings.ip_anonymize else client_ip
         accepted: list[bytes] = []
         accepted_at: list[int] = []
+        # Only the INFO request line shows who was accepted: skip the hashes otherwise.
+        summarize = REQUEST_LOG.isEnabledFor(logging.INFO)
         people: list[str] = []
         limited_after: list[float] = []
         for pos, check, result in zip(positions, checks, results, strict=True):
@@ -129,7 +134,8 @@ class Relay:
             activity = enrich(items[pos], source_ip, now)  # type: ignore[arg-type]
             accepted.append(orjson.dumps(activity))
             accepted_at.append(pos)
-            people.append(person_hash(check.person_key))
+            if summarize:
+                people.append(person_hash(check.person_key))
 
         if not accepted:
             if limited_after:
@@ -153,6 +159,8 @@ class Relay:
                 entries[pos] = outcome.entries[check_pos]
         if outcome.body is not None:
             return RelayResult(outcome.status, outcome.body)
+        if not summarize:
+            return RelayResult(outcome.status, {"activities": entries})
         summary = {
             "accepted": len(accepted),
             "refused": len(items) - len(accepted),
