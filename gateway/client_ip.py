@@ -251,6 +251,10 @@ def resolve_client_ip(
     client = parse_ip(peer)
     if client is None or client not in trusted:
         return client
+    if len(x_forwarded_for) == 1 and "," not in (only := x_forwarded_for[0]):
+        # The usual case, one proxy in front: the walk below, for its single hop.
+        nearest = parse_ip(only) if len(only) <= MAX_HEADER_CHARS else None
+        return client if nearest is None else nearest
     hops = _x_forwarded_for_hops(x_forwarded_for) if x_forwarded_for else _forwarded_hops(forwarded)
     for hop in islice(hops, MAX_HOPS):
         address = None if hop is None else parse_ip(hop)
