@@ -21,7 +21,14 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.spool import BUSY_TIMEOUT_MS, MEMORY, SpoolError, ensure_schema, fsync_dir
+from gateway.spool import (
+    BUSY_TIMEOUT_MS,
+    MEMORY,
+    SCHEMA_VERSION,
+    SpoolError,
+    ensure_schema,
+    fsync_dir,
+)
 
 log = logging.getLogger("gateway.adopt")
 
@@ -86,8 +93,11 @@ def _connect(path: str) -> sqlite3.Connection:
 def _adopt(path: str, target: str) -> Adopted:
     orphan = _connect(path)
     try:
-        if orphan.execute("PRAGMA user_version").fetchone()[0] == 0:
+        version = int(orphan.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0:
             raise SpoolError(f"{path} is not a spool file")
+        if version > SCHEMA_VERSION:
+            raise SpoolError(f"{path} has schema {version}, newer than this gateway")
         orphan.execute("BEGIN IMMEDIATE")  # held until the rows are gone from here
         rows = int(orphan.execute("SELECT count(*) FROM queue").fetchone()[0])
         dead = int(orphan.execute("SELECT count(*) FROM dead_letters").fetchone()[0])

@@ -96,7 +96,12 @@ async def test_a_file_that_cannot_be_adopted_is_left_alone(
     main = tmp_path / "spool.sqlite3"
     locked = Path(worker_spool_path(str(main), 1))
     stranger = Path(worker_spool_path(str(main), 2))
+    newer = Path(worker_spool_path(str(main), 3))
     await fill(locked, [b"l1"])
+    await fill(newer, [b"n1"])
+    sqlite3.connect(newer, isolation_level=None).execute(
+        "PRAGMA user_version=99"
+    ).connection.close()
     sqlite3.connect(stranger).close()  # an empty SQLite file, not a spool
     holder = sqlite3.connect(locked, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process is writing it
@@ -105,8 +110,9 @@ async def test_a_file_that_cannot_be_adopted_is_left_alone(
     finally:
         holder.close()
     assert queued(locked) == [(b"l1", 0)]
+    assert queued(newer) == [(b"n1", 0)]
     assert stranger.exists()
-    assert sum("cannot adopt" in r.getMessage() for r in caplog.records) == 2
+    assert sum("cannot adopt" in r.getMessage() for r in caplog.records) == 3
     assert not main.exists() or queued(main) == []
 
 
