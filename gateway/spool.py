@@ -428,11 +428,8 @@ class _Writer:
 
     def check_external(self) -> None:
         """Publish the counters if another process changed the file (the idle check)."""
-        now = time.monotonic()
-        if now - self._checked_external >= EXTERNAL_CHECK_INTERVAL:
-            self._checked_external = now
-            if self._external_change():
-                self._post(self._spool._on_group, [], self._snapshot())
+        if self._external_change_due():
+            self._post(self._spool._on_group, [], self._snapshot())
 
     def set_busy_timeout(self, ms: int) -> None:
         """How long SQLite waits for another process's lock: 0 on the loop (see `_Busy`),
@@ -515,6 +512,14 @@ class _Writer:
         self._dead = int(self._db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
         self._refresh_oldest()
 
+    def _external_change_due(self) -> bool:
+        """`_external_change`, at most once per EXTERNAL_CHECK_INTERVAL."""
+        now = time.monotonic()
+        if now - self._checked_external < EXTERNAL_CHECK_INTERVAL:
+            return False
+        self._checked_external = now
+        return self._external_change()
+
     def _external_change(self) -> bool:
         """Reload the counters if another connection (process) committed since we looked."""
         assert self._db is not None
@@ -552,10 +557,8 @@ class _Writer:
             return
         # Another process (the dead-letters command) rarely writes: look once a second, not
         # per group; `lease` reads the table itself, so only the counters can lag, briefly.
-        now = time.monotonic()
-        if now - self._checked_external >= EXTERNAL_CHECK_INTERVAL:
-            self._checked_external = now
-            self._external_change()
+        # (The group's snapshot publishes whatever the look found.)
+        self._external_change_due()
         writes = sorted((op for op in group if op.phase is not None), key=_phase)
         reads = [op for op in group if op.phase is None]
         outcomes: list[_Outcome] = []
