@@ -208,7 +208,7 @@ def parse_host_port(text: str) -> HostPort:
     """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
     text = text.strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -237,7 +237,7 @@ def parse_bool(text: str) -> bool:
 
 
 def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
         raise ValueError(f"expected a positive integer, got {text!r}")
     return int(text)
 

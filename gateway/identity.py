@@ -92,7 +92,7 @@ def verify_identity(token: object, activity: Activity, secrets: Sequence[str], n
     if not isinstance(email, str):
         raise Unauthorized("a signed identity needs str::email", field="fields.str::email")
     parts = token.split(".") if len(token) <= MAX_TOKEN_CHARS else []
-    if len(parts) != 3 or parts[0] != TOKEN_VERSION or not parts[1].isdigit():
+    if len(parts) != 3 or parts[0] != TOKEN_VERSION or not _digits(parts[1]):
         raise Unauthorized("malformed identity token", field="identity")
     expires = int(parts[1])
     matched = False
@@ -103,3 +103,8 @@ def verify_identity(token: object, activity: Activity, secrets: Sequence[str], n
         raise Unauthorized("identity token does not match the email", field="identity")
     if expires <= now:
         raise Unauthorized("identity token has expired", field="identity")
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes "²" and other scripts' digits."""
+    return text.isascii() and text.isdigit()

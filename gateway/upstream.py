@@ -50,7 +50,7 @@ def parse_retry_after(header: str | None, body: bytes) -> float | None:
     hint: float | None = None
     if header:
         header = header.strip()
-        if header.isdigit():
+        if header.isascii() and header.isdigit():
             hint = float(header)
         else:
             try:

@@ -123,6 +123,21 @@ def test_bad_values_name_the_setting(name: str, value: str, needle: str) -> None
     assert KEY not in message
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("listen", "127.0.0.1:8\u00b2"),
+        ("listen", "127.0.0.1:\uff18\uff10"),
+        ("spool_max_rows", "\uff13"),
+    ],
+)
+def test_numbers_take_ascii_digits_only(name: str, value: str) -> None:
+    # str.isdigit() is true for "²" (int() then fails) and for full-width digits.
+    with pytest.raises(ConfigError, match="expected") as info:
+        load_settings(env(**{name: value}))
+    assert "invalid literal" not in str(info.value)
+
+
 def test_unknown_env_setting_is_refused() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_PERSON_LIMTI"):
         load_settings({**env(), "GATEWAY_PERSON_LIMTI": "1/1d"})

@@ -123,6 +123,8 @@ def test_token_round_trip_normalises_email() -> None:
         (lambda s: "not-a-token", "chris@example.com", "malformed"),
         (lambda s: "v2.1.abc", "chris@example.com", "malformed"),
         (lambda s: "v1.x.abc", "chris@example.com", "malformed"),
+        (lambda s: "v1.\u00b2.abc", "chris@example.com", "malformed"),  # "²" passes isdigit
+        (lambda s: "v1.\u0663\u0663.abc", "chris@example.com", "malformed"),  # Arabic-Indic
         (lambda s: "v1." + "9" * 300, "chris@example.com", "malformed"),
         (lambda s: s("chris@example.com", int(NOW) - 1), "chris@example.com", "expired"),
         (lambda s: s("alex@example.com", int(NOW) + 60), "chris@example.com", "does not match"),
@@ -138,6 +140,8 @@ def test_token_round_trip_normalises_email() -> None:
         "garbage",
         "version",
         "expiry",
+        "superscript",
+        "other-digits",
         "long",
         "expired",
         "other-email",
