@@ -127,7 +127,12 @@ def create_app(
     app.cleanup_ctx.append(relay_ctx)
     app.on_shutdown.append(_start_draining)
 
-    app.router.add_post(ACTIVITIES_PATH, handlers.create_activities, name="activities")
+    app.router.add_post(
+        ACTIVITIES_PATH,
+        handlers.create_activities,
+        name="activities",
+        expect_handler=handlers.expect_continue,
+    )
     app.router.add_route(
         "OPTIONS", ACTIVITIES_PATH, handlers.preflight, name="activities-preflight"
     )

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import zlib
+from typing import Any
+
+import orjson
 import pytest
+from aiohttp.test_utils import TestClient
 
 from gateway.keys import LIFECYCLE
 from gateway.sandbox import SandboxState, wait_for
@@ -207,6 +214,89 @@ async def test_oversize_body_is_413(make_gateway: GatewayFactory) -> None:
 
     resp = await client.post(PATH, data=chunks(), headers={"Content-Type": "application/json"})
     assert resp.status == 413
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status", "needle"),
+    [
+        ("gzip", gzip.compress(orjson.dumps(ACT)), 202, None),
+        ("deflate", zlib.compress(orjson.dumps(ACT)), 202, None),
+        ("identity", orjson.dumps(ACT), 202, None),
+        ("gzip", b"not gzip at all", 400, "could not be read"),
+        ("gzip", gzip.compress(orjson.dumps(ACT))[:-12], 400, None),  # truncated stream
+        ("x-foo", orjson.dumps(ACT), 415, "Content-Encoding"),
+        ("gzip, gzip", gzip.compress(gzip.compress(orjson.dumps(ACT))), 415, None),
+    ],
+)
+async def test_content_codings(
+    make_gateway: GatewayFactory, coding: str, body: bytes, status: int, needle: str | None
+) -> None:
+    client = await make_gateway()
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    resp = await client.post(PATH, data=body, headers=headers)
+    assert resp.status == status, await resp.text()
+    data = await resp.json()
+    if status != 202:
+        assert data["code"] == status
+        if needle:
+            assert needle in data["error"]
+
+
+async def _raw_exchange(
+    client: TestClient[Any, Any], head: bytes, body: bytes
+) -> tuple[bool, bytes]:
+    """Send `head`, and `body` only if the server says 100 Continue.
+
+    Returns whether it did, and the head of its final answer."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+            invited = status_line.startswith(b"HTTP/1.1 100")
+            if invited:
+                await reader.readline()  # the blank line after the interim answer
+                writer.write(body)
+                status_line = await reader.readline()
+            rest = await reader.readuntil(b"\r\n\r\n")
+        return invited, status_line + rest
+    finally:
+        writer.close()
+
+
+async def test_expect_continue_is_refused_for_an_oversize_body(
+    make_gateway: GatewayFactory,
+) -> None:
+    client = await make_gateway(max_body_bytes=1024)
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Expect: 100-continue\r\nContent-Length: 999999\r\n\r\n"
+    ).encode()
+    invited, answer = await _raw_exchange(client, head, b"x" * 999999)
+    # The final answer comes first: the client never uploads the body.
+    assert not invited
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+async def test_expect_continue_invites_a_body_that_fits(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    body = orjson.dumps(ACT)
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    invited, answer = await _raw_exchange(client, head, body)
+    assert invited
+    assert answer.startswith(b"HTTP/1.1 202"), answer
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+
+
+async def test_an_unknown_expectation_is_ignored(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    resp = await client.post(PATH, json=ACT, headers={"Expect": "something-else"})
+    assert resp.status == 202  # not aiohttp's plain-text 417
 
 
 async def test_draining_answers_503_but_health_answers(make_gateway: GatewayFactory) -> None:
