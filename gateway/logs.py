@@ -16,6 +16,7 @@ import time
 from typing import Any, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 _RESERVED = {"ts", "level", "logger", "msg"}
 
@@ -47,6 +48,32 @@ def _error_text(record: logging.LogRecord) -> str | None:
         return f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
     error = getattr(record, "error_text", None)
     return error if isinstance(error, str) else None
+
+
+class ClientErrorFilter(logging.Filter):
+    """For `aiohttp.server`: a request its parser refused, without what the client sent.
+
+    aiohttp logs such a request at ERROR as "Error handling request from <peer>" with the
+    exception, whose message quotes the raw bytes (a body after its length, so an email;
+    a header). Any client can cause one at will, and logs hold neither emails nor client
+    addresses: the line becomes an INFO one with the error's type and status only. Other
+    aiohttp.server lines keep their exception but lose the peer address.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed HTTP request refused"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.data = {"error_type": type(exc).__name__, "status": exc.code}
+            level = min(record.levelno, logging.INFO)  # aiohttp logs some at DEBUG already
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+            return logging.getLogger(record.name).isEnabledFor(level)
+        if isinstance(record.msg, str) and record.msg.endswith(" from %s"):
+            record.msg = record.msg.removesuffix(" from %s")
+            record.args = None
+        return True
 
 
 class _Enqueue(logging.handlers.QueueHandler):
@@ -179,6 +206,11 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     root.setLevel(level)
     # aiohttp's own access log is replaced by the gateway's request line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    for old_filter in list(server_log.filters):
+        if isinstance(old_filter, ClientErrorFilter):
+            server_log.removeFilter(old_filter)
+    server_log.addFilter(ClientErrorFilter())
 
 
 def flush_logs() -> None:

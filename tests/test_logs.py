@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 from collections.abc import Iterator
 
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway.logs import JsonFormatter, flush_logs, setup_logging, stop_logging
 from gateway.sandbox import Fault, SandboxState, wait_for
@@ -57,6 +59,50 @@ def test_formatter_merges_data_and_keeps_reserved_keys() -> None:
     assert line["n"] == 1
     assert line["level"] == "info"
     assert line["ts"].endswith("Z")
+
+
+def test_parser_errors_lose_the_client_data(log_stream: io.StringIO) -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    exc = BadHttpMessage('Data after Connection: close: b\'{"str::email": "eve@example.com"}\'')
+    server_log.error("Error handling request from %s", "203.0.113.9", exc_info=exc)
+    try:
+        raise RuntimeError("gateway bug")
+    except RuntimeError as err:
+        server_log.error("Error handling request from %s", "203.0.113.9", exc_info=err)
+    flush_logs()
+    text = log_stream.getvalue()
+    assert "eve@example.com" not in text
+    assert "203.0.113.9" not in text
+    refused, bug = (json.loads(line) for line in text.splitlines())
+    assert refused["level"] == "info"
+    assert refused["msg"] == "malformed HTTP request refused"
+    assert refused["error_type"] == "BadHttpMessage"
+    assert refused["status"] == 400
+    assert bug["level"] == "error"  # not the client's doing: it stays an error
+    assert bug["error"] == "RuntimeError: gateway bug"
+
+
+async def test_a_request_the_parser_refuses_is_logged_without_its_bytes(
+    make_gateway: GatewayFactory, log_stream: io.StringIO
+) -> None:
+    client = await make_gateway()
+    body = b'{"activity_id": "act:cm:login", "fields": {"str::email": "mal@example.com"}}'
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+        + body
+        + b"GARBAGE after the body"
+    )
+    async with asyncio.timeout(5):
+        await reader.read()  # the server answers and closes
+    writer.close()
+    await wait_for(lambda: (flush_logs(), "malformed HTTP request" in log_stream.getvalue())[1])
+    text = log_stream.getvalue()
+    assert "mal@example.com" not in text
+    assert "127.0.0.1" not in text
+    assert '"level":"error"' not in text
 
 
 async def test_logs_are_json_lines_without_key_or_email(

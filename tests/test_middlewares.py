@@ -242,6 +242,16 @@ async def test_content_codings(
             assert needle in data["error"]
 
 
+async def test_a_gzip_bomb_is_413(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    bomb = gzip.compress(b"0" * 50_000_000)  # about 50 KB on the wire
+    assert len(bomb) < 64 * 1024
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await client.post(PATH, data=bomb, headers=headers)
+    assert resp.status == 413
+    assert (await resp.json())["code"] == 413
+
+
 async def _raw_exchange(
     client: TestClient[Any, Any], head: bytes, body: bytes
 ) -> tuple[bool, bytes]:
