@@ -175,6 +175,11 @@ class Settings:
         """Whether an activity must carry a signed identity token."""
         return self.identity_required if spec.signed_identity is None else spec.signed_identity
 
+    def allowed_person_fields(self, spec: ActivitySpec) -> frozenset[str]:
+        """The person fields an activity may carry: its own list (even an empty one), else
+        the global allowlist."""
+        return self.person_fields if spec.person_fields is None else spec.person_fields
+
 
 # -- parsers: each takes the raw value and returns the typed one or raises ValueError
 
@@ -587,7 +592,7 @@ def describe(settings: Settings) -> dict[str, Any]:
                     "attributes": sorted(s.attributes) if s.attributes is not None else "any",
                     "person_limit": str(settings.person_rate(s)),
                     "ip_limit": str(settings.ip_rate(s)),
-                    "person_fields": sorted(s.person_fields or settings.person_fields),
+                    "person_fields": sorted(settings.allowed_person_fields(s)),
                     "strict": settings.is_strict(s),
                     "signed_identity": settings.needs_identity(s),
                 }

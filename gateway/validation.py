@@ -276,7 +276,7 @@ def _activity(raw: Any, settings: Settings) -> Activity:
     if any(name in attributes for name in MOVED_TO_FIELDS):
         fields, attributes = _move_person_fields(fields, attributes)
 
-    allowed = spec.person_fields or settings.person_fields
+    allowed = settings.allowed_person_fields(spec)
     out_fields: dict[str, Any] = {}
     for name, value in fields.items():
         if name not in allowed and name != "str::ei":
@@ -362,7 +362,10 @@ def _move_person_fields(
 
 
 def _same(name: str, a: Any, b: Any) -> bool:
+    """Whether two values of a field are one, as the person key sees them."""
     if isinstance(a, str) and isinstance(b, str) and name in IDENTIFIER_FIELDS:
+        if name == "str::email":  # the person key folds an email's case
+            return a.strip().lower() == b.strip().lower()
         return a.strip() == b.strip()
     return bool(type(a) is type(b) and a == b)
 

@@ -597,6 +597,18 @@ def test_person_fields_moved_from_attributes_when_equal() -> None:
     assert len(out["attributes"]) == 15
 
 
+def test_an_email_in_both_places_may_differ_in_case_only() -> None:
+    raw = good()
+    raw["fields"] = {"str::email": EMAIL.upper()}
+    raw["attributes"] = {"str::email": f" {EMAIL} "}
+    out = parse_one(raw)  # one person to the limiter, so one email
+    assert not isinstance(out, GatewayError), out.message
+    raw["fields"] = {"str::ei": "U-1"}
+    raw["attributes"] = {"str::ei": "u-1"}  # external ids are case-sensitive
+    conflict = parse_one(raw)
+    assert isinstance(conflict, BadRequest) and "str::ei differs" in conflict.message
+
+
 def test_location_custom_and_address_kept_source_ip_dropped() -> None:
     custom = {"city_name": "Melbourne", "lat": -37.8, "lng": 144}
     address = {"city": "Melbourne", "country": "Australia"}
@@ -645,6 +657,16 @@ def test_global_person_fields_setting() -> None:
     raw["fields"]["str::first"] = "Chris"
     item = parse_one(raw, s)
     assert isinstance(item, BadRequest) and item.field == "fields.str::first"
+
+
+def test_an_empty_person_fields_list_allows_identifiers_only() -> None:
+    spec = ActivitySpec("act:cm:login", person_fields=frozenset())
+    s = Settings(activities={"act:cm:login": spec})  # the global allowlist has str::email
+    raw: dict[str, Any] = {"activity_id": "act:cm:login", "fields": {"str::ei": "u-1"}}
+    assert not isinstance(parse_one(raw, s), GatewayError)
+    raw["fields"]["str::email"] = EMAIL
+    item = parse_one(raw, s)
+    assert isinstance(item, BadRequest) and item.field == "fields.str::email"
 
 
 def test_nothing_enabled_refuses_all() -> None:
