@@ -138,6 +138,10 @@ class CorsPolicy:
         normalised = normalise_origin(origin)
         return normalised if normalised in self._response else None
 
+    def lists(self, origin: str) -> bool:
+        """Whether `origin` is one of the allowed cross origins (same-origin is not listed)."""
+        return self._listed(origin) is not None
+
     def check(self, origin: str | None, host: str | None, scheme: str) -> OriginCheck:
         """Classify a request by its Origin header, its Host header and its public scheme.
 

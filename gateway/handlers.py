@@ -111,7 +111,13 @@ async def preflight(request: web.Request) -> web.Response:
     origin = request.headers.get("Origin")
     if origin is None:
         return web.Response(status=204, headers={"Allow": "POST, OPTIONS"})
-    headers = request.app[CORS].preflight_headers(
+    cors = request.app[CORS]
+    if not cors.lists(origin):  # the shell let it through as the page's own origin
+        raise Forbidden(
+            f"preflight refused: origin {origin[:200]!r} is not in the allowed origins "
+            "(a same-origin request needs no preflight)"
+        )
+    headers = cors.preflight_headers(
         origin,
         request.headers.get("Access-Control-Request-Method"),
         request.headers.get("Access-Control-Request-Headers"),

@@ -140,10 +140,13 @@ class Relay:
         if not accepted:
             if limited_after:
                 first = retry_after_header(min(limited_after))
-                err = RateLimited(
-                    f"rate limit reached for every activity; retry in {first} s",
-                    retry_after=first,
+                what = (
+                    "rate limit reached for every activity"
+                    if not errors
+                    else f"no activity accepted: {len(limited_after)} over a rate limit, "
+                    f"{len(errors)} invalid (see activities)"
                 )
+                err = RateLimited(f"{what}; retry in {first} s", retry_after=first)
                 body = err.body(request_id)
                 body["activities"] = entries
                 return RelayResult(429, body, first)

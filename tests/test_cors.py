@@ -188,6 +188,13 @@ def test_response_headers_refuse_unlisted(origin: str) -> None:
         POLICY.response_headers(origin)
 
 
+def test_lists() -> None:
+    assert POLICY.lists("https://shop.example")
+    assert POLICY.lists("HTTPS://BLOG.EXAMPLE:443")
+    for origin in ("https://evil.example", "null", "", "garbage"):
+        assert not POLICY.lists(origin)
+
+
 def test_response_headers_without_exposed_headers() -> None:
     policy = CorsPolicy(["https://shop.example"], expose_headers=())
     assert "Access-Control-Expose-Headers" not in policy.response_headers("https://shop.example")

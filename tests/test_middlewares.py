@@ -120,6 +120,18 @@ async def test_preflight_refuses_other_methods(make_gateway: GatewayFactory) -> 
     assert resp.status == 403
 
 
+async def test_a_same_origin_preflight_names_the_origin_list(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway(allowed_origins=(SITE,))
+    origin = str(client.make_url("")).rstrip("/")
+    resp = await client.options(
+        PATH, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert resp.status == 403
+    error = (await resp.json())["error"]
+    assert "not in the allowed origins" in error
+    assert "method" not in error
+
+
 async def test_same_origin_request_is_allowed(make_gateway: GatewayFactory) -> None:
     client = await make_gateway()
     origin = str(client.make_url("")).rstrip("/")

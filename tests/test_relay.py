@@ -68,6 +68,19 @@ async def test_mixed_batch_partly_rate_limited(make_gateway: GatewayFactory) -> 
     assert statuses == ["queued"] * 10 + ["rate_limited"] * 2
 
 
+async def test_a_batch_over_limits_and_invalid_says_both(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway(person_limit=parse_rate("1/1d"))
+    assert (await client.post(PATH, json=activity("twice@example.com"))).status == 202
+    invalid = {"activity_id": "act:cm:login", "fields": {"str::first": "no identifier"}}
+    resp = await client.post(PATH, json={"activities": [activity("twice@example.com"), invalid]})
+    assert resp.status == 429  # waiting would let one through
+    body = await resp.json()
+    assert body["error"].startswith("no activity accepted: 1 over a rate limit, 1 invalid")
+    assert [e["status"] for e in body["activities"]] == ["rate_limited", "invalid"]
+    resp = await client.post(PATH, json=activity("twice@example.com"))
+    assert (await resp.json())["error"].startswith("rate limit reached for every activity")
+
+
 async def test_short_window_opens_again_after_it_slides(make_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     client = await make_gateway(clock=clock, person_limit=parse_rate("3/2s"))
