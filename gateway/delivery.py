@@ -160,6 +160,7 @@ class Delivery:
         self._gauges: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._drain_deadline: float | None = None  # loop time; set when the drain begins
         self._leasing = False  # between taking a slot and handing the batch to a task
         self._not_before = 0.0  # monotonic time before which nothing is sent
         self._pause_reason: str | None = None
@@ -180,17 +181,33 @@ class Delivery:
             await self._refresh_gauges()
             await asyncio.sleep(GAUGE_INTERVAL)
 
-    async def stop(self, drain_timeout: float) -> None:
-        """Deliver what is spooled for up to `drain_timeout`, then keep the rest for next start."""
+    async def drain(self, drain_timeout: float) -> None:
+        """Deliver what is spooled, retries included, until nothing is left or the timeout.
+
+        The worker keeps going while batches are in flight, so a batch that fails during
+        the drain is given back and sent again after its backoff. The deadline is set by
+        the first call: `stop` after `drain` waits no longer than the one timeout.
+        """
         self._stopping.set()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_timeout
+        if self._drain_deadline is None:
+            self._drain_deadline = loop.time() + drain_timeout
+        remaining = self._drain_deadline - loop.time()
+        if self._task is None or self._task.done() or remaining <= 0:
+            return
+        if self._spool.available or self._leasing or self._inflight:
+            # The loop returns by itself once nothing is available or in flight. A lease
+            # under way may already hold the last items (the spool then counts none
+            # available): cancelling it now would leave them undelivered until restart.
+            await asyncio.wait({self._task}, timeout=remaining)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """`drain` for up to `drain_timeout` (unless already drained), then keep the rest
+        in the spool for the next start."""
+        await self.drain(drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = self._drain_deadline or loop.time()
         if self._task is not None:
-            if self._spool.available or self._leasing:
-                # The loop leases until nothing is left, then returns by itself. A lease
-                # under way may already hold the last items (the spool then counts none
-                # available): cancelling it now would leave them undelivered until restart.
-                await asyncio.wait({self._task}, timeout=drain_timeout)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -208,9 +225,11 @@ class Delivery:
                 await self._gauges
         left = self._spool.depth
         if left:
+            timed_out = loop.time() >= deadline
             log.warning(
-                "drain timeout: activities left in the spool for the next start",
-                extra={"data": {"activities": left}},
+                ("drain timeout" if timed_out else "drain ended")
+                + ": activities left in the spool for the next start",
+                extra={"data": {"activities": left, "paused": self._pause_reason}},
             )
         await self._refresh_gauges()
 
@@ -218,7 +237,14 @@ class Delivery:
 
     async def _run(self) -> None:
         try:
-            while not (self._stopping.is_set() and self._spool.available == 0):
+            while not (
+                self._stopping.is_set() and self._spool.available == 0 and not self._inflight
+            ):
+                if self._stopping.is_set() and self._spool.available == 0:
+                    # Draining, with batches still out: one that fails comes back to be
+                    # sent again, so wait for them rather than end.
+                    await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 await self._wait_until_allowed()
                 if not await self._spool.wait_for_items(GAUGE_INTERVAL):
                     continue

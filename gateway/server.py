@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app, create_metrics_app
+from gateway.app import DELIVERY, create_app, create_metrics_app
 from gateway.config import HostPort, Settings
 from gateway.keys import LIFECYCLE
 from gateway.metrics import Metrics
@@ -115,7 +115,13 @@ async def serve(
                 await result
         await stop.wait()
         log.info("shutting down: draining", extra={"data": {"timeout": settings.drain_timeout}})
+        # The listeners stay open while the spool drains: new requests and /readyz get a
+        # 503 with Retry-After (a load balancer or the shim tries again elsewhere or
+        # later) rather than a refused connection, which nginx would answer with a 502.
         app[LIFECYCLE].draining = True
+        delivery = app.get(DELIVERY)
+        if delivery is not None:
+            await delivery.drain(settings.drain_timeout)
     finally:
         await runner.cleanup()
         await metrics_runner.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -310,6 +311,35 @@ async def test_stop_delivers_the_spool_within_the_drain_timeout(
     rig.delivery = None
     assert len(sandbox_state.activities) == 250
     assert rig.spool.depth == 0
+
+
+async def test_a_batch_that_fails_during_the_drain_is_sent_again(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.add_fault(Fault(status=503, count=1, delay=0.2))
+    await rig.spool.put([payload(i) for i in range(10)])
+    delivery = rig.start()
+    await wait_for(lambda: rig.spool.available == 0)
+    await delivery.stop(5.0)  # the batch is in flight: nothing is available to lease
+    rig.delivery = None
+    assert [r.status for r in sandbox_state.requests] == [503, 200]
+    assert len(sandbox_state.activities) == 10
+    assert rig.spool.depth == 0
+
+
+async def test_drain_then_stop_waits_for_one_timeout_only(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.add_fault(Fault(status=503, count=1000))
+    await rig.spool.put([payload(i) for i in range(3)])
+    delivery = rig.start()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await delivery.drain(0.5)
+    await delivery.stop(0.5)
+    rig.delivery = None
+    assert loop.time() - started < 1.5
+    assert rig.spool.depth == 3  # kept for the next start
 
 
 async def test_stop_keeps_what_the_drain_timeout_cuts_off(

@@ -119,6 +119,46 @@ async def test_sigterm_drains_and_exits_cleanly(
     await wait_for(lambda: len(sandbox_state.activities) == 20)
 
 
+@pytest.mark.slow
+async def test_while_draining_the_listener_answers_503_and_failures_are_retried(
+    sandbox: TestServer,
+    sandbox_state: SandboxState,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+    reaper: list[Any],
+) -> None:
+    upstream = str(sandbox.make_url("")).rstrip("/")
+    gw = GatewayProcess(upstream, tmp_path / "spool.sqlite3", tmp_path / "gw.log")
+    reaper.append(gw)
+    await gw.start(session)
+    # The first delivery fails slowly: the drain must outlast it and send the batch again.
+    sandbox_state.add_fault(Fault(status=503, count=1, delay=1.0))
+    body = {"activity_id": "act:cm:login", "fields": {"str::email": "drain@example.com"}}
+    async with session.post(gw.url + PATH, json=body) as resp:
+        assert resp.status == 202
+    await wait_for(lambda: len(sandbox_state.requests) == 1)
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGTERM)
+
+    async def draining() -> bool:
+        async with session.get(gw.url + "/readyz") as resp:
+            return resp.status == 503
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not await draining():
+        assert loop.time() < deadline, "readyz never answered 503"
+        await asyncio.sleep(0.02)
+    async with session.post(gw.url + PATH, json=body) as resp:
+        assert resp.status == 503  # an answer, not a refused connection
+        assert resp.headers["Retry-After"] == "5"
+        assert "shutting down" in (await resp.json())["error"]
+    assert await gw.stop_async(signal.SIGTERM) == 0
+    assert [r.status for r in sandbox_state.requests] == [503, 200]
+    assert [a.email for a in sandbox_state.activities] == ["drain@example.com"]
+    assert "drain timeout" not in gw.log_path.read_text()
+
+
 async def test_restart_delivers_what_a_wrong_key_left_spooled(
     make_gateway: GatewayFactory, sandbox_state: SandboxState
 ) -> None:
