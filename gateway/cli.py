@@ -54,24 +54,46 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--ttl", default="1h", help="how long the token is valid (default 1h)")
     sign.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
 
-    dead = sub.add_parser("dead-letters", help="inspect and re-send what Ortto refused")
-    dead.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
-    dead.add_argument(
-        "--spool", help="one spool file (default: GATEWAY_SPOOL_PATH and every worker's)"
+    dead = sub.add_parser(
+        "dead-letters",
+        help="inspect and re-send what Ortto refused",
+        parents=[_dead_letter_options(None)],
     )
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dl_list = dead_sub.add_parser("list", help="show dead letters")
+    # SUPPRESS: an option left out after the action keeps the value given before it.
+    after = [_dead_letter_options(argparse.SUPPRESS)]
+    dl_list = dead_sub.add_parser("list", help="show dead letters", parents=after)
     dl_list.add_argument("--limit", type=int, default=100)
     dl_list.add_argument("--error", help="only those whose error contains this text")
     dl_list.add_argument("--json", action="store_true", help="one JSON object a line")
-    replay = dead_sub.add_parser("replay", help="queue dead letters for delivery again")
+    replay = dead_sub.add_parser(
+        "replay", help="queue dead letters for delivery again", parents=after
+    )
     replay.add_argument("ids", nargs="*", type=int, help="dead-letter ids (default: all)")
     replay.add_argument("--error", help="only those whose error contains this text")
-    purge = dead_sub.add_parser("purge", help="delete dead letters")
+    purge = dead_sub.add_parser("purge", help="delete dead letters", parents=after)
     purge.add_argument("ids", nargs="*", type=int, help="dead-letter ids (default: all)")
     purge.add_argument("--error", help="only those whose error contains this text")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
+
+
+def _dead_letter_options(default: Any) -> argparse.ArgumentParser:
+    """`--config` and `--spool` of `dead-letters`, a parent parser for before and after the action.
+
+    A fresh parser each call: parents share their option objects, so the two defaults
+    (None before the action, SUPPRESS after it) need two parsers.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--config", default=default, help="TOML settings file (default: $GATEWAY_CONFIG)"
+    )
+    options.add_argument(
+        "--spool",
+        default=default,
+        help="one spool file (default: GATEWAY_SPOOL_PATH and every worker's)",
+    )
+    return options
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -351,7 +351,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_concurrent": _positive_int,
 }
 _LIST_SETTINGS = {"allowed_origins", "trusted_proxies", "person_fields"}
-_SPECIAL = {"api_key", "api_key_file", "activities", "config", "identity_secret"}
+_SPECIAL = {"api_key", "api_key_file", "activities", "identity_secret"}
+# Names the file, so it is meaningful only in the environment: in the file it is unknown.
+_ENV_ONLY = {"config"}
 # Secrets shorter than this are refused: an HMAC key must not be guessable.
 MIN_IDENTITY_SECRET_CHARS = 32
 
@@ -452,8 +454,9 @@ def load_settings(
     for key in data:
         if key not in known:
             raise ConfigError(f"{file_label}: unknown setting {key!r}")
+    known_env = known | _ENV_ONLY
     for key in environ:
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in known:
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in known_env:
             raise ConfigError(f"{key}: unknown setting (check the spelling)")
 
     values: dict[str, Any] = {}
@@ -569,10 +572,26 @@ def mask(secret: str) -> str:
 
 
 def _mask_url(url: str) -> str:
+    """A Redis URL with its password masked, in the userinfo or a `password` query parameter.
+
+    redis-py reads `?password=` as well as `user:pw@`, so both are secrets. The URL is
+    edited as text, not rebuilt, so everything else is shown exactly as configured.
+    """
     parts = urlsplit(url)
+    head, question, tail = url.partition("?")
     if parts.password:
-        return url.replace(f":{parts.password}@", ":****@")
-    return url
+        head = head.replace(f":{parts.password}@", ":****@")
+    query, hash_, fragment = tail.partition("#")
+    query = "&".join(_mask_query_item(item) for item in query.split("&"))
+    return head + question + query + hash_ + fragment
+
+
+def _mask_query_item(item: str) -> str:
+    """One `name=value` of a query string, the value masked when the name is `password`."""
+    name, _, value = item.partition("=")
+    if value and unquote_plus(name) == "password":
+        return f"{name}=****"
+    return item
 
 
 def describe(settings: Settings) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
@@ -31,6 +32,30 @@ def test_check_config_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert err.startswith("ortto-gateway: GATEWAY_IP_LIMIT:")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://h:6379/0?password=s3cret", "redis://h:6379/0?password=****"),
+        (
+            "redis://h:6379/0?db=1&password=s3cret&ssl_cert_reqs=none",
+            "redis://h:6379/0?db=1&password=****&ssl_cert_reqs=none",
+        ),
+        (
+            "rediss://app:s3cret@h:6380/0?password=s3cret",
+            "rediss://app:****@h:6380/0?password=****",
+        ),
+        ("redis://h:6379/0?db=1", "redis://h:6379/0?db=1"),
+    ],
+)
+def test_check_config_masks_redis_passwords(
+    url: str, shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-config"], {**ENV, "GATEWAY_REDIS_URL": url}) == 0
+    out = capsys.readouterr()
+    assert "s3cret" not in out.out + out.err
+    assert json.loads(out.out)["redis_url"] == shown
 
 
 def test_serve_without_key_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,6 +131,34 @@ async def _run_sync(fn, *args):  # type: ignore[no-untyped-def]
     import asyncio
 
     return await asyncio.to_thread(fn, *args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config", "{config}", "list", "--json"],
+        ["list", "--json", "--config", "{config}"],
+        ["--spool", "{spool}", "list", "--json"],
+        ["list", "--spool", "{spool}", "--json"],
+        ["replay", "--config", "{config}"],
+        ["purge", "--yes", "--spool", "{spool}"],
+    ],
+)
+def test_dead_letters_options_before_or_after_the_action(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = tmp_path / "spool.sqlite3"
+    asyncio.run(_spool_with_dead_letters(spool))
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"spool_path = {str(spool)!r}\n")
+    argv = [a.format(config=config, spool=spool) for a in args]
+    # No GATEWAY_SPOOL_PATH: the spool is found only through the option.
+    assert main(["dead-letters", *argv], {}) == 0
+    out = capsys.readouterr().out
+    if "list" in args:
+        assert len(out.splitlines()) == 3
+    else:
+        assert ("re-queued 3" if "replay" in args else "deleted 3") in out
 
 
 def test_dead_letters_without_spool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -188,6 +188,7 @@ person_limit = "3/1h"
     [
         ("listen = 8080\n[activities]\n", None),
         ("nonsense = 1\n", "unknown setting 'nonsense'"),
+        ('config = "other.toml"\n', "gateway.toml: unknown setting 'config'"),
         ("person_limit = true\n", "person_limit"),
         ('[activities."act:cm:x"]\nattributes = ["plan"]\n', "attributes"),
         ('[activities."act:cm:x"]\nperson_limit = "x"\n', "person_limit"),
@@ -204,6 +205,12 @@ def test_file_errors(tmp_path: Path, content: str, needle: str | None) -> None:
         return
     with pytest.raises(ConfigError, match=needle):
         load_settings(env(), str(path))
+
+
+def test_gateway_config_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('listen = "127.0.0.1:9000"\n')
+    assert load_settings(env(config=str(path))).listen.port == 9000
 
 
 def test_describe_masks_secrets() -> None:
