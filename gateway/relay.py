@@ -98,29 +98,37 @@ class Relay:
         if not checks:
             raise first_error(parsed) or errors[0]
 
-        if not self.sink.has_room(len(checks), 512 * len(checks)):
+        # Enriched and encoded before the limits: the exact size reserves room in the spool
+        # first, so a request the spool cannot take is refused before any limit is charged,
+        # and one that was charged cannot then find the spool full.
+        source_ip = anonymize_ip(client_ip) if client_ip and settings.ip_anonymize else client_ip
+        encoded = [orjson.dumps(enrich(items[pos], source_ip, now)) for pos in positions]  # type: ignore[arg-type]
+        held_rows, held_bytes = len(encoded), sum(map(len, encoded))
+        if not self.sink.reserve(held_rows, held_bytes):
             self.metrics.spool_full.inc()
             raise Unavailable("the gateway's queue is full; try again later", retry_after=5.0)
-
-        started = time.perf_counter()
         try:
-            results = await self.limiter.check_many(checks)
-            self.metrics.limiter_seconds.observe(time.perf_counter() - started)
-        except LimiterUnavailable:  # Redis is down and GATEWAY_LIMITER_ON_ERROR=closed
-            raise Unavailable(
-                "rate limiting is unavailable; try again later", retry_after=5.0
-            ) from None
+            started = time.perf_counter()
+            try:
+                results = await self.limiter.check_many(checks)
+                self.metrics.limiter_seconds.observe(time.perf_counter() - started)
+            except LimiterUnavailable:  # Redis is down and GATEWAY_LIMITER_ON_ERROR=closed
+                raise Unavailable(
+                    "rate limiting is unavailable; try again later", retry_after=5.0
+                ) from None
+        except BaseException:
+            self.sink.unreserve(held_rows, held_bytes)
+            raise
         if now - self._keys_reported >= KEYS_REPORT_INTERVAL:
             self._keys_reported = now
             self.metrics.limiter_keys.set(self.limiter.store.key_count())
-        source_ip = anonymize_ip(client_ip) if client_ip and settings.ip_anonymize else client_ip
         accepted: list[bytes] = []
         accepted_at: list[int] = []
         # Only the INFO request line shows who was accepted: skip the hashes otherwise.
         summarize = REQUEST_LOG.isEnabledFor(logging.INFO)
         people: list[str] = []
         limited_after: list[float] = []
-        for pos, check, result in zip(positions, checks, results, strict=True):
+        for pos, check, result, payload in zip(positions, checks, results, encoded, strict=True):
             if result.verdict != "accepted":
                 which = "person" if result.verdict == "rate_limited_person" else "IP"
                 entries[pos] = {
@@ -131,11 +139,12 @@ class Relay:
                 limited_after.append(result.retry_after)
                 self.metrics.count_activity(check.activity_id, result.verdict)
                 continue
-            activity = enrich(items[pos], source_ip, now)  # type: ignore[arg-type]
-            accepted.append(orjson.dumps(activity))
+            accepted.append(payload)
             accepted_at.append(pos)
             if summarize:
                 people.append(person_hash(check.person_key))
+        if len(accepted) < held_rows:  # the refused ones' room goes back; the put takes the rest
+            self.sink.unreserve(held_rows - len(accepted), held_bytes - sum(map(len, accepted)))
 
         if not accepted:
             if limited_after:

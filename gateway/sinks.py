@@ -33,7 +33,13 @@ class SinkResult:
 class Sink(Protocol):
     """Takes the accepted, enriched activities of one request."""
 
-    def has_room(self, count: int, nbytes: int) -> bool: ...
+    def reserve(self, count: int, nbytes: int) -> bool:
+        """Hold room for `count` activities of `nbytes` in all; False when there is none."""
+        ...
+
+    def unreserve(self, count: int, nbytes: int) -> None:
+        """Give back reserved room that `submit` will not use."""
+        ...
 
     async def submit(
         self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
@@ -47,17 +53,22 @@ class SpoolSink:
         self._spool = spool
         self._metrics = metrics
 
-    def has_room(self, count: int, nbytes: int) -> bool:
-        """Whether the spool can take this many more rows and bytes."""
-        return self._spool.has_room(count, nbytes)
+    def reserve(self, count: int, nbytes: int) -> bool:
+        """Hold room in the spool (see `Spool.reserve`)."""
+        return self._spool.reserve(count, nbytes)
+
+    def unreserve(self, count: int, nbytes: int) -> None:
+        """Give back room in the spool."""
+        self._spool.unreserve(count, nbytes)
 
     async def submit(
         self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
     ) -> SinkResult:
-        """Spool the activities; `async` and `merge_by` do not apply to a queued batch."""
+        """Spool the activities, for which `reserve` holds room; `async` and `merge_by` do
+        not apply to a queued batch."""
         started = time.perf_counter()
         try:
-            await self._spool.put(activities)
+            await self._spool.put(activities, reserved=True)
             self._metrics.spool_write_seconds.observe(time.perf_counter() - started)
         except SpoolFull as exc:
             self._metrics.spool_full.inc()
@@ -79,9 +90,12 @@ class ForwardSink:
         self._client = client
         self._metrics = metrics
 
-    def has_room(self, count: int, nbytes: int) -> bool:
+    def reserve(self, count: int, nbytes: int) -> bool:
         """Forwarding has no queue to fill."""
         return True
+
+    def unreserve(self, count: int, nbytes: int) -> None:
+        """Nothing was held."""
 
     async def submit(
         self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None

@@ -1003,7 +1003,8 @@ class Spool:
         self._ops: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
         self._state = "new"  # new -> opening -> open -> closing -> closed
         self._snapshot = _Snapshot()
-        # Rows and bytes of puts submitted but not yet answered (for has_room).
+        # Rows and bytes of puts submitted but not yet answered, and of reservations
+        # (for has_room).
         self._pending_rows = 0
         self._pending_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1116,18 +1117,45 @@ class Spool:
         await asyncio.shield(self._stopped)
         self._thread.join()
 
-    async def put(self, payloads: Sequence[bytes]) -> list[int]:
-        """Durably append one request's activities together; their row ids, in order."""
-        self._check_open()
+    async def put(self, payloads: Sequence[bytes], *, reserved: bool = False) -> list[int]:
+        """Durably append one request's activities together; their row ids, in order.
+
+        `reserved`: `reserve` already holds room for exactly these payloads; the put takes
+        it over (and gives it back if it cannot be submitted).
+        """
         items = tuple(bytes(payload) for payload in payloads)
-        if not items:
-            return []
         nbytes = sum(len(payload) for payload in items)
-        if len(items) > self._max_rows or nbytes > self._max_bytes:
-            raise ValueError("these payloads exceed the spool's total bound and can never fit")
-        self._pending_rows += len(items)
-        self._pending_bytes += nbytes
+        if not reserved:
+            self._check_open()
+            if not items:
+                return []
+            if len(items) > self._max_rows or nbytes > self._max_bytes:
+                raise ValueError("these payloads exceed the spool's total bound and can never fit")
+            self._pending_rows += len(items)
+            self._pending_bytes += nbytes
+        elif not items or self._state != "open":
+            self.unreserve(len(items), nbytes)
+            self._check_open()
+            return []
         return await self._submit(_Put(self._future(), items, nbytes))
+
+    def reserve(self, count: int, nbytes: int) -> bool:
+        """Hold room for a `put(..., reserved=True)` to come; False if it would not fit now.
+
+        Loop side, like `has_room`. The room counts as taken until that put is answered
+        or `unreserve` gives it back: a caller that must charge something else (the rate
+        limits) between checking for room and writing cannot then find the spool full.
+        """
+        if not self.has_room(count, nbytes):
+            return False
+        self._pending_rows += count
+        self._pending_bytes += nbytes
+        return True
+
+    def unreserve(self, count: int, nbytes: int) -> None:
+        """Give back room `reserve` held that no put will use."""
+        self._pending_rows -= count
+        self._pending_bytes -= nbytes
 
     async def lease(self, max_items: int, max_bytes: int) -> list[SpooledItem]:
         """The oldest unleased items within both limits (at least one if any); no waiting."""

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from gateway.config import parse_rate
-from gateway.sandbox import SandboxState, wait_for
+from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import FakeClock, GatewayFactory
 
 PATH = "/v1/activities/create"
@@ -79,6 +79,22 @@ async def test_a_batch_over_limits_and_invalid_says_both(make_gateway: GatewayFa
     assert [e["status"] for e in body["activities"]] == ["rate_limited", "invalid"]
     resp = await client.post(PATH, json=activity("twice@example.com"))
     assert (await resp.json())["error"].startswith("rate limit reached for every activity")
+
+
+async def test_a_request_the_spool_cannot_take_is_not_charged(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.add_fault(Fault(status=503, count=10**6))  # nothing drains
+    client = await make_gateway(spool_max_bytes=16 * 1024)
+    note = {"txt:cm:note": "x" * 4000}
+    for _ in range(3):
+        big = {**activity("fill@example.com"), "attributes": note}
+        assert (await client.post(PATH, json=big)).status == 202
+    # Each of these would fit the person's budget, but not the spool: 503, never charged.
+    for _ in range(12):
+        resp = await client.post(PATH, json={**activity("victim@example.com"), "attributes": note})
+        assert resp.status == 503, await resp.text()
+    assert (await client.post(PATH, json=activity("victim@example.com"))).status == 202
 
 
 async def test_short_window_opens_again_after_it_slides(make_gateway: GatewayFactory) -> None:

@@ -234,6 +234,29 @@ async def test_has_room_counts_committed_and_pending_puts(db_path: Path) -> None
         assert spool.has_room(2, 90)
 
 
+async def test_reserved_room_is_held_until_the_put_or_unreserve(db_path: Path) -> None:
+    async with Spool(db_path, max_rows=3, max_bytes=100) as spool:
+        assert spool.reserve(2, 60)
+        assert not spool.reserve(2, 10)  # 4 rows
+        assert not spool.has_room(1, 41)  # 101 bytes
+        ids = await spool.put([b"a" * 30, b"b" * 30], reserved=True)
+        assert len(ids) == 2
+        assert spool.has_room(1, 40) and not spool.has_room(2, 1)
+        assert spool.reserve(1, 40)
+        spool.unreserve(1, 40)
+        assert spool.has_room(1, 40)
+
+
+async def test_a_reserved_put_to_a_closed_spool_gives_the_room_back(db_path: Path) -> None:
+    spool = Spool(db_path, max_rows=3, max_bytes=100)
+    await spool.open()
+    assert spool.reserve(1, 10)
+    await spool.close()
+    with pytest.raises(SpoolClosed):
+        await spool.put([b"x" * 10], reserved=True)
+    assert spool.has_room(3, 100)
+
+
 async def test_available_excludes_leased(spool: Spool) -> None:
     await put_each(spool, [b"1", b"2", b"3"])
     assert (spool.depth, spool.available, spool.leased) == (3, 3, 0)
