@@ -543,3 +543,22 @@ async def test_batch_of_eleven_from_one_person() -> None:
     limiter = Limiter(MemoryStore(), clock=Clock())
     results = await limiter.check_many([check()] * 11)
     assert results == [LimitResult("accepted")] * 10 + [LimitResult("rate_limited_person", DAY)]
+
+
+class LateStore(MemoryStore):
+    """Answers as a shared call run a little after this caller's time would."""
+
+    async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
+        decisions = await super().acquire_many(checks, now)
+        return [
+            d if d.allowed else Decision(False, d.retry_after + 0.004, d.refused) for d in decisions
+        ]
+
+
+async def test_retry_after_never_exceeds_the_refusing_window() -> None:
+    limiter = Limiter(LateStore(), clock=Clock())
+    results = await limiter.check_many([check()] * 11)
+    assert results[-1] == LimitResult("rate_limited_person", DAY)  # not DAY + 0.004
+    ip_only = [check(f"u{i}@example.com") for i in range(101)]
+    limiter = Limiter(LateStore(), clock=Clock())
+    assert (await limiter.check_many(ip_only))[-1] == LimitResult("rate_limited_ip", HOUR)

@@ -71,13 +71,20 @@ class Limiter:
         """The verdicts in order; each activity sees the charges of the earlier ones."""
         if not checks:
             return []
-        decisions = await self.store.acquire_many([rules_of(c) for c in checks], self._clock())
+        rules = [rules_of(c) for c in checks]
+        decisions = await self.store.acquire_many(rules, self._clock())
         results: list[LimitResult] = []
-        for decision in decisions:
+        for decision, pair in zip(decisions, rules, strict=True):
             if decision.allowed:
                 results.append(ACCEPTED)
-            elif _PERSON in decision.refused:  # both refused: the person's limit is named
-                results.append(LimitResult("rate_limited_person", decision.retry_after))
+                continue
+            # Never longer than the refusing rules' window: by then everything logged now
+            # has expired. (A shared store call runs at its latest caller's time, a few ms
+            # after this one's, which could otherwise round up to one second more.)
+            window = max((pair[i].window for i in decision.refused), default=decision.retry_after)
+            wait = min(decision.retry_after, window)
+            if _PERSON in decision.refused:  # both refused: the person's limit is named
+                results.append(LimitResult("rate_limited_person", wait))
             else:
-                results.append(LimitResult("rate_limited_ip", decision.retry_after))
+                results.append(LimitResult("rate_limited_ip", wait))
         return results
