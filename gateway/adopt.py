@@ -9,6 +9,8 @@ first spool this run drains, in their order, with their attempts and enqueue tim
 Two transactions, never one across both files (in WAL mode SQLite keeps a transaction
 atomic per file only): the rows are committed into the target first, then deleted from
 the orphan, whose write lock is held throughout so no other process changes it meanwhile.
+A file another process holds for draining (`spool.claim`: a worker whose supervisor was
+killed, a second gateway started on the same files) is not an orphan and is left alone.
 A crash between the two commits leaves the rows in both files: they are sent twice (each
 keeps its `key` and `created`), never lost. Dead letters stay where they are (the
 `dead-letters` command reads every spool file); an orphan left with none is removed.
@@ -17,6 +19,7 @@ keeps its `key` and `created`), never lost. Dead letters stay where they are (th
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from gateway.spool import (
     MEMORY,
     SCHEMA_VERSION,
     SpoolError,
+    claim,
     ensure_schema,
     fsync_dir,
 )
@@ -48,9 +52,9 @@ class Adopted:
 def adopt_orphans(files: list[str], owned: list[str]) -> list[Adopted]:
     """Move the queued rows of every file in `files` not in `owned` into `owned[0]`.
 
-    A file that cannot be read as a spool (locked for longer than the busy timeout, not a
-    spool, from a newer gateway) is left alone with a warning: nothing is ever deleted
-    that was not first committed elsewhere.
+    A file held by a running process (`spool.claim`), or that cannot be read as a spool
+    (locked for longer than the busy timeout, not a spool, from a newer gateway), is left
+    alone with a warning: nothing is ever deleted that was not first committed elsewhere.
     """
     if not owned or owned[0] == MEMORY:
         return []
@@ -91,6 +95,16 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 def _adopt(path: str, target: str) -> Adopted:
+    # A file some process still holds is not an orphan: the worker of another gateway (one
+    # whose supervisor was killed, or started twice) is writing it. Held until the end.
+    held = claim(path)
+    try:
+        return _adopt_held(path, target)
+    finally:
+        os.close(held)  # after every SQLite connection to the file is closed (see claim)
+
+
+def _adopt_held(path: str, target: str) -> Adopted:
     orphan = _connect(path)
     try:
         version = int(orphan.execute("PRAGMA user_version").fetchone()[0])

@@ -77,6 +77,7 @@ def create_app(
             max_rows=settings.spool_max_rows,
             max_bytes=settings.spool_max_bytes,
             commit_on=settings.spool_commit,
+            exclusive=True,  # one gateway per spool file: a second one is refused
         )
         await spool.open()
         log.info("spool open", extra={"data": {"path": spool.path, "commit_on": spool.commit_on}})

@@ -14,8 +14,10 @@ from typing import Any
 from gateway import __version__
 from gateway.config import ConfigError, Settings, describe, load_settings, parse_host_port
 from gateway.logs import setup_logging
+from gateway.spool import SpoolInUse
 
 EXIT_CONFIG = 2
+EXIT_IN_USE = 3  # the spool file is held by another running gateway
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +118,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigError as exc:
         print(f"ortto-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except SpoolInUse as exc:  # another gateway drains this spool: never share one
+        print(f"ortto-gateway: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
@@ -253,12 +258,13 @@ def _dead_letters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 async def _dead_letters_async(
     args: argparse.Namespace, files: list[str], ids: list[int] | None
 ) -> int:
-    from gateway.spool import Spool
+    from gateway.spool import Spool, in_use
 
     total = 0
     for path in files:
         spool = Spool(path)
         await spool.open()
+        replayed = 0
         try:
             if args.action == "list":
                 letters = await spool.list_dead_letters(limit=args.limit, error_contains=args.error)
@@ -266,11 +272,18 @@ async def _dead_letters_async(
                 for letter in letters:
                     _print_letter(args, path, letter, several=len(files) > 1)
             elif args.action == "replay":
-                total += await spool.replay_dead_letters(ids=ids, error_contains=args.error)
+                replayed = await spool.replay_dead_letters(ids=ids, error_contains=args.error)
+                total += replayed
             elif args.action == "purge":
                 total += await spool.purge_dead_letters(ids=ids, error_contains=args.error)
         finally:
             await spool.close()
+        if replayed and not in_use(path):  # checked with the file closed (see spool.claim)
+            print(
+                f"ortto-gateway: warning: no running gateway drains {path}: its {replayed} "
+                "re-queued activities go out when the gateway next starts",
+                file=sys.stderr,
+            )
     if args.action == "list" and not args.json:
         print(f"{total} dead letter(s)", file=sys.stderr)
     elif args.action == "replay":

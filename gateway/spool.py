@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -73,10 +74,13 @@ __all__ = [
     "SpoolClosed",
     "SpoolError",
     "SpoolFull",
+    "SpoolInUse",
     "SpoolStats",
     "SpooledItem",
+    "claim",
     "ensure_schema",
     "fsync_dir",
+    "in_use",
 ]
 
 logger = logging.getLogger(__name__)
@@ -161,6 +165,40 @@ class SpoolFull(SpoolError):
 
 class SpoolClosed(SpoolError):
     """The spool is not open (not opened yet, closing or closed)."""
+
+
+class SpoolInUse(SpoolError):
+    """Another process holds the spool file: a running gateway drains it."""
+
+
+def claim(path: str) -> int:
+    """Hold the spool file at `path` for this process; the descriptor that holds it.
+
+    An exclusive `flock` on the file itself (created if missing), held while a gateway
+    drains it, so a second gateway on the same file, or the adoption of a file some
+    worker still writes, is refused instead of losing rows. On Linux `flock` and SQLite's
+    own (POSIX) locks are independent; but closing any descriptor of a file drops the
+    process's POSIX locks on it, so the descriptor must be closed only once no SQLite
+    connection of this process has the file open.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolInUse(f"{path} is in use by another gateway process") from None
+    return fd
+
+
+def in_use(path: str) -> bool:
+    """Whether a running gateway holds the spool file (see `claim`). Call it only while
+    this process has no SQLite connection to the file open."""
+    try:
+        os.close(claim(path))
+    except SpoolInUse:
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -984,13 +1022,18 @@ class Spool:
         commit_interval: float = 0.0,
         max_group: int = 1000,
         commit_on: str = "auto",
+        exclusive: bool = False,
     ) -> None:
+        """`exclusive`: hold the file for this process while open (`claim`), as a gateway
+        that drains it does; tools that only read or replay leave it False."""
         if max_rows < 1 or max_bytes < 1 or max_group < 1 or commit_interval < 0:
             raise ValueError("max_rows, max_bytes, max_group must be >= 1, commit_interval >= 0")
         if commit_on not in COMMIT_MODES:
             raise ValueError(f"commit_on must be one of {', '.join(COMMIT_MODES)}")
         self._path = os.fspath(path)
         self._commit_on = commit_on
+        self._exclusive = exclusive
+        self._claim: int | None = None  # the descriptor holding the file (exclusive)
         # "loop" mode: the writer runs on the event loop; a flush is scheduled (or running).
         self._inline: _Writer | None = None
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -1068,6 +1111,21 @@ class Spool:
         """Create the directory and schema, load counters and start the writer thread."""
         if self._state != "new":
             raise RuntimeError("a Spool can be opened once")
+        if self._exclusive and self._path != MEMORY:
+            self._claim = claim(self._path)
+        try:
+            await self._open()
+        except BaseException:
+            self._release_claim()
+            raise
+
+    def _release_claim(self) -> None:
+        """Let go of the file once this process's SQLite connection to it is closed."""
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim = None
+
+    async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._opened = loop.create_future()
@@ -1104,11 +1162,13 @@ class Spool:
         """Commit what is pending, stop the writer (thread) and close the database."""
         if self._state == "new" or (self._state == "closed" and self._thread is None):
             self._state = "closed"  # never opened, or opened on the loop and failed
+            self._release_claim()
             return
         if self._inline is not None:
             self._close_inline()
             assert self._stopped is not None
             await asyncio.shield(self._stopped)
+            self._release_claim()
             return
         if self._state in ("opening", "open"):
             self._state = "closing"
@@ -1116,6 +1176,7 @@ class Spool:
         assert self._stopped is not None and self._thread is not None
         await asyncio.shield(self._stopped)
         self._thread.join()
+        self._release_claim()
 
     async def put(self, payloads: Sequence[bytes], *, reserved: bool = False) -> list[int]:
         """Durably append one request's activities together; their row ids, in order.

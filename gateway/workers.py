@@ -16,6 +16,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -32,6 +33,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_DELAY = 1.0
 # How long the supervisor waits for workers beyond their own drain timeout.
 EXIT_GRACE = 5.0
+# How often a worker checks that its supervisor is still there.
+PARENT_CHECK_INTERVAL = 1.0
 
 
 def worker_spool_path(spool_path: str, index: int) -> str:
@@ -51,7 +54,12 @@ def spool_files(spool_path: str) -> list[str]:
     """The spool file and every worker's, those that exist (for the dead-letters command)."""
     path = Path(spool_path)
     found = [str(path)] if path.exists() else []
-    found += sorted(str(p) for p in path.parent.glob(f"{path.stem}.w*{path.suffix}"))
+    # Exactly `<stem>.w<N><suffix>`: a glob alone would also take SQLite's `-wal` and
+    # `-shm` files beside a worker's spool when the path has no suffix.
+    name = re.compile(re.escape(path.stem) + r"\.w[0-9]+" + re.escape(path.suffix))
+    found += sorted(
+        str(p) for p in path.parent.glob(f"{path.stem}.w*{path.suffix}") if name.fullmatch(p.name)
+    )
     return found
 
 
@@ -68,12 +76,42 @@ def check_workers(settings: Settings, workers: int) -> None:
 
 def _worker_main(settings: Settings, index: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
-    from gateway.cli import run_loop
+    from gateway.cli import EXIT_IN_USE, run_loop
     from gateway.logs import setup_logging
-    from gateway.server import serve
+    from gateway.spool import SpoolInUse
 
     setup_logging(settings.log_level)
-    run_loop(serve(settings, worker=index))
+    try:
+        run_loop(_run_worker(settings, index))
+    except SpoolInUse as exc:  # a worker of another gateway still drains this file
+        log.error("cannot start worker", extra={"data": {"worker": index, "error": str(exc)}})
+        raise SystemExit(EXIT_IN_USE) from None
+
+
+async def _run_worker(settings: Settings, index: int) -> None:
+    """`serve` as worker `index`, drained and stopped if the supervisor goes away.
+
+    A supervisor killed outright (SIGKILL, OOM) cannot pass SIGTERM on; without this its
+    workers would go on serving, unsupervised, with spool files that a new gateway
+    cannot take over while they hold them.
+    """
+    from gateway.server import serve
+
+    stop = asyncio.Event()
+    supervisor = os.getppid()
+
+    async def watch_supervisor() -> None:
+        # Polled: no event tells a process its parent died (getppid changes to a reaper).
+        while os.getppid() == supervisor:  # noqa: ASYNC110
+            await asyncio.sleep(PARENT_CHECK_INTERVAL)
+        log.error("the supervisor is gone: draining and exiting", extra={"data": {"worker": index}})
+        stop.set()
+
+    watcher = asyncio.create_task(watch_supervisor())
+    try:
+        await serve(settings, stop=stop, worker=index)
+    finally:
+        watcher.cancel()
 
 
 def worker_settings(settings: Settings, index: int, workers: int) -> Settings:

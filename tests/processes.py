@@ -70,6 +70,18 @@ class GatewayProcess:
             assert loop.time() < deadline, "gateway did not become ready"
             await asyncio.sleep(0.05)
 
+    def run_to_exit(self, timeout: float = 30) -> tuple[int, str, str]:
+        """Run `serve` expecting it to stop by itself: exit code, stdout, stderr."""
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", *self.args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return done.returncode, done.stdout, done.stderr
+
     def kill(self) -> None:
         """For teardown: make sure the process is gone, whatever the test did."""
         if self.proc is not None and self.proc.poll() is None:

@@ -116,6 +116,34 @@ async def test_a_file_that_cannot_be_adopted_is_left_alone(
     assert not main.exists() or queued(main) == []
 
 
+async def test_a_file_a_running_gateway_holds_is_not_an_orphan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    main = tmp_path / "spool.sqlite3"
+    live = Path(worker_spool_path(str(main), 1))
+    # The worker of another gateway (its supervisor killed) still drains and writes it.
+    async with Spool(live, exclusive=True) as worker:
+        await worker.put([b"w1"])
+        assert adopt_orphans(spool_files(str(main)), [str(main)]) == []
+        await worker.put([b"w2"])
+    assert queued(live) == [(b"w1", 0), (b"w2", 0)]
+    assert any("in use by another gateway" in str(r.__dict__.get("data")) for r in caplog.records)
+    # Once it has let go, the file is an orphan like any other.
+    assert [a.rows for a in adopt_orphans(spool_files(str(main)), [str(main)])] == [2]
+    assert not live.exists()
+
+
+def test_spool_files_without_a_suffix_skip_sqlite_side_files(tmp_path: Path) -> None:
+    main = tmp_path / "queue"
+    for name in ("queue", "queue.w0", "queue.w0-wal", "queue.w0-shm", "queue.w1", "queue.wx"):
+        (tmp_path / name).touch()
+    assert spool_files(str(main)) == [
+        str(main),
+        str(tmp_path / "queue.w0"),
+        str(tmp_path / "queue.w1"),
+    ]
+
+
 async def test_in_memory_spool_adopts_nothing(tmp_path: Path) -> None:
     orphan = tmp_path / "x.w0.sqlite3"
     await fill(orphan, [b"a"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.cli import main
-from gateway.spool import Spool
+from gateway.spool import Spool, claim
 from tests.conftest import API_KEY
 
 ENV = {"GATEWAY_API_KEY": API_KEY, "GATEWAY_ACTIVITIES": "act:cm:login"}
@@ -116,15 +117,26 @@ async def test_dead_letters_list_replay_purge(
     assert all({"id", "activity_id", "person", "error", "failed_at"} <= set(r) for r in rows)
 
     assert await _run_sync(run, "replay", "--error", "str::x") == 0
-    assert "re-queued 1 activity" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "re-queued 1 activity" in out
+    # No gateway runs here: say when the re-queued activity will go out.
+    assert f"no running gateway drains {path}" in err
     assert await _depth(path) == (1, 2)
+    held = claim(str(path))  # as a running gateway holds its spool
+    try:
+        assert await _run_sync(run, "replay", "--error", "90 days") == 0
+    finally:
+        os.close(held)
+    out, err = capsys.readouterr()
+    assert "re-queued 1 activity" in out and "warning" not in err
+    assert await _depth(path) == (2, 1)
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert await _run_sync(run, "purge") == 2  # not interactive, no --yes
-    assert await _depth(path) == (1, 2)
+    assert await _depth(path) == (2, 1)
     assert await _run_sync(run, "purge", "--yes") == 0
-    assert "deleted 2" in capsys.readouterr().out
-    assert await _depth(path) == (1, 0)
+    assert "deleted 1" in capsys.readouterr().out
+    assert await _depth(path) == (2, 0)
 
 
 async def _run_sync(fn, *args):  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
 import textwrap
@@ -12,7 +13,18 @@ from pathlib import Path
 import pytest
 
 import gateway.spool as spool_module
-from gateway.spool import MEMORY, DeadLetter, Spool, SpoolClosed, SpoolFull, SpoolStats, _Lease
+from gateway.spool import (
+    MEMORY,
+    DeadLetter,
+    Spool,
+    SpoolClosed,
+    SpoolFull,
+    SpoolInUse,
+    SpoolStats,
+    _Lease,
+    claim,
+    in_use,
+)
 
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
 
@@ -255,6 +267,33 @@ async def test_a_reserved_put_to_a_closed_spool_gives_the_room_back(db_path: Pat
     with pytest.raises(SpoolClosed):
         await spool.put([b"x" * 10], reserved=True)
     assert spool.has_room(3, 100)
+
+
+async def test_an_exclusive_spool_is_held_until_closed(db_path: Path) -> None:
+    async with Spool(db_path, exclusive=True) as first:
+        await first.put([b"x"])
+        with pytest.raises(SpoolInUse, match="in use by another gateway"):
+            await Spool(db_path, exclusive=True).open()
+        # Tools that only read or replay (dead-letters) still open it.
+        async with Spool(db_path) as tool:
+            assert tool.depth == 1
+        await first.put([b"y"])  # the tool's closing did not disturb the holder
+    assert not in_use(str(db_path))
+    async with Spool(db_path, exclusive=True) as again:
+        assert again.depth == 2
+
+
+async def test_in_use_sees_another_holder(tmp_path: Path) -> None:
+    path = str(tmp_path / "held.sqlite3")
+    assert not in_use(path)
+    fd = claim(path)
+    try:
+        assert in_use(path)
+        with pytest.raises(SpoolInUse):
+            claim(path)
+    finally:
+        os.close(fd)
+    assert not in_use(path)
 
 
 async def test_available_excludes_leased(spool: Spool) -> None:

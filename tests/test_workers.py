@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -197,3 +198,60 @@ async def test_local_mode_keeps_limiting_while_redis_is_down(
     assert results == [202] * 10 + [429]
     errors = client.app[METRICS].registry.get_sample_value("ortto_gateway_limiter_errors_total")
     assert errors is not None and errors >= 1
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: no reaper may be waiting for an orphan here)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+@pytest.mark.slow
+async def test_workers_drain_and_leave_when_their_supervisor_is_killed(
+    sandbox: TestServer,
+    sandbox_state: SandboxState,
+    session: aiohttp.ClientSession,
+    redis_server: redis_support.RedisServer,
+    tmp_path: Path,
+    reaper: list[Any],
+) -> None:
+    upstream = str(sandbox.make_url("")).rstrip("/")
+    spool = tmp_path / "spool.sqlite3"
+    env = {"GATEWAY_REDIS_URL": redis_server.url}
+    gw = GatewayProcess(upstream, spool, tmp_path / "a.log", args=("--workers", "2"), env=env)
+    reaper.append(gw)
+    await gw.start(session)
+    started = next(
+        json.loads(line)
+        for line in gw.log_path.read_text().splitlines()
+        if '"msg":"workers started"' in line
+    )
+    async with session.post(gw.url + PATH, json=body("kept@example.com")) as resp:
+        assert resp.status == 202
+    gw.stop(signal.SIGKILL)  # the supervisor alone: it cannot pass anything on
+    await wait_for(lambda: all(_gone(pid) for pid in started["pids"]), timeout=15)
+    assert gw.log_path.read_text().count("the supervisor is gone") == 2
+    assert [a.email for a in sandbox_state.activities] == ["kept@example.com"]
+    # Their spool files are free again: a new gateway starts on them.
+    again = GatewayProcess(upstream, spool, tmp_path / "b.log", args=("--workers", "2"), env=env)
+    reaper.append(again)
+    await again.start(session)
+    assert await again.stop_async(signal.SIGTERM) == 0
+
+
+async def test_a_second_gateway_on_the_same_spool_is_refused(
+    sandbox: TestServer, session: aiohttp.ClientSession, tmp_path: Path, reaper: list[Any]
+) -> None:
+    upstream = str(sandbox.make_url("")).rstrip("/")
+    spool = tmp_path / "spool.sqlite3"
+    first = GatewayProcess(upstream, spool, tmp_path / "first.log")
+    reaper.append(first)
+    await first.start(session)
+    second = GatewayProcess(upstream, spool, tmp_path / "second.log")
+    code, _, err = await asyncio.to_thread(second.run_to_exit)
+    assert code == 3
+    assert "in use by another gateway process" in err
+    assert await first.stop_async(signal.SIGTERM) == 0
