@@ -343,11 +343,12 @@ class Delivery:
             await self._rate.acquire()
         body = encode_batch([i.payload for i in items])
         self._metrics.upstream_batch_activities.observe(len(items))
+        failures = self._failures  # the backoff exponent this batch was sent under
         try:
             resp = await self._client.post(body)
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels("error").inc()
-            self._retry_later(ids, "network", None, str(exc))
+            self._retry_later(ids, "network", None, str(exc), failures)
             await self._spool.release(ids)
             return
         self._metrics.upstream_requests.labels(status_group(resp.status)).inc()
@@ -374,17 +375,26 @@ class Delivery:
             log.warning("Ortto rate limit; pausing", extra={"data": {"seconds": round(wait, 3)}})
             await self._spool.release(ids, attempt=False)
         elif status >= 500 or status < 400:
-            self._retry_later(ids, "server_error", resp.retry_after, f"Ortto answered {status}")
+            self._retry_later(
+                ids, "server_error", resp.retry_after, f"Ortto answered {status}", failures
+            )
             await self._spool.release(ids)
         else:
             await self._refused(items, status, resp.json())
 
     def _retry_later(
-        self, ids: Sequence[int], reason: str, hint: float | None, message: str
+        self, ids: Sequence[int], reason: str, hint: float | None, message: str, failures: int
     ) -> None:
+        """Back off after a failed batch sent under backoff exponent `failures`.
+
+        Batches in flight together fail together in an outage: only the first failure of
+        such a wave raises the exponent. Counting each would turn a short outage with
+        four batches in flight into a 4-step backoff (minutes of waiting after recovery).
+        """
         self._metrics.upstream_retries.labels(reason).inc()
-        delay = max(hint or 0.0, full_jitter(self._failures, self._rng))
-        self._failures += 1
+        delay = max(hint or 0.0, full_jitter(failures, self._rng))
+        if self._failures == failures:
+            self._failures += 1
         if delay > 0:
             self._not_before = max(self._not_before, time.monotonic() + delay)
             self._metrics.delivery_pauses.labels("backoff").inc()

@@ -159,6 +159,21 @@ async def test_retries_until_delivered_each_key_once(
     assert len({a.key for a in sandbox_state.activities}) == 30
 
 
+async def test_batches_failing_together_back_off_once(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    # Four batches in flight when the outage hits, all four fail. With the longest jitter
+    # (rng 1.0) one step of backoff is 0.5 s; counting each failure would make it 4 s.
+    sandbox_state.add_fault(Fault(status=503, count=4, delay=0.3))
+    await rig.spool.put([payload(i) for i in range(400)])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    rig.start(concurrency=4, rng=lambda: 1.0)
+    await wait_for(lambda: len(sandbox_state.activities) == 400, timeout=10)
+    assert [r.status for r in sandbox_state.requests[:4]] == [503] * 4
+    assert loop.time() - started < 3.0
+
+
 async def test_ambiguous_failure_merges_instead_of_duplicating(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
