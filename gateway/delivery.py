@@ -229,7 +229,7 @@ class Delivery:
             log.warning(
                 ("drain timeout" if timed_out else "drain ended")
                 + ": activities left in the spool for the next start",
-                extra={"data": {"activities": left, "paused": self._pause_reason}},
+                extra={"data": {"activities": left, "paused": self._paused_for()}},
             )
         await self._refresh_gauges()
 
@@ -290,6 +290,12 @@ class Delivery:
         if self._pause_reason is not None:
             self._metrics.delivery_paused.labels(self._pause_reason).set(0)
             self._pause_reason = None
+
+    def _paused_for(self) -> str | None:
+        """Why sending waits now: a pause's reason, `backoff` after failures, or None."""
+        if self._pause_reason is not None:
+            return self._pause_reason
+        return "backoff" if self._not_before > time.monotonic() else None
 
     def _pause(self, reason: str, seconds: float) -> None:
         until = time.monotonic() + seconds

@@ -343,18 +343,20 @@ async def test_a_batch_that_fails_during_the_drain_is_sent_again(
 
 
 async def test_drain_then_stop_waits_for_one_timeout_only(
-    rig: Rig, sandbox_state: SandboxState
+    rig: Rig, sandbox_state: SandboxState, caplog: pytest.LogCaptureFixture
 ) -> None:
     sandbox_state.add_fault(Fault(status=503, count=1000))
     await rig.spool.put([payload(i) for i in range(3)])
-    delivery = rig.start()
+    delivery = rig.start(rng=lambda: 1.0)  # backoff 0.5 s, then 1 s
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await delivery.drain(0.5)
-    await delivery.stop(0.5)
+    await delivery.drain(1.0)
+    await delivery.stop(1.0)
     rig.delivery = None
-    assert loop.time() - started < 1.5
+    assert loop.time() - started < 2.0
     assert rig.spool.depth == 3  # kept for the next start
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("drain timeout")]
+    assert line.__dict__["data"] == {"activities": 3, "paused": "backoff"}
 
 
 async def test_stop_keeps_what_the_drain_timeout_cuts_off(
