@@ -69,10 +69,11 @@ async def test_signed_identity_required(
     assert all("identity" not in a.activity for a in sandbox_state.activities)
 
 
-async def test_signed_identity_per_activity(make_gateway: GatewayFactory) -> None:
+async def test_signed_identity_per_activity(make_gateway: GatewayFactory, tmp_path: Path) -> None:
     client = await make_gateway(identity_secrets=(SECRET,))
     # The per-activity switch comes from the catalogue.
     client2 = await make_gateway(
+        spool_path=str(tmp_path / "second.sqlite3"),  # one gateway per spool file
         identity_secrets=(SECRET,),
         activities={
             "act:cm:login": ActivitySpec("act:cm:login", signed_identity=True),
@@ -131,7 +132,7 @@ def test_readme_node_helper_matches() -> None:
 
 
 async def test_undeclared_attributes_dropped_when_not_strict(
-    make_gateway: GatewayFactory, sandbox_state: SandboxState
+    make_gateway: GatewayFactory, sandbox_state: SandboxState, tmp_path: Path
 ) -> None:
     spec = ActivitySpec("act:cm:login", attributes=frozenset({"str:cm:plan"}), strict=False)
     client = await make_gateway(activities={"act:cm:login": spec})
@@ -141,7 +142,9 @@ async def test_undeclared_attributes_dropped_when_not_strict(
     assert sandbox_state.activities[0].activity["attributes"] == {"str:cm:plan": "pro"}
 
     strict = await make_gateway(
-        activities={"act:cm:login": replace(spec, strict=None)}, strict=True
+        activities={"act:cm:login": replace(spec, strict=None)},
+        strict=True,
+        spool_path=str(tmp_path / "second.sqlite3"),  # one gateway per spool file
     )
     resp = await strict.post(PATH, json=body)
     assert resp.status == 400
