@@ -182,7 +182,8 @@ def claim(path: str) -> int:
     connection of this process has the file open.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # 0o644 under the umask, as SQLite itself creates a database (and its -wal and -shm).
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -522,7 +523,8 @@ class _Writer:
         if not memory:
             file = Path(self._path)
             file.parent.mkdir(parents=True, exist_ok=True)
-            created = not file.exists()
+            # Empty: just created by `claim` (an exclusive spool), or by nobody yet.
+            created = not file.exists() or file.stat().st_size == 0
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
         self._db = db
         mode = str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()

@@ -74,7 +74,7 @@ def check_workers(settings: Settings, workers: int) -> None:
         )
 
 
-def _worker_main(settings: Settings, index: int) -> None:
+def _worker_main(settings: Settings, index: int, supervisor: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
     from gateway.cli import EXIT_IN_USE, run_loop
     from gateway.logs import setup_logging
@@ -82,13 +82,13 @@ def _worker_main(settings: Settings, index: int) -> None:
 
     setup_logging(settings.log_level)
     try:
-        run_loop(_run_worker(settings, index))
+        run_loop(_run_worker(settings, index, supervisor))
     except SpoolInUse as exc:  # a worker of another gateway still drains this file
         log.error("cannot start worker", extra={"data": {"worker": index, "error": str(exc)}})
         raise SystemExit(EXIT_IN_USE) from None
 
 
-async def _run_worker(settings: Settings, index: int) -> None:
+async def _run_worker(settings: Settings, index: int, supervisor: int) -> None:
     """`serve` as worker `index`, drained and stopped if the supervisor goes away.
 
     A supervisor killed outright (SIGKILL, OOM) cannot pass SIGTERM on; without this its
@@ -98,9 +98,10 @@ async def _run_worker(settings: Settings, index: int) -> None:
     from gateway.server import serve
 
     stop = asyncio.Event()
-    supervisor = os.getppid()
 
     async def watch_supervisor() -> None:
+        # `supervisor` is the pid the supervisor gave at spawn: one read here, after the
+        # start-up, would be the reaper's if the supervisor died meanwhile.
         # Polled: no event tells a process its parent died (getppid changes to a reaper).
         while os.getppid() == supervisor:  # noqa: ASYNC110
             await asyncio.sleep(PARENT_CHECK_INTERVAL)
@@ -128,7 +129,7 @@ def _spawn(settings: Settings, index: int, workers: int) -> BaseProcess:
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=_worker_main,
-        args=(worker_settings(settings, index, workers), index),
+        args=(worker_settings(settings, index, workers), index, os.getpid()),
         name=f"ortto-gateway-worker-{index}",
         daemon=False,
     )

@@ -283,6 +283,24 @@ async def test_an_exclusive_spool_is_held_until_closed(db_path: Path) -> None:
         assert again.depth == 2
 
 
+async def test_a_new_exclusive_spool_is_created_as_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(spool_module, "fsync_dir", synced.append)
+    old_umask = os.umask(0o022)
+    try:
+        for name, exclusive in (("plain.sqlite3", False), ("held.sqlite3", True)):
+            async with Spool(tmp_path / name, exclusive=exclusive):
+                pass
+            # `claim` creates the file first: it must still count as new (directory
+            # fsynced) and get SQLite's own mode.
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old_umask)
+    assert synced == [tmp_path, tmp_path]
+
+
 async def test_in_use_sees_another_holder(tmp_path: Path) -> None:
     path = str(tmp_path / "held.sqlite3")
     assert not in_use(path)

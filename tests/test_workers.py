@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -14,11 +15,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway import workers
 from gateway.cli import main
+from gateway.config import HostPort
 from gateway.sandbox import SandboxState, wait_for
 from gateway.server import free_port
 from tests import redis_support
-from tests.conftest import API_KEY, GatewayFactory
+from tests.conftest import API_KEY, GatewayFactory, base_settings
 from tests.processes import GatewayProcess
 
 PATH = "/v1/activities/create"
@@ -255,3 +258,19 @@ async def test_a_second_gateway_on_the_same_spool_is_refused(
     assert code == 3
     assert "in use by another gateway process" in err
     assert await first.stop_async(signal.SIGTERM) == 0
+
+
+async def test_a_worker_whose_supervisor_died_before_it_started_stops(
+    sandbox: TestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The supervisor's pid comes from the spawn: a worker started after its death (its
+    # parent already the reaper) must not take the reaper for its supervisor.
+    settings = base_settings(
+        tmp_path,
+        str(sandbox.make_url("")),
+        listen=HostPort("127.0.0.1", free_port()),
+        metrics_listen=HostPort("127.0.0.1", free_port()),
+    )
+    not_my_parent = os.getppid() + 1_000_000
+    await asyncio.wait_for(workers._run_worker(settings, 0, not_my_parent), timeout=10)
+    assert any("the supervisor is gone" in r.getMessage() for r in caplog.records)
