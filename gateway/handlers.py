@@ -58,8 +58,8 @@ async def create_activities(request: web.Request) -> web.Response:
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
-    coding = request.headers.get("Content-Encoding")
-    if coding is not None and coding.strip().lower() not in CONTENT_CODINGS:
+    if not _known_coding(request):
+        coding = request.headers.get("Content-Encoding", "")
         raise UnsupportedMediaType(
             f"Content-Encoding {coding[:40]!r} is not supported: send the body as is, "
             "or gzip or deflate"
@@ -86,6 +86,12 @@ async def create_activities(request: web.Request) -> web.Response:
     return json_response(result.status, result.body, headers)
 
 
+def _known_coding(request: web.Request) -> bool:
+    """No Content-Encoding, or one aiohttp decodes."""
+    coding = request.headers.get("Content-Encoding")
+    return coding is None or coding.strip().lower() in CONTENT_CODINGS
+
+
 async def expect_continue(request: web.Request) -> None:
     """`Expect: 100-continue`: invite the body only when it may be read.
 
@@ -99,8 +105,11 @@ async def expect_continue(request: web.Request) -> None:
         return
     if request.headers.get("Expect", "").strip().lower() != "100-continue":
         return
+    # Nor when the answer is already known to be a refusal (this runs before the shell).
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
+        return
+    if request.app[LIFECYCLE].draining or not _known_coding(request):
         return
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # as aiohttp's own handler: the answer has not begun

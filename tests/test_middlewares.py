@@ -315,6 +315,26 @@ async def test_expect_continue_invites_a_body_that_fits(
     await wait_for(lambda: len(sandbox_state.activities) == 1)
 
 
+@pytest.mark.parametrize("case", ["draining", "coding"])
+async def test_expect_continue_is_not_sent_when_the_answer_is_a_refusal(
+    make_gateway: GatewayFactory, case: str
+) -> None:
+    client = await make_gateway()
+    body = orjson.dumps(ACT)
+    extra = ""
+    if case == "draining":
+        client.app[LIFECYCLE].draining = True
+    else:
+        extra = "Content-Encoding: x-foo\r\n"
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    invited, answer = await _raw_exchange(client, head, body)
+    assert not invited
+    assert answer.startswith(b"HTTP/1.1 503" if case == "draining" else b"HTTP/1.1 415"), answer
+
+
 async def test_an_unknown_expectation_is_ignored(make_gateway: GatewayFactory) -> None:
     client = await make_gateway()
     resp = await client.post(PATH, json=ACT, headers={"Expect": "something-else"})
