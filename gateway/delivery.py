@@ -192,14 +192,17 @@ class Delivery:
         loop = asyncio.get_running_loop()
         if self._drain_deadline is None:
             self._drain_deadline = loop.time() + drain_timeout
-        remaining = self._drain_deadline - loop.time()
-        if self._task is None or self._task.done() or remaining <= 0:
-            return
-        if self._spool.available or self._leasing or self._inflight:
-            # The loop returns by itself once nothing is available or in flight. A lease
-            # under way may already hold the last items (the spool then counts none
-            # available): cancelling it now would leave them undelivered until restart.
-            await asyncio.wait({self._task}, timeout=remaining)
+        task = self._task
+        while task is not None and not task.done():
+            remaining = self._drain_deadline - loop.time()
+            # Done once nothing is available, being leased (a lease under way may hold the
+            # last items while the spool counts none available) or in flight. The loop may
+            # sit idle meanwhile: a batch that fails is given back and wakes it.
+            if remaining <= 0 or not (self._spool.available or self._leasing or self._inflight):
+                return
+            await asyncio.wait(
+                {task, *self._inflight}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
 
     async def stop(self, drain_timeout: float) -> None:
         """`drain` for up to `drain_timeout` (unless already drained), then keep the rest

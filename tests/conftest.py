@@ -68,11 +68,14 @@ GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application
 
 @pytest.fixture
 def make_gateway(
-    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     sandbox: TestServer,
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     tmp_path: Path,
 ) -> GatewayFactory:
-    """Build a gateway against the sandbox; keyword arguments override settings."""
+    """Build a gateway against the sandbox; keyword arguments override settings.
+
+    The sandbox comes first so it is torn down last: a gateway's drain at teardown
+    delivers to it instead of retrying a closed port until its drain timeout."""
 
     async def factory(
         *, clock: Callable[[], float] | None = None, **overrides: Any
