@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.nginx
 # A second loopback address: nginx (127.0.0.1) is a trusted proxy, this client is not.
 CLIENT_ADDRESS = "127.0.0.2"
 ACTIVITIES = "/ortto/v1/activities/create"
+ALLOWED_ORIGIN = "https://shop.example.com"
 PEERS = web.AppKey("peers", list)
 
 
@@ -58,7 +60,7 @@ async def stack(
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
     binary = need_binary("nginx", "/usr/sbin/nginx")
-    settings = base_settings(tmp_path, str(sandbox.make_url("")))
+    settings = base_settings(tmp_path, str(sandbox.make_url("")), allowed_origins=(ALLOWED_ORIGIN,))
     metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
     app = create_app(settings, metrics=metrics)
     app[PEERS] = []
@@ -125,12 +127,28 @@ async def test_same_origin_page_is_allowed_through_nginx(stack: Stack) -> None:
     assert status == 403, body
 
 
-async def test_body_over_the_limit_is_refused_by_nginx(stack: Stack) -> None:
+async def test_body_over_the_limit_is_refused_with_cors_headers(stack: Stack) -> None:
     big = activity()
     big["attributes"] = {"str:cm:padding": "x" * (64 * 1024)}
     async with stack.client.post(
         stack.nginx.url(ACTIVITIES),
         data=orjson.dumps(big),
+        headers={"Content-Type": "application/json", "Origin": ALLOWED_ORIGIN},
+    ) as resp:
+        # The gateway's own 413: an allowed cross-origin page can read it.
+        assert resp.status == 413
+        assert resp.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
+        assert "X-Request-Id" in resp.headers
+        assert (await resp.json(content_type=None))["code"] == 413
+    assert stack.state.requests == []
+
+
+async def test_body_far_over_the_limit_is_refused_by_nginx(stack: Stack) -> None:
+    huge = activity()
+    huge["attributes"] = {"str:cm:padding": "x" * (1024 * 1024)}
+    async with stack.client.post(
+        stack.nginx.url(ACTIVITIES),
+        data=io.BytesIO(orjson.dumps(huge)),
         headers={"Content-Type": "application/json"},
     ) as resp:
         assert resp.status == 413
