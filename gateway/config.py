@@ -184,6 +184,12 @@ class Settings:
 # -- parsers: each takes the raw value and returns the typed one or raises ValueError
 
 
+def is_ascii_digits(text: str) -> bool:
+    """Digits 0-9 only: `str.isdigit` also takes "²" (which `int` refuses) and other
+    scripts' digits (which `int` reads), from a client, a file or Ortto's headers alike."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_rate(text: str) -> Rate:
     """`N/DURATION` as `10/1d`, `100/1h`, `3/2s`; strict: no spaces, no zero."""
     m = _RATE_RE.match(text.strip())
@@ -213,7 +219,7 @@ def parse_host_port(text: str) -> HostPort:
     """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
     text = text.strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+    if not sep or not is_ascii_digits(port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -242,7 +248,7 @@ def parse_bool(text: str) -> bool:
 
 
 def _positive_int(text: str) -> int:
-    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+    if not is_ascii_digits(text.strip()) or int(text) < 1:
         raise ValueError(f"expected a positive integer, got {text!r}")
     return int(text)
 

@@ -28,6 +28,7 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
+from gateway.config import is_ascii_digits
 from gateway.errors import BadRequest, Unauthorized
 from gateway.validation import NO_IDENTIFIER, Activity
 
@@ -92,7 +93,7 @@ def verify_identity(token: object, activity: Activity, secrets: Sequence[str], n
     if not isinstance(email, str):
         raise Unauthorized("a signed identity needs str::email", field="fields.str::email")
     parts = token.split(".") if len(token) <= MAX_TOKEN_CHARS else []
-    if len(parts) != 3 or parts[0] != TOKEN_VERSION or not _digits(parts[1]):
+    if len(parts) != 3 or parts[0] != TOKEN_VERSION or not is_ascii_digits(parts[1]):
         raise Unauthorized("malformed identity token", field="identity")
     expires = int(parts[1])
     matched = False
@@ -103,8 +104,3 @@ def verify_identity(token: object, activity: Activity, secrets: Sequence[str], n
         raise Unauthorized("identity token does not match the email", field="identity")
     if expires <= now:
         raise Unauthorized("identity token has expired", field="identity")
-
-
-def _digits(text: str) -> bool:
-    """ASCII digits only: `str.isdigit` also takes "²" and other scripts' digits."""
-    return text.isascii() and text.isdigit()

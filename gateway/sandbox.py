@@ -45,7 +45,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.config import ORTTO_MAX_ACTIVITY_BYTES
+from gateway.config import ORTTO_MAX_ACTIVITY_BYTES, is_ascii_digits
 
 __all__ = [
     "DEFAULT_PERSON_FIELDS",
@@ -541,7 +541,7 @@ async def _handle_received(request: web.Request) -> web.StreamResponse:
     """List ingested activities from index ``since`` on."""
     state = request.app[SANDBOX_STATE]
     since_text = request.query.get("since", "0")
-    if not since_text.isascii() or not since_text.isdigit():
+    if not is_ascii_digits(since_text):
         return _json(400, _error(400, "since must be a non-negative integer").body)
     since = int(since_text)
     items = [

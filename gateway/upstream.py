@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from gateway import __version__
+from gateway.config import is_ascii_digits
 
 # Longest wait any upstream hint may impose; beyond it we retry anyway.
 MAX_RETRY_AFTER = 3600.0
@@ -50,7 +51,7 @@ def parse_retry_after(header: str | None, body: bytes) -> float | None:
     hint: float | None = None
     if header:
         header = header.strip()
-        if header.isascii() and header.isdigit():
+        if is_ascii_digits(header):
             hint = float(header)
         else:
             try:
