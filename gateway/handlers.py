@@ -12,6 +12,7 @@ from gateway.cors import CorsPolicy
 from gateway.errors import (
     BadRequest,
     Forbidden,
+    GatewayError,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
@@ -56,14 +57,9 @@ async def create_activities(request: web.Request) -> web.Response:
     """`POST /v1/activities/create`: Ortto's body (or one bare activity), without the key."""
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
-    if not _known_coding(request):
-        coding = request.headers.get("Content-Encoding", "")
-        raise UnsupportedMediaType(
-            f"Content-Encoding {coding[:40]!r} is not supported: send the body as is, "
-            "or gzip or deflate"
-        )
+    refusal = _refusal_before_the_body(request)
+    if refusal is not None:
+        raise refusal
     try:
         if request.content.is_eof():  # the whole body came with the headers: no wait
             body = await request.read()
@@ -86,10 +82,19 @@ async def create_activities(request: web.Request) -> web.Response:
     return json_response(result.status, result.body, headers)
 
 
-def _known_coding(request: web.Request) -> bool:
-    """No Content-Encoding, or one aiohttp decodes."""
+def _refusal_before_the_body(request: web.Request) -> GatewayError | None:
+    """What the headers alone refuse: a declared length over the limit (413), or a
+    Content-Encoding aiohttp does not decode (415)."""
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return PayloadTooLarge(f"request body over {limit} bytes")
     coding = request.headers.get("Content-Encoding")
-    return coding is None or coding.strip().lower() in CONTENT_CODINGS
+    if coding is not None and coding.strip().lower() not in CONTENT_CODINGS:
+        return UnsupportedMediaType(
+            f"Content-Encoding {coding[:40]!r} is not supported: send the body as is, "
+            "or gzip or deflate"
+        )
+    return None
 
 
 async def expect_continue(request: web.Request) -> None:
@@ -106,10 +111,7 @@ async def expect_continue(request: web.Request) -> None:
     if request.headers.get("Expect", "").strip().lower() != "100-continue":
         return
     # Nor when the answer is already known to be a refusal (this runs before the shell).
-    limit = request.app[SETTINGS].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return
-    if request.app[LIFECYCLE].draining or not _known_coding(request):
+    if request.app[LIFECYCLE].draining or _refusal_before_the_body(request) is not None:
         return
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # as aiohttp's own handler: the answer has not begun

@@ -107,18 +107,17 @@ class Relay:
         if not self.sink.reserve(held_rows, held_bytes):
             self.metrics.spool_full.inc()
             raise Unavailable("the gateway's queue is full; try again later", retry_after=5.0)
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
-            try:
-                results = await self.limiter.check_many(checks)
-                self.metrics.limiter_seconds.observe(time.perf_counter() - started)
-            except LimiterUnavailable:  # Redis is down and GATEWAY_LIMITER_ON_ERROR=closed
+            results = await self.limiter.check_many(checks)
+        except BaseException as exc:  # cancelled, or a failure: nothing will be put
+            self.sink.unreserve(held_rows, held_bytes)
+            if isinstance(exc, LimiterUnavailable):  # Redis down, LIMITER_ON_ERROR=closed
                 raise Unavailable(
                     "rate limiting is unavailable; try again later", retry_after=5.0
                 ) from None
-        except BaseException:
-            self.sink.unreserve(held_rows, held_bytes)
             raise
+        self.metrics.limiter_seconds.observe(time.perf_counter() - started)
         if now - self._keys_reported >= KEYS_REPORT_INTERVAL:
             self._keys_reported = now
             self.metrics.limiter_keys.set(self.limiter.store.key_count())
