@@ -158,6 +158,8 @@ async def test_workers_share_one_port_and_one_metrics_listener(
             return total
 
         assert await accepted() == 10
+        # Ready means one worker answers; the other may still be starting.
+        await wait_for(lambda: gw.log_path.read_text().count('"msg":"listening"') >= 2)
         log = gw.log_path.read_text()
         assert log.count('"msg":"listening"') == 2
         spools = sorted(p.name for p in tmp_path.glob("spool.w*.sqlite3"))
