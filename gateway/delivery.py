@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -142,6 +142,8 @@ class Delivery:
         concurrency: int,
         batch_max_wait: float,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
         circuit_pause: float = CIRCUIT_PAUSE,
         auth_pause: float = AUTH_PAUSE,
@@ -152,7 +154,9 @@ class Delivery:
         self._rate = AsyncLimiter(rate, 1.0) if rate >= 1 else AsyncLimiter(1, 1.0 / rate)
         self._slots = asyncio.Semaphore(concurrency)
         self._batch_max_wait = batch_max_wait
-        self._clock = clock
+        self._clock = clock  # wall time: `created` ages, the spool's oldest item
+        self._monotonic = monotonic  # pauses and backoff (tests inject both with `sleep`)
+        self._sleep = sleep
         self._rng = rng
         self._circuit_pause = circuit_pause
         self._auth_pause = auth_pause
@@ -285,11 +289,11 @@ class Delivery:
         await self._spool.wait_for_items(self._batch_max_wait, ORTTO_MAX_ACTIVITIES)
 
     async def _wait_until_allowed(self) -> None:
-        delay = self._not_before - time.monotonic()
+        delay = self._not_before - self._monotonic()
         while delay > 0:
             # A pause can be extended while we wait (another batch hit a 429): check again.
-            await asyncio.sleep(delay)
-            delay = self._not_before - time.monotonic()
+            await self._sleep(delay)
+            delay = self._not_before - self._monotonic()
         if self._pause_reason is not None:
             self._metrics.delivery_paused.labels(self._pause_reason).set(0)
             self._pause_reason = None
@@ -298,10 +302,10 @@ class Delivery:
         """Why sending waits now: a pause's reason, `backoff` after failures, or None."""
         if self._pause_reason is not None:
             return self._pause_reason
-        return "backoff" if self._not_before > time.monotonic() else None
+        return "backoff" if self._not_before > self._monotonic() else None
 
     def _pause(self, reason: str, seconds: float) -> None:
-        until = time.monotonic() + seconds
+        until = self._monotonic() + seconds
         if until <= self._not_before:
             return  # a longer pause is already in force
         self._not_before = until
@@ -369,7 +373,7 @@ class Delivery:
         elif status in (401, 403):
             self._note_bad_request()
             self._pause("auth", self._auth_pause)
-            now = time.monotonic()
+            now = self._monotonic()
             if now - self._last_auth_log >= AUTH_LOG_INTERVAL:
                 self._last_auth_log = now
                 log.error(
@@ -405,7 +409,7 @@ class Delivery:
         if self._failures == failures:
             self._failures += 1
         if delay > 0:
-            self._not_before = max(self._not_before, time.monotonic() + delay)
+            self._not_before = max(self._not_before, self._monotonic() + delay)
             self._metrics.delivery_pauses.labels("backoff").inc()
         log.warning(
             "delivery failed; will retry",
@@ -471,7 +475,7 @@ class Delivery:
             await self._send(half, bisecting=True)
 
     def _note_bad_request(self) -> None:
-        now = time.monotonic()
+        now = self._monotonic()
         window = self._bad_requests
         window.append(now)
         while window and window[0] <= now - BAD_REQUEST_WINDOW:

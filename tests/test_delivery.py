@@ -33,6 +33,23 @@ def payload(i: int, *, created: float | None = None, **fields: Any) -> bytes:
     return orjson.dumps(enrich(activity, "192.0.2.1", created or time.time()))
 
 
+class PauseClock:
+    """Monotonic time for `Delivery`'s pauses: a pause's sleep moves it on at once, so a
+    test checks how long delivery waited without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
 class Rig:
     """A spool, a client to the sandbox and a delivery worker, started and stopped together."""
 
@@ -162,16 +179,16 @@ async def test_retries_until_delivered_each_key_once(
 async def test_batches_failing_together_back_off_once(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
-    # Four batches in flight when the outage hits, all four fail. With the longest jitter
-    # (rng 1.0) one step of backoff is 0.5 s; counting each failure would make it 4 s.
-    sandbox_state.add_fault(Fault(status=503, count=4, delay=0.3))
+    # Four batches in flight when the outage hits, all four fail: one step of backoff.
+    # The next batch sent fails too: it waits the second step (rng 1.0: 1 s), where
+    # counting each of the four would have made it the fifth (8 s).
+    sandbox_state.add_fault(Fault(status=503, count=5, delay=0.3))
     await rig.spool.put([payload(i) for i in range(400)])
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    rig.start(concurrency=4, rng=lambda: 1.0)
-    await wait_for(lambda: len(sandbox_state.activities) == 400, timeout=10)
-    assert [r.status for r in sandbox_state.requests[:4]] == [503] * 4
-    assert loop.time() - started < 3.0
+    clock = PauseClock()
+    rig.start(concurrency=4, rng=lambda: 1.0, monotonic=clock, sleep=clock.sleep)
+    await wait_for(lambda: len(sandbox_state.activities) == 400)
+    assert [r.status for r in sandbox_state.requests[:5]] == [503] * 5
+    assert max(clock.slept) == 1.0  # each wait one step at most: 0.5 s, then 1 s
 
 
 async def test_ambiguous_failure_merges_instead_of_duplicating(
@@ -308,13 +325,14 @@ async def test_wrong_key_pauses_and_keeps_everything(rig: Rig, sandbox_state: Sa
 
 
 async def test_rate_limit_pause_is_visible(rig: Rig, sandbox_state: SandboxState) -> None:
-    sandbox_state.add_fault(Fault(status=429, count=1, try_in_seconds=1))
+    sandbox_state.add_fault(Fault(status=429, count=1, try_in_seconds=30))
     await rig.spool.put([payload(i) for i in range(3)])
-    started = time.monotonic()
-    rig.start()
-    await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="rate_limit") == 1)
-    await wait_for(lambda: len(sandbox_state.activities) == 3, timeout=10)
-    assert time.monotonic() - started >= 1.0  # honoured try-in-seconds
+    clock = PauseClock()
+    rig.start(monotonic=clock, sleep=clock.sleep)
+    await wait_for(lambda: len(sandbox_state.activities) == 3)
+    assert rig.value("ortto_gateway_delivery_pauses_total", reason="rate_limit") == 1
+    assert sum(clock.slept) >= 30.0  # honoured try-in-seconds, and no real wait
+    assert rig.value("ortto_gateway_delivery_paused", reason="rate_limit") == 0
 
 
 async def test_stop_delivers_the_spool_within_the_drain_timeout(
@@ -351,9 +369,10 @@ async def test_drain_then_stop_waits_for_one_timeout_only(
     loop = asyncio.get_running_loop()
     started = loop.time()
     await delivery.drain(1.0)
-    await delivery.stop(1.0)
+    await delivery.stop(30.0)
     rig.delivery = None
-    assert loop.time() - started < 2.0
+    # One timeout: stop's own 30 s would make it over 31 s, whatever the machine's speed.
+    assert loop.time() - started < 30.0
     assert rig.spool.depth == 3  # kept for the next start
     (line,) = [r for r in caplog.records if r.getMessage().startswith("drain timeout")]
     assert line.__dict__["data"] == {"activities": 3, "paused": "backoff"}
