@@ -58,6 +58,9 @@ def base_settings(tmp_path: Path, upstream: str, **overrides: Any) -> Settings:
         "GATEWAY_BATCH_MAX_WAIT": "10ms",
         "GATEWAY_UPSTREAM_RATE": "1000",
         "GATEWAY_DRAIN_TIMEOUT": "1s",
+        # Pinned: `auto` times this machine's fsync, so each gateway could differ; tests
+        # whose subject is the spool run both modes (test_spool's `commit_on`).
+        "GATEWAY_SPOOL_COMMIT": "loop",
     }
     settings = load_settings(env)
     return replace(settings, **overrides) if overrides else settings

@@ -42,6 +42,8 @@ class GatewayProcess:
             "GATEWAY_UPSTREAM_RATE": "50",
             "GATEWAY_BATCH_MAX_WAIT": "20ms",
             "GATEWAY_DRAIN_TIMEOUT": "5s",
+            # Pinned: `auto` times this machine's fsync, so each gateway could differ.
+            "GATEWAY_SPOOL_COMMIT": "loop",
             **(env or {}),
         }
         self.log_path = log

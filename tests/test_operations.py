@@ -606,6 +606,7 @@ async def test_gateway_runs_with_memory_deny_write_execute(
         "GATEWAY_METRICS_LISTEN": "127.0.0.1:0",
         "GATEWAY_BATCH_MAX_WAIT": "10ms",
         "GATEWAY_DRAIN_TIMEOUT": "2s",
+        "GATEWAY_SPOOL_COMMIT": "loop",
     }
     with open(tmp_path / "gateway.log", "wb") as log:
         proc = subprocess.Popen(
