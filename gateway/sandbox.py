@@ -490,7 +490,7 @@ def create_sandbox_app(state: SandboxState | None = None) -> web.Application:
 
 async def wait_for(
     predicate: Callable[[], bool],
-    timeout: float = 5.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
+    timeout: float = 15.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
     interval: float = 0.01,
 ) -> None:
     """Poll ``predicate`` until true; raise TimeoutError after ``timeout`` seconds."""

@@ -636,4 +636,4 @@ async def test_wait_for() -> None:
     started = loop.time()
     with pytest.raises(TimeoutError, match=r"within 0\.05 s"):
         await wait_for(lambda: False, timeout=0.05)
-    assert 0.05 <= loop.time() - started < 1.0
+    assert loop.time() - started >= 0.05  # never early (late only on a busy machine)

@@ -145,7 +145,7 @@ async def test_while_draining_the_listener_answers_503_and_failures_are_retried(
             return resp.status == 503
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
+    deadline = loop.time() + 15
     while not await draining():
         assert loop.time() < deadline, "readyz never answered 503"
         await asyncio.sleep(0.02)

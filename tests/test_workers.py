@@ -186,7 +186,9 @@ async def test_dead_redis_follows_the_on_error_mode(
     loop = asyncio.get_running_loop()
     started = loop.time()
     resp = await client.post(PATH, json=body("r@example.com"))
-    assert loop.time() - started < 2.0
+    # A refused connection answers at once; the bug this catches is a request that waits
+    # on Redis without its timeout (forever), so the bound is generous, not a speed test.
+    assert loop.time() - started < 10.0
     assert resp.status == status, await resp.text()
     if status == 503:
         assert int(resp.headers["Retry-After"]) >= 1
