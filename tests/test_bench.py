@@ -78,3 +78,36 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     assert "HTTP shell alone (relay stubbed)" in report
     assert "spool commits (GATEWAY_SPOOL_COMMIT=loop): loop in every gateway row" in report
     assert "redis: rows skipped (--no-redis)" in report
+
+
+@pytest.mark.slow
+def test_a_short_soak_loses_nothing_and_leaks_no_descriptor(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.soak",
+            "--duration",
+            "6",
+            "--connections",
+            "8",
+            "--rss-slack",
+            "4",  # a few seconds set no plateau: memory is the long run's verdict
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["accepted"] > 0 and result["lost"] == 0
+    kinds = set(result["answers"])
+    assert kinds == {"valid", "gzip", "invalid", "bomb", "truncated_deflate", "slow"}
+    assert set(result["answers"]["bomb"]) == {"413"}
+    assert result["idle_after"]["fds"] <= result["idle_before"]["fds"] + 8
+    assert "verdict: pass" in proc.stdout
