@@ -142,7 +142,7 @@ class Settings:
     batch_max_wait: float = 0.25
     drain_timeout: float = 10.0
     log_level: str = "INFO"
-    strict: bool = True
+    strict: bool = False  # True: a 400 for any part the gateway would otherwise drop
     identity_secrets: tuple[str, ...] = field(default=(), repr=False)
     identity_required: bool = False
     ip_anonymize: bool = False

@@ -170,11 +170,24 @@ class Relay:
                 entries[pos] = outcome.entries[check_pos]
         if outcome.body is not None:
             return RelayResult(outcome.status, outcome.body)
+        body = self._answer(entries, parsed)
         if not summarize:
-            return RelayResult(outcome.status, {"activities": entries})
+            return RelayResult(outcome.status, body)
         summary = {
             "accepted": len(accepted),
             "refused": len(items) - len(accepted),
             "people": sorted(set(people)),
         }
-        return RelayResult(outcome.status, {"activities": entries}, log=summary)
+        return RelayResult(outcome.status, body, log=summary)
+
+    @staticmethod
+    def _answer(entries: list[dict[str, Any] | None], parsed: ParsedRequest) -> dict[str, Any]:
+        """The answer's body; what validation normalised or dropped is told per activity
+        (`warnings` in its entry) and for the body's own keys (top-level `warnings`)."""
+        for entry, warnings in zip(entries, parsed.warnings, strict=True):
+            if warnings and entry is not None:
+                entry["warnings"] = warnings
+        body: dict[str, Any] = {"activities": entries}
+        if parsed.request_warnings:
+            body["warnings"] = parsed.request_warnings
+        return body

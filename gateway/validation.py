@@ -5,6 +5,14 @@ relay calls `parse_request`, which raises `GatewayError` for a whole-request
 problem and otherwise returns, per activity in order, either the normalised
 activity or the refusal for it, so one bad activity does not sink a batch.
 
+Never lose an activity over an optional part of it: a value Ortto would not take is
+normalised when its meaning is plain (phone digits without spaces, `"1530"` for an
+`int`) or else dropped, and each change is a warning for the browser's answer. A
+whole activity is refused only for its identity (an activity id, a person identifier),
+its size, or a named website-safety rule: person fields off the allowlist,
+subscription fields. With strict mode (`GATEWAY_STRICT`, or `strict` per activity)
+every drop is a 400 naming the field instead.
+
 Everything a browser sends is untrusted. The gateway validates fully before
 anything reaches Ortto, because Ortto bans an IP after 15 bad requests in 15 s
 and behind one gateway that IP is every visitor's. The normalised activity is a
@@ -17,6 +25,7 @@ sets the accept time, a unique key and the real client address.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable
@@ -33,6 +42,7 @@ from gateway.config import (
     ORTTO_MAX_ACTIVITY_BYTES,
     ORTTO_MAX_ATTRIBUTES,
     SUBSCRIPTION_FIELDS,
+    ActivitySpec,
     Settings,
 )
 from gateway.errors import (
@@ -44,6 +54,8 @@ from gateway.errors import (
 )
 
 Activity = dict[str, Any]  # one activity in Ortto's shape
+# What was changed or dropped: `{"field", "reason": "dropped" | "normalised", "message"}`.
+Warning = dict[str, str]
 
 # Ortto's shape needs 5 levels (body, list, activity, attributes, an `obj` value);
 # 32 leaves room for `obj` attributes while staying far under orjson's own 1024.
@@ -87,11 +99,36 @@ MERGE_BY_FIELDS = IDENTIFIER_FIELDS
 
 BATCH_KEYS = frozenset({"activities", "async", "merge_by", "identity"})
 ACTIVITY_KEYS = frozenset(
-    {"activity_id", "fields", "attributes", "location", "created", "key", "person_id", "identity"}
+    {
+        "activity_id",
+        "fields",
+        "attributes",
+        "location",
+        "created",
+        "key",
+        "person_id",
+        "identity",
+        "merge_by",
+        "merge_strategy",
+    }
 )
 LOCATION_KEYS = frozenset({"source_ip", "custom", "address"})
+# Location keys a browser may not set: the gateway fills `source_ip` with the real client
+# address (`ip` is what some clients send; Ortto took it in recorded answers).
+CLIENT_SET_IP_KEYS = frozenset({"source_ip", "ip"})
 CUSTOM_LOCATION_STRINGS = frozenset({"country_name", "region_name", "city_name", "position_name"})
 CUSTOM_LOCATION_BOUNDS = {"lat": 90.0, "lng": 180.0}
+# Other names public clients give the custom location's keys (Ortto answered 200 to
+# them in recorded traffic), read as the documented ones.
+CUSTOM_LOCATION_ALIASES = {
+    "latitude": "lat",
+    "longitude": "lng",
+    "city": "city_name",
+    "region": "region_name",
+    "country": "country_name",
+}
+# Ortto's merge strategies: 1 append only, 2 overwrite existing, 3 ignore.
+MERGE_STRATEGIES = frozenset({1, 2, 3})
 
 NO_IDENTIFIER = "no person identifier: give str::email, str::ei or person_id"
 
@@ -103,6 +140,10 @@ RFC3339_RE = re.compile(
 )
 PHONE_COUNTRY_RE = re.compile(f"[0-9]{{1,{MAX_PHONE_COUNTRY_DIGITS}}}")
 PHONE_NUMBER_RE = re.compile(f"[0-9]{{1,{MAX_PHONE_NUMBER_DIGITS}}}")
+# What people type between a phone number's digits: spaces, dashes, dots, parentheses.
+PHONE_SEPARATORS = str.maketrans("", "", " \t-.()/")
+# A whole number sent as a string ("1530"), read as the `int` it means.
+INT_TEXT_RE = re.compile(r"-?[0-9]{1,19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +154,33 @@ class ParsedRequest:
     async_: bool
     merge_by: list[str] | None
     tokens: list[str | None]  # per activity: its signed identity token, if any (never forwarded)
+    warnings: list[list[Warning]]  # per activity: what was normalised or dropped
+    request_warnings: list[Warning]  # the same for the body's own keys
+
+
+class Notes:
+    """The warnings of one activity (or of the body); in strict mode a drop is a 400."""
+
+    __slots__ = ("items", "strict")
+
+    def __init__(self, strict: bool) -> None:
+        self.items: list[Warning] = []
+        self.strict = strict
+
+    def drop(self, error: BadRequest) -> None:
+        """Leave out the part `error` names, or refuse with it in strict mode."""
+        if self.strict:
+            raise error
+        self.items.append(
+            {"field": error.field or "", "reason": "dropped", "message": error.message}
+        )
+
+    def normalised(self, where: str, message: str) -> None:
+        self.items.append({"field": where, "reason": "normalised", "message": message})
+
+    def ignored(self, where: str, message: str) -> None:
+        """A part the gateway always sets itself: left out in strict mode too."""
+        self.items.append({"field": where, "reason": "dropped", "message": message})
 
 
 def decode_body(body: bytes, content_type: str, max_body_bytes: int) -> Any:
@@ -169,11 +237,12 @@ def parse_request(data: Any, settings: Settings) -> ParsedRequest:
     if "activities" not in data:
         if "activity_id" not in data:
             raise BadRequest('body must be {"activities": [...]} or one activity with activity_id')
-        return ParsedRequest([_item(data, settings)], False, None, [_token(data, None)])
+        item, notes = _item(data, settings)
+        return ParsedRequest([item], False, None, [_token(data, None)], [notes], [])
 
-    unknown = _unknown(data, BATCH_KEYS)
-    if unknown is not None:
-        raise BadRequest(f"unknown key {unknown} in the request body", field=unknown)
+    body_notes = Notes(settings.strict)
+    for unknown in _unknowns(data, BATCH_KEYS):
+        body_notes.drop(BadRequest(f"unknown key {unknown} in the request body", field=unknown))
     activities = data["activities"]
     if not isinstance(activities, list):
         raise BadRequest(f"activities must be a list, got {_kind(activities)}", field="activities")
@@ -189,13 +258,20 @@ def parse_request(data: Any, settings: Settings) -> ParsedRequest:
         async_ = False
     elif not isinstance(async_, bool):
         raise BadRequest(f"async must be true or false, got {_kind(async_)}", field="async")
-    merge_by = _merge_by(data.get("merge_by"))
+    merge_by: list[str] | None = None
+    try:
+        merge_by = _merge_by(data.get("merge_by"))
+    except BadRequest as exc:
+        body_notes.drop(exc)
     shared = _token(data, None)
+    parsed = [_item(a, settings) for a in activities]
     return ParsedRequest(
-        [_item(a, settings) for a in activities],
+        [item for item, _ in parsed],
         async_,
         merge_by,
         [_token(a, shared) for a in activities],
+        [notes for _, notes in parsed],
+        body_notes.items,
     )
 
 
@@ -224,41 +300,38 @@ def first_error(parsed: ParsedRequest) -> GatewayError | None:
 # -- whole request
 
 
-def _merge_by(value: Any) -> list[str] | None:
+def _merge_by(value: Any, where: str = "merge_by") -> list[str] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise BadRequest(f"merge_by must be a list, got {_kind(value)}", field="merge_by")
+        raise BadRequest(f"{where} must be a list, got {_kind(value)}", field=where)
     if len(value) > MAX_MERGE_BY:
-        raise BadRequest(f"merge_by takes at most {MAX_MERGE_BY} fields", field="merge_by")
+        raise BadRequest(f"{where} takes at most {MAX_MERGE_BY} fields", field=where)
     for name in value:
         if not isinstance(name, str) or name not in MERGE_BY_FIELDS:
             allowed = " or ".join(sorted(MERGE_BY_FIELDS))
             raise BadRequest(
-                f"merge_by field {_show(name)} is not allowed: use {allowed}", field="merge_by"
+                f"{where} field {_show(name)} is not allowed: use {allowed}", field=where
             )
     if len(set(value)) != len(value):
-        raise BadRequest("merge_by lists a field twice", field="merge_by")
+        raise BadRequest(f"{where} lists a field twice", field=where)
     return list(value) or None
 
 
 # -- one activity
 
 
-def _item(raw: Any, settings: Settings) -> Activity | GatewayError:
+def _item(raw: Any, settings: Settings) -> tuple[Activity | GatewayError, list[Warning]]:
+    notes = Notes(settings.strict)
     try:
-        return _activity(raw, settings)
+        return _activity(raw, settings, notes), notes.items
     except GatewayError as exc:
-        return exc
+        return exc, []
 
 
-def _activity(raw: Any, settings: Settings) -> Activity:
+def _activity(raw: Any, settings: Settings, notes: Notes) -> Activity:
     if not isinstance(raw, dict):
         raise BadRequest(f"an activity must be a JSON object, got {_kind(raw)}")
-    unknown = _unknown(raw, ACTIVITY_KEYS)
-    if unknown is not None:
-        raise BadRequest(f"unknown key {unknown} in the activity", field=unknown)
-
     activity_id = raw.get("activity_id")
     if activity_id is None:
         raise BadRequest("activity_id is required", field="activity_id")
@@ -270,9 +343,14 @@ def _activity(raw: Any, settings: Settings) -> Activity:
     if spec is None:
         shown = _show(activity_id, quote=not ACTIVITY_ID_RE.fullmatch(activity_id))
         raise NotFound(f"activity {shown} is not enabled", field="activity_id")
+    notes.strict = settings.is_strict(spec)
+    for unknown in _unknowns(raw, ACTIVITY_KEYS):
+        notes.drop(BadRequest(f"unknown key {unknown} in the activity", field=unknown))
+    if "created" in raw:
+        notes.ignored("created", "created is set by the gateway: when it accepted the activity")
 
-    fields = _object(raw.get("fields"), "fields")
-    attributes = _object(raw.get("attributes"), "attributes")
+    fields = _optional_object(raw.get("fields"), "fields", notes)
+    attributes = _optional_object(raw.get("attributes"), "attributes", notes)
     if any(name in attributes for name in MOVED_TO_FIELDS):
         fields, attributes = _move_person_fields(fields, attributes)
 
@@ -280,57 +358,41 @@ def _activity(raw: Any, settings: Settings) -> Activity:
     out_fields: dict[str, Any] = {}
     for name, value in fields.items():
         if name not in allowed and name != "str::ei":
+            # A website-safety rule: a page sets only the person fields the site allows.
             raise BadRequest(
                 f"person field {_show(name, quote=False)} is not allowed from the browser",
                 field=f"fields.{_show(name, quote=False)}",
             )
-        out_fields[name] = _value(name, value, "fields")
-    email = out_fields.get("str::email")
-    if email is not None:
-        out_fields["str::email"] = _email(email)
-    external_id = out_fields.get("str::ei")
-    if external_id is not None:
-        external_id = out_fields["str::ei"] = external_id.strip()
-        if not external_id:
-            raise BadRequest("fields.str::ei must not be blank", field="fields.str::ei")
+        try:
+            out_fields[name] = _value(name, value, "fields", notes)
+        except BadRequest as exc:
+            if name in IDENTIFIER_FIELDS:
+                out_fields[name] = exc  # dropped below, unless it is the only identifier
+            else:
+                notes.drop(exc)
+    identity_errors = _identifiers(out_fields)
     person_id = _person_id(raw.get("person_id"))
-    if email is None and external_id is None and person_id is None:
-        raise BadRequest(NO_IDENTIFIER, field="fields")
+    if "str::email" not in out_fields and "str::ei" not in out_fields and person_id is None:
+        raise identity_errors[0] if identity_errors else BadRequest(NO_IDENTIFIER, field="fields")
+    for error in identity_errors:
+        notes.drop(error)
 
-    if len(attributes) > ORTTO_MAX_ATTRIBUTES:
-        raise BadRequest(
-            f"at most {ORTTO_MAX_ATTRIBUTES} attributes per activity, got {len(attributes)}",
-            field="attributes",
-        )
-    out_attributes: dict[str, Any] = {}
-    for name, value in attributes.items():
-        if not isinstance(name, str) or not FIELD_NAME_RE.fullmatch(name):
-            raise BadRequest(
-                f"attribute name {_show(name)} is not a field name such as str:cm:plan",
-                field=f"attributes.{_show(name, quote=False)}",
-            )
-        if name in SUBSCRIPTION_FIELDS:
-            # Never a real activity attribute; refused so it cannot reach a subscription.
-            raise BadRequest(
-                f"attribute {name} is not allowed from the browser", field=f"attributes.{name}"
-            )
-        if spec.attributes is not None and name not in spec.attributes:
-            if settings.is_strict(spec):
-                raise BadRequest(
-                    f"attribute {name} is not declared for {activity_id}",
-                    field=f"attributes.{name}",
-                )
-            continue  # not strict: an undeclared attribute is dropped, never forwarded
-        out_attributes[name] = _value(name, value, "attributes")
+    out_attributes = _attributes(attributes, spec, activity_id, notes)
 
     out: Activity = {"activity_id": activity_id}
     if out_fields:
         out["fields"] = out_fields
     if out_attributes:
         out["attributes"] = out_attributes
-    out["location"] = _location(raw.get("location"))
+    out["location"] = _location(raw.get("location"), notes)
     if person_id is not None:
         out["person_id"] = person_id
+    for name, check in (("merge_by", _activity_merge_by), ("merge_strategy", _merge_strategy)):
+        if raw.get(name) is not None:
+            try:
+                out[name] = check(raw[name])
+            except BadRequest as exc:
+                notes.drop(exc)
 
     try:
         size = len(orjson.dumps(out))
@@ -341,6 +403,90 @@ def _activity(raw: Any, settings: Settings) -> Activity:
             f"activity is {size} bytes as JSON, over the {MAX_ACTIVITY_BYTES}-byte limit"
         )
     return out
+
+
+def _identifiers(out_fields: dict[str, Any]) -> list[BadRequest]:
+    """Normalise the email and external id in `out_fields`; remove and return the bad ones.
+
+    A value that failed its type check is there as its error."""
+    errors: list[BadRequest] = []
+    for name in ("str::email", "str::ei"):
+        value = out_fields.get(name)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, BadRequest):
+                raise value
+            out_fields[name] = _email(value) if name == "str::email" else _external_id(value)
+        except BadRequest as exc:
+            del out_fields[name]
+            errors.append(exc)
+    return errors
+
+
+def _external_id(value: str) -> str:
+    external_id = value.strip()
+    if not external_id:
+        raise BadRequest("fields.str::ei must not be blank", field="fields.str::ei")
+    return external_id
+
+
+def _attributes(
+    attributes: dict[str, Any], spec: ActivitySpec, activity_id: str, notes: Notes
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not FIELD_NAME_RE.fullmatch(name):
+            notes.drop(
+                BadRequest(
+                    f"attribute name {_show(name)} is not a field name such as str:cm:plan",
+                    field=f"attributes.{_show(name, quote=False)}",
+                )
+            )
+            continue
+        if name in SUBSCRIPTION_FIELDS:
+            # A website-safety rule: never a real activity attribute, refused so it cannot
+            # reach a subscription.
+            raise BadRequest(
+                f"attribute {name} is not allowed from the browser", field=f"attributes.{name}"
+            )
+        if spec.attributes is not None and name not in spec.attributes:
+            notes.drop(
+                BadRequest(
+                    f"attribute {name} is not declared for {activity_id}",
+                    field=f"attributes.{name}",
+                )
+            )
+            continue
+        if len(out) == ORTTO_MAX_ATTRIBUTES:
+            notes.drop(
+                BadRequest(
+                    f"attribute {name} is over Ortto's {ORTTO_MAX_ATTRIBUTES} per activity",
+                    field=f"attributes.{name}",
+                )
+            )
+            continue
+        try:
+            out[name] = _value(name, value, "attributes", notes)
+        except BadRequest as exc:
+            notes.drop(exc)
+    return out
+
+
+def _activity_merge_by(value: Any) -> list[str]:
+    merge_by = _merge_by(value, "merge_by")
+    if merge_by is None:
+        raise BadRequest("merge_by must name at least one field", field="merge_by")
+    return merge_by
+
+
+def _merge_strategy(value: Any) -> int:
+    if type(value) is not int or value not in MERGE_STRATEGIES:
+        raise BadRequest(
+            "merge_strategy must be 1 (append only), 2 (overwrite) or 3 (ignore)",
+            field="merge_strategy",
+        )
+    return value
 
 
 def _move_person_fields(
@@ -391,45 +537,70 @@ def _person_id(value: Any) -> str | None:
     return value.strip()
 
 
-def _location(value: Any) -> dict[str, Any]:
+def _location(value: Any, notes: Notes) -> dict[str, Any]:
     """Keep a `custom` or `address` location; drop a browser's `source_ip` (never trusted)."""
-    location = _object(value, "location")
-    unknown = _unknown(location, LOCATION_KEYS)
-    if unknown is not None:
-        raise BadRequest(f"unknown key {unknown} in location", field=f"location.{unknown}")
+    location = _optional_object(value, "location", notes)
     out: dict[str, Any] = {}
-    custom = _object(location.get("custom"), "location.custom")
+    for key in location:
+        if key in CLIENT_SET_IP_KEYS:
+            notes.ignored(
+                f"location.{key}", "the gateway sets location.source_ip to the client's address"
+            )
+        elif key not in LOCATION_KEYS:
+            where = f"location.{_show(key, quote=False)}"
+            notes.drop(BadRequest(f"unknown key {_show(key)} in location", field=where))
+    custom = _optional_object(location.get("custom"), "location.custom", notes)
     if custom:
-        out["custom"] = _custom_location(custom)
-    address = _object(location.get("address"), "location.address")
+        custom = _custom_location(custom, notes)
+        if custom:
+            out["custom"] = custom
+    address = _optional_object(location.get("address"), "location.address", notes)
     if address:
-        out["address"] = _address(address)
+        try:
+            out["address"] = _address(address)
+        except BadRequest as exc:
+            notes.drop(exc)
     return out
 
 
-def _custom_location(custom: dict[str, Any]) -> dict[str, Any]:
+def _custom_location(custom: dict[str, Any], notes: Notes) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, value in custom.items():
-        where = f"location.custom.{_show(key, quote=False)}"
-        if key in CUSTOM_LOCATION_STRINGS:
-            out[key] = _string(value, MAX_STR_CHARS, where)
-        elif key in CUSTOM_LOCATION_BOUNDS:
-            bound = CUSTOM_LOCATION_BOUNDS[key]
-            if (
-                not isinstance(value, int | float)
-                or isinstance(value, bool)
-                or (isinstance(value, float) and not math.isfinite(value))
-                or not -bound <= value <= bound
-            ):
-                raise BadRequest(
-                    f"{where} must be a number from {-bound:g} to {bound:g}", field=where
-                )
-            out[key] = value
-        else:
-            raise BadRequest(f"unknown key {_show(key)} in location.custom", field=where)
+    for given, value in custom.items():
+        key = CUSTOM_LOCATION_ALIASES.get(given, given)
+        where = f"location.custom.{_show(given, quote=False)}"
+        try:
+            if key in out:
+                raise BadRequest(f"{where} repeats location.custom.{key}", field=where)
+            if key in CUSTOM_LOCATION_STRINGS:
+                out[key] = _string(value, MAX_STR_CHARS, where)
+            elif key in CUSTOM_LOCATION_BOUNDS:
+                out[key] = _coordinate(value, CUSTOM_LOCATION_BOUNDS[key], where)
+            else:
+                raise BadRequest(f"unknown key {_show(given)} in location.custom", field=where)
+        except BadRequest as exc:
+            notes.drop(exc)
+            continue
+        if key != given:
+            notes.normalised(where, f"{where} is sent as location.custom.{key}")
     if ("lat" in out) != ("lng" in out):
-        raise BadRequest("location.custom needs both lat and lng", field="location.custom")
+        notes.drop(BadRequest("location.custom needs both lat and lng", field="location.custom"))
+        out.pop("lat", None)
+        out.pop("lng", None)
     return out
+
+
+def _coordinate(value: Any, bound: float, where: str) -> float:
+    if isinstance(value, str):  # "-37.81": a number as text, as form fields give it
+        with contextlib.suppress(ValueError):
+            value = float(value.strip())
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or (isinstance(value, float) and not math.isfinite(value))
+        or not -bound <= value <= bound
+    ):
+        raise BadRequest(f"{where} must be a number from {-bound:g} to {bound:g}", field=where)
+    return value
 
 
 def _address(address: dict[str, Any]) -> dict[str, str]:
@@ -446,8 +617,9 @@ def _address(address: dict[str, Any]) -> dict[str, str]:
 # -- values, by the type prefix of the field name
 
 
-def _value(name: Any, value: Any, section: str) -> Any:
-    """The checked value of field `name` in `section` ("fields" or "attributes")."""
+def _value(name: Any, value: Any, section: str, notes: Notes) -> Any:
+    """The checked value of field `name` in `section` ("fields" or "attributes"),
+    normalised to Ortto's form where its meaning is plain (noted in `notes`)."""
     prefix = name[:3] if isinstance(name, str) else None
     # The common valid scalars first, before any error text is built (profiled: the
     # eager `where` strings cost more than the checks).
@@ -468,7 +640,10 @@ def _value(name: Any, value: Any, section: str) -> Any:
         raise BadRequest(f"{where} has no known type prefix such as str: or int:", field=where)
     if value is None:
         raise BadRequest(f"{where} must not be null (leave it out instead)", field=where)
-    return check(value, where)
+    out = check(value, where)
+    if type(out) is not type(value) or out != value:
+        notes.normalised(where, f"{where} is sent in Ortto's form for its type")
+    return out
 
 
 def _str(value: Any, where: str) -> str:
@@ -480,7 +655,12 @@ def _txt(value: Any, where: str) -> str:
 
 
 def _int(value: Any, where: str) -> int:
-    # Decimals and currencies travel as int x 1000, so a float is a mistake: refused.
+    # Decimals and currencies travel as int x 1000, so a fraction is a mistake: refused.
+    # A whole number as text ("1530") or as 1530.0 means that number.
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    elif type(value) is str and INT_TEXT_RE.fullmatch(value.strip()):
+        value = int(value.strip())
     if type(value) is not int:
         raise BadRequest(
             f"{where} must be a whole number (decimals are sent as int x 1000), got {_kind(value)}",
@@ -492,6 +672,8 @@ def _int(value: Any, where: str) -> int:
 
 
 def _bol(value: Any, where: str) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     if not isinstance(value, bool):
         raise BadRequest(f"{where} must be true or false, got {_kind(value)}", field=where)
     return value
@@ -545,20 +727,28 @@ def _tme(value: Any, where: str) -> str:
 
 
 def _phn(value: Any, where: str) -> dict[str, Any]:
-    if isinstance(value, dict) and value.keys() == {"c", "n"}:
-        c, n = value["c"], value["n"]
-        if (
-            isinstance(c, str)
-            and isinstance(n, str)
-            and PHONE_COUNTRY_RE.fullmatch(c)
-            and PHONE_NUMBER_RE.fullmatch(n)
-        ):
-            return {"c": c, "n": n}
+    """`{"c", "n"}` (`c` may be left out) in digits, separators removed; a number given
+    with a leading `+` becomes `{"phone", "parse_with_country_code": true}`; or
+    `{"phone", "parse_with_country_code"?}` as given."""
+    if isinstance(value, dict) and "phone" not in value and value.keys() <= {"c", "n"}:
+        c, n = value.get("c", ""), value.get("n")
+        if isinstance(c, str) and isinstance(n, str):
+            c = c.translate(PHONE_SEPARATORS).removeprefix("+")
+            digits = n.translate(PHONE_SEPARATORS)
+            if not digits and not c:
+                raise BadRequest(f"{where} is blank", field=where)
+            if digits.startswith("+") and not c and PHONE_NUMBER_RE.fullmatch(digits[1:]):
+                return {"phone": digits, "parse_with_country_code": True}
+            if (not c or PHONE_COUNTRY_RE.fullmatch(c)) and PHONE_NUMBER_RE.fullmatch(digits):
+                return {"c": c, "n": digits} if c else {"n": digits}
     elif isinstance(value, dict) and "phone" in value:
         unknown = _unknown(value, frozenset({"phone", "parse_with_country_code"}))
         if unknown is not None:
             raise BadRequest(f"unknown key {unknown} in {where}", field=where)
-        out: dict[str, Any] = {"phone": _string(value["phone"], MAX_STR_CHARS, f"{where}.phone")}
+        phone = _string(value["phone"], MAX_STR_CHARS, f"{where}.phone")
+        if not phone.strip():
+            raise BadRequest(f"{where} is blank", field=where)
+        out: dict[str, Any] = {"phone": phone}
         if "parse_with_country_code" in value:
             out["parse_with_country_code"] = _bol(
                 value["parse_with_country_code"], f"{where}.parse_with_country_code"
@@ -574,7 +764,10 @@ def _phn(value: Any, where: str) -> dict[str, Any]:
 def _geo(value: Any, where: str) -> dict[str, str]:
     if not isinstance(value, dict) or value.keys() != {"name"}:
         raise BadRequest(f'{where} must be {{"name": "Melbourne"}}', field=where)
-    return {"name": _string(value["name"], MAX_STR_CHARS, f"{where}.name")}
+    name = _string(value["name"], MAX_STR_CHARS, f"{where}.name")
+    if not name.strip():
+        raise BadRequest(f"{where} is blank", field=where)
+    return {"name": name}
 
 
 def _sst(value: Any, where: str) -> list[str]:
@@ -617,13 +810,21 @@ def _string(value: Any, max_chars: int, where: str) -> str:
     return value
 
 
-def _object(value: Any, where: str) -> dict[str, Any]:
-    """An optional object member: absent or null reads as empty."""
+def _optional_object(value: Any, where: str, notes: Notes) -> dict[str, Any]:
+    """An optional object member: absent or null reads as empty, another type is dropped."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest(f"{where} must be an object, got {_kind(value)}", field=where)
+        notes.drop(BadRequest(f"{where} must be an object, got {_kind(value)}", field=where))
+        return {}
     return value
+
+
+def _unknowns(obj: dict[Any, Any], known: frozenset[str]) -> list[str]:
+    """The keys (sorted, shown) that are not known."""
+    if obj.keys() <= known:  # the usual case, in C
+        return []
+    return sorted(_show(key, quote=False) for key in obj if key not in known)
 
 
 def _unknown(obj: dict[Any, Any], known: frozenset[str]) -> str | None:

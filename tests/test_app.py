@@ -40,7 +40,15 @@ async def test_ortto_examples_reach_the_upstream(
     resp = await client.post(PATH, data=example(name), headers=JSON)
     assert resp.status == 202, await resp.text()
     body = await resp.json()
-    assert body == {"activities": [{"status": "queued", "person_status": "queued"}] * count}
+    entries = body["activities"]
+    assert [(e["status"], e["person_status"]) for e in entries] == [("queued", "queued")] * count
+    # What the gateway sets itself is told, never silently replaced.
+    for original, entry in zip(sent["activities"], entries, strict=True):
+        told = {w["field"] for w in entry.get("warnings", [])}
+        given = {"created"} & set(original) | {
+            f"location.{k}" for k in (original.get("location") or {}) if k == "source_ip"
+        }
+        assert told == given, entry
     await wait_for(lambda: len(sandbox_state.activities) == count)
 
     request = sandbox_state.requests[-1]

@@ -200,7 +200,7 @@ async def test_bad_input_is_a_precise_4xx_and_nothing_is_forwarded(
     status: int,
     needle: str | None,
 ) -> None:
-    client = await make_gateway()
+    client = await make_gateway(strict=True)  # a bad optional value is a 400 too
     resp = await client.post(PATH, data=body, headers={"Content-Type": content_type})
     assert resp.status == status, await resp.text()
     data = await resp.json()
@@ -211,6 +211,25 @@ async def test_bad_input_is_a_precise_4xx_and_nothing_is_forwarded(
     # The server is still up and serves the next request.
     assert (await client.get("/healthz")).status == 200
     assert sandbox_state.requests == []
+
+
+async def test_a_bad_optional_value_is_dropped_and_told_by_default(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    body = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": "a@b.c"},
+        "attributes": {"int:cm:n": True, "str:cm:plan": "pro"},
+    }
+    resp = await client.post(PATH, json=body)
+    assert resp.status == 202, await resp.text()
+    (entry,) = (await resp.json())["activities"]
+    assert [(w["field"], w["reason"]) for w in entry["warnings"]] == [
+        ("attributes.int:cm:n", "dropped")
+    ]
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    assert sandbox_state.activities[0].activity["attributes"] == {"str:cm:plan": "pro"}
 
 
 async def test_oversize_body_is_413(make_gateway: GatewayFactory) -> None:

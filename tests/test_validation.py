@@ -41,7 +41,9 @@ EXAMPLES = Path("/work/shared/ortto-examples")
 if not EXAMPLES.is_dir():  # a copy may live beside the tests in other checkouts
     EXAMPLES = Path(__file__).parent / "ortto-examples"
 ENABLED = ("act:cm:logged-in", "act:cm:flight-booked", "act:cm:login")
-SETTINGS = Settings(activities={a: ActivitySpec(a) for a in ENABLED})
+# Strict: the refusals below are what strict mode answers; the default drops and warns.
+SETTINGS = Settings(activities={a: ActivitySpec(a) for a in ENABLED}, strict=True)
+LENIENT = Settings(activities={a: ActivitySpec(a) for a in ENABLED})
 LIMIT = 64 * 1024
 JSON = "application/json"
 EMAIL = "chris.smith@example.com"
@@ -351,7 +353,7 @@ def big_activity() -> dict[str, Any]:
         (
             with_("attributes", {f"str:cm:a{i}": "x" for i in range(16)}),
             BadRequest,
-            "attributes",
+            "attributes.str:cm:a15",
         ),
         (big_activity(), BadRequest, None),
         # values by type prefix
@@ -364,10 +366,10 @@ def big_activity() -> dict[str, Any]:
         (with_("attributes/int:cm:n", 1.8446744073709552e19), BadRequest, "attributes.int:cm:n"),
         (with_("attributes/int:cm:n", True), BadRequest, "attributes.int:cm:n"),
         (with_("attributes/int:cm:n", 15.3), BadRequest, "attributes.int:cm:n"),
-        (with_("attributes/int:cm:n", 15.0), BadRequest, "attributes.int:cm:n"),
-        (with_("attributes/int:cm:n", "15"), BadRequest, "attributes.int:cm:n"),
+        (with_("attributes/int:cm:n", 15.5), BadRequest, "attributes.int:cm:n"),
+        (with_("attributes/int:cm:n", "15 kg"), BadRequest, "attributes.int:cm:n"),
         (with_("attributes/bol:cm:b", 1), BadRequest, "attributes.bol:cm:b"),
-        (with_("attributes/bol:cm:b", "true"), BadRequest, "attributes.bol:cm:b"),
+        (with_("attributes/bol:cm:b", "yes"), BadRequest, "attributes.bol:cm:b"),
         (with_("attributes/dtz:cm:d", "2020-02-17"), BadRequest, "attributes.dtz:cm:d"),
         (
             with_("attributes/dtz:cm:d", {"year": 2023, "month": 2, "day": 29}),
@@ -426,12 +428,12 @@ def big_activity() -> dict[str, Any]:
         (with_("attributes/tme:cm:t", 1581903017), BadRequest, "attributes.tme:cm:t"),
         (with_("attributes/phn:cm:p", "+61401234567"), BadRequest, "attributes.phn:cm:p"),
         (
-            with_("attributes/phn:cm:p", {"c": "+61", "n": "401234567"}),
+            with_("attributes/phn:cm:p", {"c": "+61", "n": "401 234 567 ext 2"}),
             BadRequest,
             "attributes.phn:cm:p",
         ),
         (
-            with_("attributes/phn:cm:p", {"c": "61", "n": "401 234 567"}),
+            with_("attributes/phn:cm:p", {"c": "", "n": " "}),
             BadRequest,
             "attributes.phn:cm:p",
         ),
@@ -468,7 +470,7 @@ def big_activity() -> dict[str, Any]:
         (with_("location/custom", "NY"), BadRequest, "location.custom"),
         (with_("location/custom/lat", 91), BadRequest, "location.custom.lat"),
         (with_("location/custom/lng", -180.5), BadRequest, "location.custom.lng"),
-        (with_("location/custom/lat", "40.7"), BadRequest, "location.custom.lat"),
+        (with_("location/custom/lat", "north"), BadRequest, "location.custom.lat"),
         (with_("location/custom/lat", True), BadRequest, "location.custom.lat"),
         (with_("location/custom/lat", 10**400), BadRequest, "location.custom.lat"),
         (with_("location/custom/lat", float("nan")), BadRequest, "location.custom.lat"),
@@ -509,7 +511,7 @@ def test_error_messages_name_the_problem() -> None:
     assert "bytes as JSON" in too_big.message
     many = parse_one(with_("attributes", {f"str:cm:a{i}": "x" for i in range(16)}))
     assert isinstance(many, BadRequest)
-    assert "at most 15 attributes" in many.message
+    assert "over Ortto's 15 per activity" in many.message
 
 
 # -- what passes, normalised
@@ -628,7 +630,7 @@ def test_activity_catalogue_attributes_and_person_fields() -> None:
         attributes=frozenset({"str:cm:payment-plan", "int::v"}),
         person_fields=frozenset({"str::email", "phn::phone"}),
     )
-    s = Settings(activities={"act:cm:logged-in": spec})
+    s = Settings(activities={"act:cm:logged-in": spec}, strict=True)
     raw = with_("attributes/str:cm:other", "x")
     raw["fields"] = {"str::email": EMAIL}
     undeclared = parse_one(raw, s)
@@ -884,3 +886,144 @@ def test_any_bytes_decode_or_refuse(body: bytes, content_type: str) -> None:
     except GatewayError:
         return
     check_outcome(data)
+
+
+# -- never lose an activity over an optional part (the default, not strict)
+
+
+def lenient(activity: Any, s: Settings = LENIENT) -> tuple[Activity, list[dict[str, str]]]:
+    parsed = parse_request({"activities": [activity]}, s)
+    (item,) = parsed.items
+    assert not isinstance(item, GatewayError), item.message
+    return item, parsed.warnings[0]
+
+
+def fields_of(warnings: list[dict[str, str]]) -> dict[str, str]:
+    return {w["field"]: w["reason"] for w in warnings}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("attributes/phn:cm:p", {"c": "971", "n": "50 123 4567"}, {"c": "971", "n": "501234567"}),
+        (
+            "attributes/phn:cm:p",
+            {"c": "+61", "n": "(04) 0123-4567"},
+            {"c": "61", "n": "0401234567"},
+        ),
+        ("attributes/phn:cm:p", {"n": "0401 234 567"}, {"n": "0401234567"}),
+        (
+            "attributes/phn:cm:p",
+            {"n": "+61 401 234 567"},
+            {"phone": "+61401234567", "parse_with_country_code": True},
+        ),
+        ("attributes/int:cm:n", "1530", 1530),
+        ("attributes/int:cm:n", 1530.0, 1530),
+        ("attributes/bol:cm:b", "TRUE", True),
+        ("attributes/bol:cm:b", "false", False),
+    ],
+)
+def test_a_value_with_a_plain_meaning_is_normalised(path: str, value: Any, expected: Any) -> None:
+    out, warnings = lenient(with_(path, value))
+    name = path.split("/")[1]
+    assert out["attributes"][name] == expected
+    assert type(out["attributes"][name]) is type(expected)
+    assert fields_of(warnings) == {f"attributes.{name}": "normalised"}
+    # Strict mode normalises too: the meaning is the same.
+    strict_out = parse_one(with_(path, value))
+    assert not isinstance(strict_out, GatewayError)
+    assert strict_out["attributes"][name] == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("attributes/phn:cm:p", {"c": "", "n": ""}),  # an optional phone left blank
+        ("attributes/phn:cm:p", {"c": "971", "n": "call me"}),
+        ("attributes/geo:cm:g", {}),  # RudderStack's missing trait
+        ("attributes/geo:cm:g", {"name": ""}),
+        ("attributes/int:cm:n", 15.3),  # Ortto fails a value it cannot unmarshal
+        ("attributes/bol:cm:b", "yes"),
+        ("attributes/str:cm:s", "x" * 256),
+        ("attributes/str:cm:s", None),
+        ("attributes/tme:cm:t", "yesterday"),
+        ("attributes/plan", "x"),  # no type prefix
+    ],
+)
+def test_a_bad_optional_value_is_dropped_and_the_activity_kept(path: str, value: Any) -> None:
+    out, warnings = lenient(with_(path, value))
+    name = path.split("/")[1]
+    assert name not in out.get("attributes", {})
+    assert out["fields"]["str::email"] == EMAIL  # the lead is not lost
+    assert out["attributes"]["str:cm:payment-plan"] == "starter"
+    assert fields_of(warnings) == {f"attributes.{name}": "dropped"}
+    refused = parse_one(with_(path, value))  # strict: the same part is a 400
+    assert isinstance(refused, BadRequest) and refused.field == f"attributes.{name}"
+
+
+def test_recorded_ortto_keys_are_forwarded_or_read_as_documented() -> None:
+    # Bodies Ortto answered 200 in a public SDK's recorded fixtures.
+    raw = good()
+    raw["merge_by"] = ["str::email"]
+    raw["merge_strategy"] = 2
+    raw["location"] = {
+        "ip": "198.51.100.7",
+        "custom": {"latitude": -37.81, "longitude": 144.96, "city": "Melbourne"},
+    }
+    out, warnings = lenient(raw)
+    assert out["merge_by"] == ["str::email"] and out["merge_strategy"] == 2
+    assert out["location"] == {"custom": {"lat": -37.81, "lng": 144.96, "city_name": "Melbourne"}}
+    assert fields_of(warnings) == {
+        "location.ip": "dropped",  # the gateway sets source_ip itself
+        "location.custom.latitude": "normalised",
+        "location.custom.longitude": "normalised",
+        "location.custom.city": "normalised",
+    }
+    # Strict mode takes them too: nothing here is a drop it would refuse.
+    strict = parse_one(raw)
+    assert not isinstance(strict, GatewayError), strict.message
+    assert strict["location"] == out["location"]
+
+
+def test_unsafe_or_unknown_parts_are_dropped_with_a_warning() -> None:
+    raw = good()
+    raw["merge_by"] = ["str::first"]  # merging by a name could reach another person
+    raw["merge_strategy"] = 9
+    raw["created"] = "2020-02-17T01:30:17.601Z"
+    raw["colour"] = "blue"
+    raw["location"] = {"source_ip": "1.2.3.4", "custom": {"postal_code": "3000"}}
+    out, warnings = lenient(raw)
+    assert "merge_by" not in out and "merge_strategy" not in out and "colour" not in out
+    assert out["location"] == {}
+    assert fields_of(warnings) == {
+        "merge_by": "dropped",
+        "merge_strategy": "dropped",
+        "created": "dropped",
+        "colour": "dropped",
+        "location.source_ip": "dropped",
+        "location.custom.postal_code": "dropped",
+    }
+
+
+def test_identity_and_safety_rules_still_refuse_the_whole_activity() -> None:
+    bad_email = with_("fields/str::email", "not-an-email")
+    refused = parse_one(bad_email, LENIENT)
+    assert isinstance(refused, BadRequest) and refused.field == "fields.str::email"
+    # With another identifier, the bad email is only dropped.
+    bad_email["fields"]["str::ei"] = "u-1"
+    out, warnings = lenient(bad_email)
+    assert out["fields"] == {"str::ei": "u-1", "str::first": "Chris"}
+    assert fields_of(warnings) == {"fields.str::email": "dropped"}
+    off_list = parse_one(with_("fields/phn::phone", {"c": "61", "n": "401"}), LENIENT)
+    assert isinstance(off_list, BadRequest) and off_list.field == "fields.phn::phone"
+    subscription = parse_one(with_("attributes/bol::p", True), LENIENT)
+    assert isinstance(subscription, BadRequest) and subscription.field == "attributes.bol::p"
+
+
+def test_body_level_parts_are_dropped_with_a_warning() -> None:
+    body = {"activities": [good()], "merge_by": ["str::first"], "extra": 1}
+    parsed = parse_request(body, LENIENT)
+    assert parsed.merge_by is None
+    assert fields_of(parsed.request_warnings) == {"merge_by": "dropped", "extra": "dropped"}
+    with pytest.raises(BadRequest):
+        parse_request(body, SETTINGS)
