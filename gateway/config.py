@@ -150,6 +150,17 @@ class Settings:
     max_concurrent: int = 1024
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value: the key, the identity secrets, the Redis URL's passwords.
+
+        What `check-config` masks and what is masked in any text that may echo one.
+        """
+        found = [self.api_key, *self.identity_secrets]
+        if self.redis_url:
+            found += redis_passwords(self.redis_url)
+        return tuple(dict.fromkeys(s for s in found if s))
+
+    @property
     def upstream_base(self) -> str:
         """The base URL requests go to: the override, else the region's."""
         return (self.upstream_url or REGION_BASES[self.region]).rstrip("/")
@@ -590,6 +601,19 @@ def _mask_url(url: str) -> str:
     query, hash_, fragment = tail.partition("#")
     query = "&".join(_mask_query_item(item) for item in query.split("&"))
     return head + question + query + hash_ + fragment
+
+
+def redis_passwords(url: str) -> list[str]:
+    """The passwords a Redis URL holds: in its userinfo and in `password=` parameters."""
+    parts = urlsplit(url)
+    found = [unquote_plus(parts.password)] if parts.password else []
+    if parts.password:
+        found.append(parts.password)  # as written, percent-encoded or not
+    for item in url.partition("?")[2].partition("#")[0].split("&"):
+        name, _, value = item.partition("=")
+        if value and unquote_plus(name) == "password":
+            found += [value, unquote_plus(value)]
+    return found
 
 
 def _mask_query_item(item: str) -> str:
