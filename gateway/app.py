@@ -68,6 +68,7 @@ def create_app(
                 settings.upstream_endpoint,
                 settings.api_key,
                 timeout=settings.upstream_timeout,
+                secrets=settings.secrets,
             )
             yield
 

@@ -12,7 +12,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, describe, load_settings, parse_host_port
+from gateway.config import (
+    ConfigError,
+    Settings,
+    describe,
+    load_settings,
+    parse_host_port,
+    read_key_file,
+)
 from gateway.logs import setup_logging
 from gateway.spool import SpoolInUse
 
@@ -172,10 +179,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         where = parse_host_port(args.listen)
     except ValueError as exc:
         raise ConfigError(f"--listen: {exc}") from None
-    key = "sandbox-key"
-    if args.api_key_file:
-        with open(args.api_key_file, encoding="utf-8") as f:
-            key = f.read().strip()
+    key = read_key_file(args.api_key_file, "--api-key-file") if args.api_key_file else "sandbox-key"
     setup_logging("INFO")
     print(f"sandbox upstream on http://{where}/v1/activities/create", flush=True)
     web.run_app(
@@ -252,11 +256,11 @@ def _dead_letters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if answer.strip().lower() not in {"y", "yes"}:
             print("nothing deleted")
             return 1
-    return asyncio.run(_dead_letters_async(args, files, ids))
+    return asyncio.run(_dead_letters_async(args, files, ids, settings.secrets))
 
 
 async def _dead_letters_async(
-    args: argparse.Namespace, files: list[str], ids: list[int] | None
+    args: argparse.Namespace, files: list[str], ids: list[int] | None, secrets: Sequence[str]
 ) -> int:
     from gateway.spool import Spool, in_use
 
@@ -270,7 +274,7 @@ async def _dead_letters_async(
                 letters = await spool.list_dead_letters(limit=args.limit, error_contains=args.error)
                 total += len(letters)
                 for letter in letters:
-                    _print_letter(args, path, letter, several=len(files) > 1)
+                    _print_letter(args, path, letter, secrets, several=len(files) > 1)
             elif args.action == "replay":
                 replayed = await spool.replay_dead_letters(ids=ids, error_contains=args.error)
                 total += replayed
@@ -293,12 +297,17 @@ async def _dead_letters_async(
     return 0
 
 
-def _print_letter(args: argparse.Namespace, path: str, letter: Any, *, several: bool) -> None:
+def _print_letter(
+    args: argparse.Namespace, path: str, letter: Any, secrets: Sequence[str], *, several: bool
+) -> None:
+    from gateway.upstream import redact
+
     row = {
         "id": letter.id,
         "activity_id": letter.activity_id,
         "person": letter.person_hash,
-        "error": letter.error,
+        # Stored as Ortto wrote it by earlier versions: shown bounded, on one line, masked.
+        "error": redact(letter.error, secrets),
         "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.failed_at)),
     }
     if several:

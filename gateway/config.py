@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import re
 import tomllib
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,67 @@ _SIZE_UNITS = {
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names it and is one line."""
+
+
+# An error message quotes a bad value only up to this length: a key (or identity secret,
+# at least 32 characters) pasted into the wrong setting must not be echoed to a terminal
+# or a log. A longer value is shown as `mask` shows a secret, comparable but useless.
+SHOWN_CHARS = 30
+# Secrets shorter than this are not searched for in messages (they would mask words).
+MIN_MASKED_CHARS = 4
+
+
+def _shown(text: object) -> str:
+    """A bad value for an error message: quoted when short and printable, else masked."""
+    text = str(text)
+    if len(text) <= SHOWN_CHARS and text.isprintable():
+        return repr(text)
+    return mask(text)
+
+
+def _one_line(value: str) -> str:
+    """A secret without the one line ending a file (or a secret mounted as a variable)
+    ends with; anything more is left for `_secret_problem` to refuse."""
+    if value.endswith("\r\n"):
+        return value[:-2]
+    return value.removesuffix("\n")
+
+
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _secret_problem(value: str, *, ascii_only: bool = False) -> str | None:
+    """What makes a secret unusable (whitespace, control characters), without the value.
+
+    A line break inside a key makes every request fail (aiohttp refuses the header); a
+    space around it is an editor's slip that would make it a different secret. Neither is
+    fixed silently: the operator is told which setting to correct.
+    """
+    for i, c in enumerate(value):
+        if c in _LINE_BREAKS:
+            what = "a line break"
+        elif c.isspace():
+            what = "whitespace"
+        elif unicodedata.category(c)[0] == "C":
+            what = "a control character"
+        elif ascii_only and not c.isascii():
+            what = "a non-ASCII character"
+        else:
+            continue
+        place = "at the start" if i == 0 else "at the end" if i == len(value) - 1 else "inside"
+        return (
+            f"has {what} {place}; a secret must be one line of printable characters "
+            "(the value is not shown)"
+        )
+    return None
+
+
+def _secret(value: str, where: str, *, ascii_only: bool = False) -> str:
+    """`value` if it is a usable secret, else ConfigError naming `where`, never the value."""
+    problem = _secret_problem(value, ascii_only=ascii_only)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +212,17 @@ class Settings:
     max_concurrent: int = 1024
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value: the key, the identity secrets, the Redis URL's passwords.
+
+        What `check-config` masks and what is masked in any text that may echo one.
+        """
+        found = [self.api_key, *self.identity_secrets]
+        if self.redis_url:
+            found += redis_passwords(self.redis_url)
+        return tuple(dict.fromkeys(s for s in found if s))
+
+    @property
     def upstream_base(self) -> str:
         """The base URL requests go to: the override, else the region's."""
         return (self.upstream_url or REGION_BASES[self.region]).rstrip("/")
@@ -194,7 +267,7 @@ def parse_rate(text: str) -> Rate:
     """`N/DURATION` as `10/1d`, `100/1h`, `3/2s`; strict: no spaces, no zero."""
     m = _RATE_RE.match(text.strip())
     if not m:
-        raise ValueError(f"expected N/DURATION such as 10/1d or 100/1h, got {text!r}")
+        raise ValueError(f"expected N/DURATION such as 10/1d or 100/1h, got {_shown(text)}")
     count, amount, unit = int(m[1]), int(m[2]), m[3]
     return Rate(count, amount * _UNIT_SECONDS[unit], f"{count}/{amount}{unit}")
 
@@ -203,7 +276,7 @@ def parse_seconds(text: str) -> float:
     """A duration: `250ms`, `2s`, `1.5`, `5m`; a bare number is seconds."""
     m = _SECONDS_RE.match(text.strip())
     if not m:
-        raise ValueError(f"expected a duration such as 250ms, 2s or 5m, got {text!r}")
+        raise ValueError(f"expected a duration such as 250ms, 2s or 5m, got {_shown(text)}")
     return float(m[1]) * _UNIT_SECONDS[m[2] or "s"]
 
 
@@ -211,7 +284,7 @@ def parse_size(text: str) -> int:
     """A byte size: `65536`, `64KiB`, `2MB`."""
     m = _SIZE_RE.match(text.strip())
     if not m:
-        raise ValueError(f"expected a size such as 65536, 64KiB or 1GiB, got {text!r}")
+        raise ValueError(f"expected a size such as 65536, 64KiB or 1GiB, got {_shown(text)}")
     return int(m[1]) * _SIZE_UNITS[m[2].lower()]
 
 
@@ -220,7 +293,7 @@ def parse_host_port(text: str) -> HostPort:
     text = text.strip()
     host, sep, port = text.rpartition(":")
     if not sep or not is_ascii_digits(port) or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {text!r}")
+        raise ValueError(f"expected host:port such as 127.0.0.1:8080, got {_shown(text)}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return HostPort(host or "0.0.0.0", int(port))
@@ -244,12 +317,12 @@ def parse_bool(text: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    raise ValueError(f"expected true or false, got {_shown(text)}")
 
 
 def _positive_int(text: str) -> int:
     if not is_ascii_digits(text.strip()) or int(text) < 1:
-        raise ValueError(f"expected a positive integer, got {text!r}")
+        raise ValueError(f"expected a positive integer, got {_shown(text)}")
     return int(text)
 
 
@@ -257,31 +330,39 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"expected a positive number, got {text!r}") from None
+        raise ValueError(f"expected a positive number, got {_shown(text)}") from None
     if not value > 0 or value == float("inf"):
-        raise ValueError(f"expected a positive number, got {text!r}")
+        raise ValueError(f"expected a positive number, got {_shown(text)}")
     return value
 
 
 def _region(text: str) -> str:
     if text not in REGION_BASES:
-        raise ValueError(f"expected one of {', '.join(REGION_BASES)}, got {text!r}")
+        raise ValueError(f"expected one of {', '.join(REGION_BASES)}, got {_shown(text)}")
     return text
 
 
 def _url(text: str) -> str:
     parts = urlsplit(text.strip())
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ValueError(f"expected an http(s) URL, got {text!r}")
+        raise ValueError(f"expected an http(s) URL, got {_shown(text)}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError("expected a base URL without query, fragment or credentials")
     return text.strip().rstrip("/")
 
 
+def _redis_url(text: str) -> str:
+    text = _one_line(text)
+    problem = _secret_problem(text)  # it may hold a password
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+            raise ValueError(f"expected one of {', '.join(choices)}, got {_shown(text)}")
         return text
 
     return parse
@@ -293,7 +374,7 @@ def _cidrs(value: str | list[Any]) -> tuple[str, ...]:
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise ValueError(f"{item!r} is not an IP network such as 10.0.0.0/8") from None
+            raise ValueError(f"{_shown(item)} is not an IP network such as 10.0.0.0/8") from None
     return items
 
 
@@ -302,9 +383,9 @@ def _origins(value: str | list[Any]) -> tuple[str, ...]:
     for item in items:
         parts = urlsplit(item)
         if item == "*" or parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError(f"{item!r} is not an origin such as https://www.example.com")
+            raise ValueError(f"{_shown(item)} is not an origin such as https://www.example.com")
         if parts.path not in {"", "/"} or parts.query or parts.fragment:
-            raise ValueError(f"{item!r} is not an origin: no path, query or fragment")
+            raise ValueError(f"{_shown(item)} is not an origin: no path, query or fragment")
     return items
 
 
@@ -312,13 +393,15 @@ def _field_names(value: str | list[Any]) -> frozenset[str]:
     names = parse_list(value)
     for name in names:
         if not FIELD_NAME_RE.fullmatch(name):
-            raise ValueError(f"{name!r} is not a field name such as str::first or str:cm:plan")
+            raise ValueError(
+                f"{_shown(name)} is not a field name such as str::first or str:cm:plan"
+            )
     return frozenset(names)
 
 
 def _activity_id(text: str) -> str:
     if not ACTIVITY_ID_RE.fullmatch(text):
-        raise ValueError(f"{text!r} is not an activity id such as act:cm:logged-in")
+        raise ValueError(f"{_shown(text)} is not an activity id such as act:cm:logged-in")
     return text
 
 
@@ -338,7 +421,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "spool_max_rows": _positive_int,
     "spool_max_bytes": parse_size,
     "spool_commit": _choice("auto", "loop", "thread"),
-    "redis_url": str,
+    "redis_url": _redis_url,
     "redis_prefix": str,
     "limiter_on_error": _choice("local", "open", "closed"),
     "limiter_max_keys": _positive_int,
@@ -398,7 +481,7 @@ def _parse_spec(activity_id: str, raw: Any, where: str) -> ActivitySpec:
         "signed_identity",
     }
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        raise ConfigError(f"{where}: unknown key {_shown(sorted(unknown)[0])}")
     attributes = None
     if "attributes" in raw:
         attributes = _parse_value_with(_field_names, raw["attributes"], f"{where}.attributes")
@@ -452,14 +535,52 @@ def load_settings(
     *,
     require_api_key: bool = True,
 ) -> Settings:
-    """Build settings from the file (`config_file` or `GATEWAY_CONFIG`) and the environ."""
+    """Build settings from the file (`config_file` or `GATEWAY_CONFIG`) and the environ.
+
+    A `ConfigError` never quotes a secret: values are quoted only when short (`_shown`),
+    and any secret the settings give is masked in the message, wherever it was put.
+    """
     path = config_file or environ.get(env_name("config"))
     data = _read_file(path) if path else {}
+    try:
+        return _load(environ, data, path, require_api_key)
+    except ConfigError as exc:
+        message = str(exc)
+        for secret in sorted(_given_secrets(environ, data), key=len, reverse=True):
+            message = message.replace(secret, "****")
+        raise ConfigError(message) from None
+
+
+def _given_secrets(environ: Mapping[str, str], data: Mapping[str, Any]) -> set[str]:
+    """Every secret the environ and the file give, as written, before any validation."""
+    found: list[str] = []
+    for name in ("api_key", "identity_secret"):
+        for raw in (environ.get(env_name(name)), data.get(name)):
+            if isinstance(raw, str):
+                found += [raw, *raw.split(","), *raw.split()]
+            elif isinstance(raw, list):
+                found += [v for v in raw if isinstance(v, str)]
+    key_file = environ.get(env_name("api_key_file")) or data.get("api_key_file")
+    if isinstance(key_file, str):
+        try:
+            content = Path(key_file).read_text(encoding="utf-8", errors="replace")
+        except (OSError, ValueError):
+            content = ""
+        found += [content, *content.split()]
+    for raw in (environ.get(env_name("redis_url")), data.get("redis_url")):
+        if isinstance(raw, str):
+            found += redis_passwords(raw.strip())
+    return {s for v in found if len(s := v.strip()) >= MIN_MASKED_CHARS}
+
+
+def _load(
+    environ: Mapping[str, str], data: dict[str, Any], path: str | None, require_api_key: bool
+) -> Settings:
     file_label = f"{path}" if path else ""
     known = set(_PARSERS) | _SPECIAL
     for key in data:
         if key not in known:
-            raise ConfigError(f"{file_label}: unknown setting {key!r}")
+            raise ConfigError(f"{file_label}: unknown setting {_shown(key)}")
     known_env = known | _ENV_ONLY
     for key in environ:
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in known_env:
@@ -510,21 +631,37 @@ def load_settings(
 
 
 def _api_key(environ: Mapping[str, str], data: Mapping[str, Any], file_label: str) -> str:
-    if environ.get(env_name("api_key")):
-        return environ[env_name("api_key")].strip()
+    env_key = env_name("api_key")
+    if environ.get(env_key):
+        return _secret(_one_line(environ[env_key]), env_key, ascii_only=True)
     key_file = environ.get(env_name("api_key_file")) or data.get("api_key_file")
     if key_file:
         where = env_name("api_key_file")
         if not isinstance(key_file, str):
             raise ConfigError(f"{where}: expected a path")
-        try:
-            return Path(key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read {key_file}: {exc.strerror}") from None
+        return read_key_file(key_file, where)
     raw = data.get("api_key", "")
     if not isinstance(raw, str):
         raise ConfigError(f"api_key (in {file_label}): expected a string")
-    return raw.strip()
+    return _secret(raw, f"api_key (in {file_label})", ascii_only=True) if raw else ""
+
+
+def read_key_file(path: str, where: str) -> str:
+    """The key a file holds: one line; its line ending, if any, is not part of the key.
+
+    The path is not quoted in errors: a key given where its file was expected would be.
+    """
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the file it names: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{where}: the file is not UTF-8 text") from None
+    key = _one_line(content)
+    problem = _secret_problem(key, ascii_only=True)
+    if problem:
+        raise ConfigError(f"{where}: the key in the file {problem}")
+    return key
 
 
 def _identity_secrets(
@@ -539,6 +676,7 @@ def _identity_secrets(
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     for secret in secrets:
+        _secret(secret, where)
         if len(secret) < MIN_IDENTITY_SECRET_CHARS:
             raise ConfigError(
                 f"{where}: each secret needs at least {MIN_IDENTITY_SECRET_CHARS} characters"
@@ -556,7 +694,7 @@ def _activities(
     if not isinstance(raw, dict):
         raise ConfigError(f"activities (in {file_label}): expected a list or a table")
     for activity_id, entry in raw.items():
-        where = f"activities.{activity_id!r} (in {file_label})"
+        where = f"activities.{_shown(activity_id)} (in {file_label})"
         _parse_value_with(_activity_id, activity_id, where)
         specs[activity_id] = _parse_spec(activity_id, entry, where)
     env_key = env_name("activities")
@@ -590,6 +728,19 @@ def _mask_url(url: str) -> str:
     query, hash_, fragment = tail.partition("#")
     query = "&".join(_mask_query_item(item) for item in query.split("&"))
     return head + question + query + hash_ + fragment
+
+
+def redis_passwords(url: str) -> list[str]:
+    """The passwords a Redis URL holds: in its userinfo and in `password=` parameters."""
+    parts = urlsplit(url)
+    found = [unquote_plus(parts.password)] if parts.password else []
+    if parts.password:
+        found.append(parts.password)  # as written, percent-encoded or not
+    for item in url.partition("?")[2].partition("#")[0].split("&"):
+        name, _, value = item.partition("=")
+        if value and unquote_plus(name) == "password":
+            found += [value, unquote_plus(value)]
+    return found
 
 
 def _mask_query_item(item: str) -> str:
@@ -631,4 +782,19 @@ def describe(settings: Settings) -> dict[str, Any]:
             value = str(value)
         out[f.name] = value
     out["upstream_endpoint"] = settings.upstream_endpoint
-    return out
+    # A secret given in the wrong setting as well (a key as the Redis prefix) stays masked.
+    secrets = [s for s in settings.secrets if len(s) >= MIN_MASKED_CHARS]
+    return {k: _without(v, secrets) for k, v in out.items()} if secrets else out
+
+
+def _without(value: Any, secrets: list[str]) -> Any:
+    """A described value with every secret in its strings masked."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "****")
+        return value
+    if isinstance(value, list):
+        return [_without(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {_without(k, secrets): _without(v, secrets) for k, v in value.items()}
+    return value

@@ -10,14 +10,22 @@ instead of duplicating.
 
 What Ortto answers decides what happens to the batch:
 
-- 200: acknowledged; per-activity `invalid` entries go to the dead letters.
+- 2xx with one entry per activity (`read_answer`): the taken ones are acknowledged,
+  the refused ones (`invalid` or an `error`) go to the dead letters. Any other 2xx (a
+  proxy's HTML page, an empty 204, an error object) proves nothing: it is retried with
+  backoff like a 5xx, and an activity answered so `BAD_ANSWER_ATTEMPTS` times goes to
+  the dead letters with the reason.
 - 400 and other 4xx: split in halves until the refused activities are isolated;
   a single refused activity goes to the dead letters with Ortto's message.
 - 401/403: the key is wrong (or the IP is banned): nothing is discarded; delivery
   pauses and probes again later, logging an error at most once a minute.
 - 429, 5xx, timeouts, connection errors: given back to the spool; sending waits
   with exponential backoff and full jitter, at least as long as Ortto asked
-  (`Retry-After` or the body's `try-in-seconds`).
+  (`Retry-After` or the body's `try-in-seconds`). So does any error of the gateway's
+  own while sending a batch.
+
+Ortto's text is never kept as it came: logs and dead letters get `OrttoClient.redact`'s
+bounded excerpt, with the key and every other secret masked.
 
 Ortto bans the caller's IP for 15 s after 15 bad requests within 15 s, which would
 stop every site behind the gateway. Every 4xx answer (bisection included) is
@@ -44,7 +52,14 @@ from gateway.config import ORTTO_MAX_ACTIVITIES, ORTTO_MAX_BODY_BYTES
 from gateway.identity import person_hash, person_key
 from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpooledItem
-from gateway.upstream import BATCH_OVERHEAD, OrttoClient, UpstreamError, encode_batch
+from gateway.upstream import (
+    BATCH_OVERHEAD,
+    OrttoClient,
+    UpstreamError,
+    UpstreamResponse,
+    encode_batch,
+    read_answer,
+)
 
 log = logging.getLogger("gateway.delivery")
 
@@ -59,6 +74,12 @@ AUTH_LOG_INTERVAL = 60.0
 # Backoff for 5xx and network errors: full jitter over base * 2**n, capped.
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 60.0
+# A 2xx that does not account for each activity is retried this many times (about a
+# minute of backoff: longer than a proxy's hiccup), then dead-lettered, replayable: a
+# wrong GATEWAY_UPSTREAM_URL shows as dead letters, not as activities counted delivered.
+BAD_ANSWER_ATTEMPTS = 8
+# What a dead letter says when Ortto's answer never accounted for the activity.
+UNCONFIRMED = "not confirmed by Ortto"
 # Ortto's 429 without a hint: its documented windows are 10 s and 60 s.
 DEFAULT_RATE_LIMIT_PAUSE = 10.0
 # Ortto refuses activities created more than 90 days ago; keep an hour's margin.
@@ -171,6 +192,9 @@ class Delivery:
         self._failures = 0  # consecutive retryable failures, for the backoff exponent
         self._bad_requests: deque[float] = deque()
         self._last_auth_log = -AUTH_LOG_INTERVAL
+        # Spool id -> 2xx answers that did not account for it (this process's count: a
+        # restart starts it again, which only delays the dead letter).
+        self._unconfirmed: dict[int, int] = {}
 
     # -- lifecycle
 
@@ -325,9 +349,12 @@ class Delivery:
         except asyncio.CancelledError:
             await asyncio.shield(self._spool.release([i.id for i in items], attempt=False))
             raise
-        except Exception:
-            log.exception("delivery of a batch failed; it stays spooled")
-            await self._spool.release([i.id for i in items])
+        except Exception as exc:
+            # A bug or a bad setting fails every batch alike: back off, never spin.
+            error = f"{type(exc).__name__}: {self._client.redact(str(exc))}"
+            ids = [i.id for i in items]
+            self._retry_later(ids, "internal", None, error, self._failures, level=logging.ERROR)
+            await self._spool.release(ids)
         finally:
             self._slots.release()
             await self._refresh_gauges()
@@ -367,9 +394,8 @@ class Delivery:
         self._metrics.upstream_requests.labels(status_group(resp.status)).inc()
         self._metrics.upstream_request_seconds.observe(resp.elapsed)
         status = resp.status
-        if status == 200:
-            self._failures = 0
-            await self._accepted(items, resp.json())
+        if 200 <= status < 300:
+            await self._accepted(items, resp, failures)
         elif status in (401, 403):
             self._note_bad_request()
             self._pause("auth", self._auth_pause)
@@ -396,7 +422,14 @@ class Delivery:
             await self._refused(items, status, resp.json())
 
     def _retry_later(
-        self, ids: Sequence[int], reason: str, hint: float | None, message: str, failures: int
+        self,
+        ids: Sequence[int],
+        reason: str,
+        hint: float | None,
+        message: str,
+        failures: int,
+        *,
+        level: int = logging.WARNING,
     ) -> None:
         """Back off after a failed batch sent under backoff exponent `failures`.
 
@@ -411,7 +444,8 @@ class Delivery:
         if delay > 0:
             self._not_before = max(self._not_before, self._monotonic() + delay)
             self._metrics.delivery_pauses.labels("backoff").inc()
-        log.warning(
+        log.log(
+            level,
             "delivery failed; will retry",
             extra={
                 "data": {
@@ -422,28 +456,56 @@ class Delivery:
             },
         )
 
-    async def _accepted(self, items: Sequence[SpooledItem], data: Any) -> None:
-        entries = data.get("activities") if isinstance(data, dict) else None
+    async def _accepted(
+        self, items: Sequence[SpooledItem], resp: UpstreamResponse, failures: int
+    ) -> None:
+        """A 2xx: acknowledge only what Ortto's answer shows it took."""
+        entries = read_answer(resp.json(), len(items))
+        if entries is None:
+            await self._unproven(items, resp, failures)
+            return
+        self._failures = 0
         dead: list[tuple[int, str, str, str]] = []
         done: list[int] = []
         delivered: list[str] = []
-        if isinstance(entries, list) and len(entries) == len(items):
-            for item, entry in zip(items, entries, strict=True):
-                if isinstance(entry, dict) and entry.get("status") == "invalid":
-                    activity_id, who, _ = _describe(item.payload)
-                    dead.append((item.id, activity_id, who, str(entry.get("error", "invalid"))))
-                else:
-                    done.append(item.id)
-                    delivered.append(_activity_id(item.payload))
-        else:
-            done = [i.id for i in items]
-            delivered = [_activity_id(i.payload) for i in items]
+        for item, entry in zip(items, entries, strict=True):
+            if entry.error is not None:
+                activity_id, who, _ = _describe(item.payload)
+                dead.append((item.id, activity_id, who, self._client.redact(entry.error)))
+            else:
+                done.append(item.id)
+                delivered.append(_activity_id(item.payload))
         if done:
             await self._spool.ack(done)
+            for item_id in done:
+                self._unconfirmed.pop(item_id, None)
             for activity_id in delivered:
                 self._metrics.count_activity(activity_id, "delivered")
         if dead:
             await self._dead_letter(dead)
+
+    async def _unproven(
+        self, items: Sequence[SpooledItem], resp: UpstreamResponse, failures: int
+    ) -> None:
+        """A 2xx that does not account for each activity: retry, at most so many times."""
+        what = self._client.redact(resp.body) if resp.body.strip() else "an empty body"
+        reason = f"{UNCONFIRMED}: it answered {resp.status} with {what}"
+        again: list[int] = []
+        dead: list[tuple[int, str, str, str]] = []
+        for item in items:
+            seen = self._unconfirmed.get(item.id, 0) + 1
+            if seen >= BAD_ANSWER_ATTEMPTS:
+                activity_id, who, _ = _describe(item.payload)
+                dead.append((item.id, activity_id, who, reason))
+            else:
+                self._unconfirmed[item.id] = seen
+                again.append(item.id)
+        # Counted and backed off whichever way the batch goes: the next batch waits too.
+        self._retry_later([i.id for i in items], "bad_answer", resp.retry_after, reason, failures)
+        if dead:
+            await self._dead_letter(dead)
+        if again:
+            await self._spool.release(again)
 
     async def _refused(self, items: Sequence[SpooledItem], status: int, data: Any) -> None:
         """A 4xx for the batch: isolate the refused activities by bisection."""
@@ -456,7 +518,8 @@ class Delivery:
             for item, detail in zip(items, details, strict=True):
                 if isinstance(detail, dict) and detail.get("status") == "invalid":
                     activity_id, who, _ = _describe(item.payload)
-                    dead.append((item.id, activity_id, who, str(detail.get("error", "invalid"))))
+                    reason = self._client.redact(str(detail.get("error", "invalid")))
+                    dead.append((item.id, activity_id, who, reason))
                 else:
                     rest.append(item)
             if dead:
@@ -466,7 +529,8 @@ class Delivery:
                 return
         if len(items) == 1:
             error = data.get("error") if isinstance(data, dict) else None
-            message = str(error).strip() if error else f"Ortto answered {status}"
+            message = self._client.redact(str(error)) if error else ""
+            message = message or f"Ortto answered {status}"
             activity_id, who, _ = _describe(items[0].payload)
             await self._dead_letter([(items[0].id, activity_id, who, message)])
             return
@@ -490,7 +554,8 @@ class Delivery:
 
     async def _dead_letter(self, dead: list[tuple[int, str, str, str]]) -> None:
         await self._spool.dead_letter(dead)
-        for _, activity_id, who, error in dead:
+        for item_id, activity_id, who, error in dead:
+            self._unconfirmed.pop(item_id, None)
             self._metrics.count_activity(activity_id, "dead_lettered")
             log.error(
                 "activity dead-lettered",

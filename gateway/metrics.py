@@ -34,6 +34,9 @@ UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 75, 90, 99, 100)
 UPSTREAM_STATUSES = ("2xx", "400", "401", "403", "404", "413", "429", "4xx", "503", "5xx", "error")
 PAUSE_REASONS = ("auth", "circuit", "rate_limit", "backoff")
+# Why a batch was given back: bad_answer is a 2xx that did not account for each activity
+# (a proxy's page, a wrong URL); internal is an error of the gateway's own while sending.
+RETRY_REASONS = ("server_error", "rate_limit", "network", "bad_answer", "internal")
 
 
 def status_group(status: int) -> str:
@@ -104,7 +107,7 @@ class Metrics:
         )
         self.upstream_retries = Counter(
             f"{PREFIX}_upstream_retries",
-            "Batches given back for a later retry, by reason.",
+            "Batches given back for a later retry, by reason (" + ", ".join(RETRY_REASONS) + ").",
             ["reason"],
             registry=r,
         )
@@ -202,7 +205,7 @@ class Metrics:
                 self.activities.labels(activity_id, outcome)
         for reason in ("auth", "circuit", "rate_limit"):
             self.delivery_paused.labels(reason).set(0)
-        for reason in ("server_error", "rate_limit", "network"):
+        for reason in RETRY_REASONS:
             self.upstream_retries.labels(reason)
         for route in ROUTES:
             self.http_request_seconds.labels(route)

@@ -164,7 +164,7 @@ class Relay:
         for pos, check_pos in zip(accepted_at, range(len(accepted)), strict=True):
             activity_id = items[pos]["activity_id"]  # type: ignore[index]
             self.metrics.count_activity(activity_id, "accepted")
-            if outcome.delivered:
+            if outcome.delivered and outcome.entries[check_pos].get("status") != "invalid":
                 self.metrics.count_activity(activity_id, "delivered")
             if outcome.entries:
                 entries[pos] = outcome.entries[check_pos]

@@ -23,6 +23,11 @@ Control API (JSON): ``GET /_sandbox/received?since=N``, ``GET /_sandbox/stats``,
 ``POST /_sandbox/faults`` (a Fault's fields), ``DELETE /_sandbox/faults``,
 ``POST /_sandbox/reset``, ``PUT /_sandbox/config`` (``api_key``, ``latency``,
 ``rate_per_second``).
+
+A fault's ``answer`` stands for an upstream that misbehaves rather than refuses, at any
+status including 2xx: ``html`` (a proxy's or captive portal's page), ``empty`` (no body,
+as a 204), ``echo_key`` (Ortto's error shape whose message quotes the ``X-Api-Key`` it
+received: the gateway must never pass it on).
 """
 
 from __future__ import annotations
@@ -74,6 +79,11 @@ BAN_THRESHOLD = 15
 BAN_WINDOW = 15.0
 BAN_DURATION = 15.0
 BAD_STATUSES = frozenset({400, 401, 403})
+FAULT_ANSWERS = ("html", "empty", "echo_key")
+_HTML_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Sign in to the network</title></head>\n"
+    b"<body><h1>Welcome</h1><p>Accept the terms to continue.</p></body></html>\n"
+)
 _UNSET: Any = object()
 
 DEFAULT_PERSON_FIELDS: frozenset[str] = frozenset(
@@ -112,13 +122,18 @@ class Fault:
     try_in_seconds: int | None = None
     delay: float = 0.0
     process: bool = False
+    answer: str | None = None  # one of FAULT_ANSWERS: a misbehaving upstream's body
 
     def __post_init__(self) -> None:
         """Validate the fault, so a bad one from the control API is refused up front."""
         if not _is_int(self.status) or not 200 <= self.status <= 599:
             raise ValueError("status must be an HTTP status between 200 and 599")
-        if self.status < 400 and not (self.process and self.status < 300):
-            raise ValueError("status below 400 needs process=true and must be 2xx")
+        if self.answer is not None and self.answer not in FAULT_ANSWERS:
+            raise ValueError(f"answer must be one of {', '.join(FAULT_ANSWERS)} or null")
+        if self.status < 400 and not (
+            self.status < 300 and (self.process or self.answer is not None)
+        ):
+            raise ValueError("status below 400 needs process=true or an answer, and must be 2xx")
         if not _is_int(self.count) or self.count < 1:
             raise ValueError("count must be an integer >= 1")
         if self.retry_after is not None and (
@@ -187,6 +202,8 @@ class _Outcome:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None  # a body that is not JSON (a fault's `answer`)
+    content_type: str = "application/json"
 
 
 @dataclass
@@ -517,11 +534,11 @@ async def _handle_activities(request: web.Request) -> web.StreamResponse:
     else:
         fault = state._next_fault()
         if fault is not None and not fault.process:
-            outcome = _fault_outcome(fault)
+            outcome = _fault_outcome(fault, api_key)
         else:
             outcome = state._process(api_key_ok, request.content_type, request.charset, body)
-            if fault is not None and not 200 <= fault.status < 300:
-                outcome = _fault_outcome(fault)
+            if fault is not None and (not 200 <= fault.status < 300 or fault.answer is not None):
+                outcome = _fault_outcome(fault, api_key)
         if fault is not None:
             delay += fault.delay
             if fault.retry_after is not None:
@@ -534,6 +551,12 @@ async def _handle_activities(request: web.Request) -> web.StreamResponse:
     )
     if delay > 0:
         await asyncio.sleep(delay)
+    if outcome.raw is not None:
+        return web.Response(
+            status=outcome.status,
+            body=outcome.raw,
+            headers={**outcome.headers, "Content-Type": outcome.content_type},
+        )
     return _json(outcome.status, outcome.body, outcome.headers)
 
 
@@ -740,8 +763,14 @@ def _value_fits(name: str, value: Any) -> bool:
     return isinstance(value, dict)  # dtz, phn, geo, obj
 
 
-def _fault_outcome(fault: Fault) -> _Outcome:
+def _fault_outcome(fault: Fault, api_key: str | None) -> _Outcome:
     """The answer a fault gives instead of the normal one."""
+    if fault.answer == "html":
+        return _Outcome(fault.status, {}, raw=_HTML_PAGE, content_type="text/html")
+    if fault.answer == "empty":
+        return _Outcome(fault.status, {}, raw=b"", content_type="text/plain")
+    if fault.answer == "echo_key":
+        return _error(fault.status, f"the API key {api_key!r} is not allowed here")
     if fault.status == 429:
         return _Outcome(429, _rate_limit_body(fault.try_in_seconds))
     try:

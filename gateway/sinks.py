@@ -12,11 +12,21 @@ import orjson
 from gateway.errors import GatewayError, Unavailable
 from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpoolClosed, SpoolError, SpoolFull
-from gateway.upstream import OrttoClient, UpstreamError, encode_batch
+from gateway.upstream import (
+    OrttoClient,
+    UpstreamError,
+    UpstreamResponse,
+    encode_batch,
+    read_answer,
+)
 
 log = logging.getLogger("gateway.sinks")
 
 QUEUED = {"status": "queued", "person_status": "queued"}
+# Sync mode never relays Ortto's text (it may quote anything, the key included): the
+# browser gets these, the gateway's log gets Ortto's reason, redacted.
+REFUSED_ACTIVITY = "Ortto refused this activity; its reason is in the gateway's log"
+REFUSED_REQUEST = "Ortto refused the activities; its reason is in the gateway's log"
 
 
 @dataclass(slots=True)
@@ -25,9 +35,9 @@ class SinkResult:
 
     status: int
     entries: list[dict[str, Any]]
-    body: dict[str, Any] | None = None  # a whole-request answer (sync mode errors)
+    body: dict[str, Any] | None = None  # a whole-request answer
     retry_after: float | None = None
-    delivered: bool = False  # True when Ortto took them (sync mode)
+    delivered: bool = False  # True when Ortto answered for each (sync mode): see entries
 
 
 class Sink(Protocol):
@@ -100,7 +110,8 @@ class ForwardSink:
     async def submit(
         self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
     ) -> SinkResult:
-        """Post one request to Ortto and map its answer to the browser's."""
+        """Post one request to Ortto and map its answer to the browser's, in the gateway's
+        words: only a 2xx accounting for each activity counts as Ortto's answer."""
         body = encode_batch(activities, async_=async_)
         if merge_by:
             body = body[:-1] + b',"merge_by":' + orjson.dumps(merge_by) + b"}"
@@ -112,30 +123,62 @@ class ForwardSink:
             raise UpstreamUnavailable(str(exc)) from None
         self._metrics.upstream_requests.labels(status_group(resp.status)).inc()
         self._metrics.upstream_request_seconds.observe(resp.elapsed)
-        data = resp.json()
-        if resp.status == 200 and isinstance(data, dict):
-            entries = data.get("activities")
-            if isinstance(entries, list) and len(entries) == len(activities):
-                return SinkResult(
-                    200, [e if isinstance(e, dict) else {} for e in entries], delivered=True
+        status = resp.status
+        if 200 <= status < 300:
+            entries = read_answer(resp.json(), len(activities))
+            if entries is None:
+                self._metrics.upstream_retries.labels("bad_answer").inc()
+                self._log_answer("Ortto's answer did not account for each activity", resp)
+                raise UpstreamUnavailable("Ortto did not confirm the activities; try again later")
+            refused = [e.error for e in entries if e.error is not None]
+            if refused:
+                log.warning(
+                    "Ortto refused activities",
+                    extra={"data": {"errors": [self._client.redact(e) for e in refused]}},
                 )
-        if resp.status in (401, 403):
-            log.error("Ortto refused the API key", extra={"data": {"status": resp.status}})
+            # The gateway's own entries: Ortto's words (and what it knows of the person)
+            # stay on the server.
+            return SinkResult(
+                200,
+                [
+                    {"status": e.status}
+                    if e.delivered
+                    else {"status": "invalid", "error": REFUSED_ACTIVITY}
+                    for e in entries
+                ],
+                delivered=True,
+            )
+        if status in (401, 403):
+            log.error("Ortto refused the API key", extra={"data": {"status": status}})
             raise UpstreamUnavailable("the gateway could not authenticate with Ortto")
-        if resp.status == 429:
+        if status == 429:
             raise UpstreamRateLimited(
                 "Ortto's rate limit was reached; try again later",
                 retry_after=resp.retry_after or 10.0,
             )
-        if resp.status >= 500 or not isinstance(data, dict):
-            raise UpstreamUnavailable(f"Ortto answered {resp.status}")
-        return SinkResult(resp.status, [], body=data, delivered=resp.status < 300)
+        self._log_answer("Ortto refused the request", resp)
+        if status in (400, 422):
+            raise UpstreamRefused(REFUSED_REQUEST)
+        raise UpstreamUnavailable(f"Ortto answered {status}")
+
+    def _log_answer(self, message: str, resp: UpstreamResponse) -> None:
+        """A WARNING with the status and a bounded, masked excerpt of what Ortto said."""
+        log.warning(
+            message,
+            extra={"data": {"status": resp.status, "answer": self._client.redact(resp.body)}},
+        )
 
 
 class UpstreamUnavailable(GatewayError):
     """Ortto did not answer usefully (sync mode)."""
 
     status = 502
+
+
+class UpstreamRefused(GatewayError):
+    """Ortto refused the request's activities (sync mode); its reason is in the log."""
+
+    status = 400
 
 
 class UpstreamRateLimited(GatewayError):

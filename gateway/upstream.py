@@ -12,6 +12,8 @@ import asyncio
 import email.utils
 import io
 import time
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +25,94 @@ from gateway.config import is_ascii_digits
 
 # Longest wait any upstream hint may impose; beyond it we retry anyway.
 MAX_RETRY_AFTER = 3600.0
+# Longest excerpt of Ortto's text a log line, a dead letter or the CLI shows: a reason,
+# not a page (an HTML error page runs to kilobytes).
+EXCERPT_CHARS = 300
+# A secret is masked wherever any run of this many of its characters appears, so a
+# truncated or partly quoted echo is masked too.
+SECRET_WINDOW = 8
+# Shorter secrets are not searched for: they would mask ordinary words.
+MIN_SECRET_CHARS = 4
+MASKED = "****"
+# The per-activity statuses that mean Ortto took the activity (design: both do).
+DELIVERED_STATUSES = frozenset({"ingested", "queued"})
 
 
 class UpstreamError(Exception):
     """No answer from Ortto: connection refused or reset, DNS, timeout."""
+
+
+def redact(text: str | bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_CHARS) -> str:
+    """Text from Ortto (or anything it may have echoed) made safe to log, store and show.
+
+    An upstream's text is not ours: a proxy may echo the request's headers, a buggy API
+    its key. So every secret is masked (each whitespace-free run holding any
+    `SECRET_WINDOW` characters of one becomes `****`), control and format characters
+    become spaces (no forged log lines, no terminal escapes), whitespace is collapsed and
+    the result is cut to `limit` characters. Masking comes before the cut, so a cut can
+    never leave the start of a secret showing.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    # Bound the work: the cut comes later, and what lies past 4x the limit is never shown.
+    text = text[: limit * 4 + 64]
+    needles = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
+    for secret in needles:
+        text = text.replace(secret, MASKED)
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" and c != " " else c for c in text)
+    if needles:
+        windows = {
+            secret[i : i + SECRET_WINDOW]
+            for secret in needles
+            for i in range(max(1, len(secret) - SECRET_WINDOW + 1))
+        }
+        text = " ".join(
+            MASKED if any(w in word for w in windows) else word for word in text.split(" ")
+        )
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "\u2026"
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Ortto's word on one activity: its status, and the reason when it refused it."""
+
+    status: str
+    error: str | None = None  # Ortto's raw text: `redact` it before showing it anywhere
+
+    @property
+    def delivered(self) -> bool:
+        """Whether Ortto took the activity."""
+        return self.error is None
+
+
+def read_answer(data: Any, count: int) -> list[Entry] | None:
+    """Ortto's per-activity entries when its answer accounts for each of `count`, else None.
+
+    A 2xx proves nothing by itself (a proxy's page, a captive portal, a wrong URL all
+    answer 200): only `{"activities": [...]}` with one object per activity, each either
+    taken (`ingested`/`queued`, no `error`) or refused (`invalid`, or any `error`), does.
+    An entry with another status is not proof either way, so the whole answer is not.
+    """
+    entries = data.get("activities") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or len(entries) != count:
+        return None
+    out: list[Entry] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            return None
+        status = entry.get("status")
+        error = entry.get("error")
+        if error is not None or status == "invalid":
+            message = error if isinstance(error, str) and error.strip() else "invalid"
+            out.append(Entry(str(status), message))
+        elif isinstance(status, str) and status in DELIVERED_STATUSES:
+            out.append(Entry(status))
+        else:
+            return None
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +164,18 @@ class OrttoClient:
     """Posts bodies to `{base}/v1/activities/create` with the private key."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, endpoint: str, api_key: str, *, timeout: float
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: str,
+        api_key: str,
+        *,
+        timeout: float,
+        secrets: Iterable[str] = (),
     ) -> None:
         self._session = session
         self.endpoint = endpoint
+        # Every secret of the settings: what `redact` masks in the upstream's text.
+        self._secrets = tuple(dict.fromkeys(s for s in (api_key, *secrets) if s))
         self._headers = {
             "X-Api-Key": api_key,
             "Content-Type": "application/json",
@@ -92,6 +186,10 @@ class OrttoClient:
 
     def __repr__(self) -> str:
         return f"OrttoClient({self.endpoint!r})"
+
+    def redact(self, text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
+        """`redact` with the key and the other configured secrets."""
+        return redact(text, self._secrets, limit)
 
     async def post(self, body: bytes) -> UpstreamResponse:
         """Send one request; raise `UpstreamError` when no answer came back."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
+from typing import Any
 
 import orjson
 import pytest
 
 from gateway.app import METRICS, SPOOL
-from gateway.sandbox import SandboxState, wait_for
+from gateway.config import parse_rate
+from gateway.logs import JsonFormatter
+from gateway.sandbox import Fault, SandboxState, wait_for
+from gateway.sinks import REFUSED_ACTIVITY
 from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
 
 PATH = "/v1/activities/create"
@@ -198,3 +202,61 @@ async def test_sync_mode_wrong_key_is_502_without_the_key(
     text = await resp.text()
     assert API_KEY not in text
     assert "authenticate" in (await resp.json())["error"]
+
+
+def delivered_count(client: Any) -> float:
+    value = client.app[METRICS].registry.get_sample_value(
+        "ortto_gateway_activities_total", {"activity_id": "act:cm:login", "outcome": "delivered"}
+    )
+    return value or 0.0
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> str:
+    formatter = JsonFormatter()
+    return "\n".join(formatter.format(r) for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        (Fault(200, answer="html"), 502),
+        (Fault(204, answer="empty"), 502),
+        (Fault(200, answer="echo_key"), 502),
+        (Fault(400, answer="echo_key"), 400),
+        (Fault(404, answer="echo_key"), 502),
+    ],
+    ids=["200-html", "204-empty", "200-echo-key", "400-echo-key", "404-echo-key"],
+)
+async def test_sync_mode_answers_in_the_gateways_words(
+    make_gateway: GatewayFactory,
+    sandbox_state: SandboxState,
+    caplog: pytest.LogCaptureFixture,
+    fault: Fault,
+    status: int,
+) -> None:
+    sandbox_state.add_fault(fault)
+    client = await make_gateway(delivery="sync")
+    activity = {"activity_id": "act:cm:login", "fields": {"str::email": "a@example.com"}}
+    resp = await client.post(PATH, json=activity)
+    text = await resp.text()
+    assert resp.status == status, text
+    body = json.loads(text)
+    assert set(body) == {"request_id", "code", "error"} and body["code"] == status
+    assert API_KEY not in text and "not allowed here" not in text and "<" not in text
+    assert delivered_count(client) == 0
+    assert API_KEY not in logged(caplog)
+    assert any(r.levelname == "WARNING" for r in caplog.records if r.name == "gateway.sinks")
+
+
+async def test_sync_mode_refused_entries_carry_the_gateways_message(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    # Ortto takes 50 a day of one activity per person: the 51st comes back invalid.
+    client = await make_gateway(delivery="sync", person_limit=parse_rate("100/1d"))
+    batch = [{"activity_id": "act:cm:login", "fields": {"str::email": "a@example.com"}}] * 51
+    resp = await client.post(PATH, json={"activities": batch})
+    assert resp.status == 200
+    entries = (await resp.json())["activities"]
+    assert entries[:50] == [{"status": "ingested"}] * 50  # nothing Ortto knows of the person
+    assert entries[50] == {"status": "invalid", "error": REFUSED_ACTIVITY}
+    assert delivered_count(client) == 50

@@ -199,3 +199,61 @@ def test_sign_identity_prints_a_token_the_gateway_accepts(
     verify_identity(token, activity, [secret], time.time())
     assert main(["sign-identity", "a@b.c"], {}) == 2
     assert "GATEWAY_IDENTITY_SECRET" in capsys.readouterr().err
+
+
+def test_check_config_refuses_a_key_file_with_a_line_break_inside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to pass check-config; then every batch failed (aiohttp refuses the header).
+    key_file = tmp_path / "ortto-key"
+    key_file.write_text(API_KEY[:16] + "\n" + API_KEY[16:] + "\n")
+    env = {"GATEWAY_API_KEY_FILE": str(key_file), "GATEWAY_ACTIVITIES": "act:cm:login"}
+    assert main(["check-config"], env) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith("ortto-gateway: GATEWAY_API_KEY_FILE: the key in the file has ")
+    assert "line break inside" in out.err and out.err.count("\n") == 1
+    assert API_KEY[:16] not in out.err and API_KEY[16:] not in out.err
+    key_file.write_text(API_KEY + "\n")  # one line ending is how files end: fine
+    assert main(["check-config"], env) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["api_key"].startswith("****(40 chars")
+    assert API_KEY not in out.out + out.err
+
+
+def test_check_config_does_not_echo_a_key_given_in_the_wrong_setting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check-config"], {**ENV, "GATEWAY_API_KEY_FILE": API_KEY}) == 0
+    assert main(["check-config"], {"GATEWAY_API_KEY_FILE": API_KEY}) == 2
+    assert main(["check-config"], {**ENV, "GATEWAY_UPSTREAM_URL": API_KEY}) == 2
+    assert main(["check-config"], {**ENV, "GATEWAY_REDIS_PREFIX": API_KEY}) == 0
+    out = capsys.readouterr()
+    assert API_KEY[:10] not in out.out + out.err
+
+
+async def test_dead_letters_list_shows_stored_errors_bounded_and_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Earlier versions stored Ortto's text as it came: the listing still shows it safely.
+    path = tmp_path / "spool.sqlite3"
+    spool = Spool(path)
+    await spool.open()
+    try:
+        (item,) = await spool.put([orjson.dumps({"activity_id": "act:cm:login"})])
+        echoed = f"bad key {API_KEY}\n\x1b[2Jforged line " + "x" * 1000
+        await spool.dead_letter([(item, "act:cm:login", "a1b2c3d4e5f6", echoed)])
+    finally:
+        await spool.close()
+    env = {**ENV, "GATEWAY_SPOOL_PATH": str(path)}
+    assert await asyncio.to_thread(main, ["dead-letters", "list"], env) == 0
+    out = capsys.readouterr().out
+    assert API_KEY not in out and "\x1b" not in out
+    (line,) = out.splitlines()
+    assert "bad key **** [2Jforged line x" in line and len(line) < 500
+    assert await asyncio.to_thread(main, ["dead-letters", "list", "--json"], env) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["error"].startswith("bad key **** [2Jforged line") and len(row["error"]) == 300
+    # The filter still finds it by what was stored.
+    assert await asyncio.to_thread(main, ["dead-letters", "replay", "--error", "bad key"], env) == 0
+    assert "re-queued 1 activity" in capsys.readouterr().out

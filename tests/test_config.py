@@ -266,3 +266,124 @@ def test_per_activity_strict_and_identity(tmp_path: Path) -> None:
     spec = s.activities["act:cm:a"]
     assert not s.is_strict(spec)
     assert s.needs_identity(spec)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [KEY, KEY + "\n", KEY + "\r\n"],
+    ids=["bare", "newline", "crlf"],
+)
+def test_a_key_files_one_line_ending_is_not_part_of_the_key(tmp_path: Path, content: str) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(content.encode())
+    assert load_settings({"GATEWAY_API_KEY_FILE": str(key_file)}).api_key == KEY
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (KEY[:20] + "\n" + KEY[20:] + "\n", "a line break inside"),
+        (KEY + "\n\n", "a line break at the end"),
+        (" " + KEY, "whitespace at the start"),
+        (KEY + " \n", "whitespace at the end"),
+        (KEY[:20] + "\t" + KEY[20:], "whitespace inside"),
+        (KEY[:20] + "\x00" + KEY[20:], "a control character inside"),
+        (KEY[:20] + "\u00e9" + KEY[20:], "a non-ASCII character inside"),
+    ],
+)
+def test_a_key_file_with_stray_whitespace_is_refused_without_the_key(
+    tmp_path: Path, content: str, needle: str
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(content.encode())
+    with pytest.raises(ConfigError) as info:
+        load_settings({"GATEWAY_API_KEY_FILE": str(key_file)})
+    message = str(info.value)
+    assert message.startswith("GATEWAY_API_KEY_FILE: the key in the file has ")
+    assert needle in message and "\n" not in message
+    assert KEY[:8] not in message and KEY[-8:] not in message
+
+
+@pytest.mark.parametrize(
+    ("environ", "where"),
+    [
+        ({"GATEWAY_API_KEY": KEY[:20] + "\n" + KEY[20:]}, "GATEWAY_API_KEY:"),
+        ({"GATEWAY_API_KEY": " " + KEY}, "GATEWAY_API_KEY:"),
+        (
+            {"GATEWAY_API_KEY": KEY, "GATEWAY_IDENTITY_SECRET": "s" * 20 + "\n" + "s" * 20},
+            "GATEWAY_IDENTITY_SECRET:",
+        ),
+        (
+            {"GATEWAY_API_KEY": KEY, "GATEWAY_REDIS_URL": "redis://:pw\nword@h/0"},
+            "GATEWAY_REDIS_URL:",
+        ),
+    ],
+    ids=["key-line-break", "key-leading-space", "identity-secret", "redis-url"],
+)
+def test_secret_settings_with_stray_whitespace_are_refused_unquoted(
+    environ: dict[str, str], where: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ)
+    message = str(info.value)
+    assert message.startswith(where)
+    assert "the value is not shown" in message
+    for secret in (KEY[:20], KEY[20:], "s" * 20, "word"):
+        assert secret not in message
+
+
+def test_a_secret_variables_trailing_newline_is_dropped() -> None:
+    # A secret mounted as a variable from a file keeps the file's line ending.
+    s = load_settings({"GATEWAY_API_KEY": KEY + "\n", "GATEWAY_REDIS_URL": "redis://h:6379/0\n"})
+    assert (s.api_key, s.redis_url) == (KEY, "redis://h:6379/0")
+
+
+# Another account's key, pasted into a setting where it does not belong.
+OTHER_KEY = "pk-live-fedcba9876543210fedcba9876543210"
+
+
+@pytest.mark.parametrize(
+    ("environ", "hidden"),
+    [
+        ({"GATEWAY_API_KEY_FILE": OTHER_KEY}, OTHER_KEY),  # the key where its file was expected
+        ({"GATEWAY_API_KEY": KEY, "GATEWAY_UPSTREAM_URL": OTHER_KEY}, OTHER_KEY),
+        ({"GATEWAY_API_KEY": KEY, "GATEWAY_PERSON_LIMIT": OTHER_KEY}, OTHER_KEY),
+        ({"GATEWAY_API_KEY": KEY, "GATEWAY_ACTIVITIES": OTHER_KEY}, OTHER_KEY),
+        ({"GATEWAY_API_KEY": KEY, "GATEWAY_TRUSTED_PROXIES": OTHER_KEY}, OTHER_KEY),
+        ({"GATEWAY_API_KEY": KEY, "GATEWAY_REGION": KEY}, KEY),
+        # Short enough to be quoted, but a secret of these settings: masked.
+        ({"GATEWAY_API_KEY": "k3y-short", "GATEWAY_ALLOWED_ORIGINS": "k3y-short"}, "k3y-short"),
+        ({"GATEWAY_REDIS_URL": "redis://:hunter22@h/0", "GATEWAY_REGION": "hunter22"}, "hunter22"),
+    ],
+    ids=[
+        "key-file",
+        "upstream-url",
+        "person-limit",
+        "activities",
+        "proxies",
+        "region",
+        "short",
+        "redis-password",
+    ],
+)
+def test_a_secret_in_the_wrong_setting_is_not_echoed(environ: dict[str, str], hidden: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ)
+    message = str(info.value)
+    assert hidden[:10] not in message
+    assert message.split(":", 1)[0] == list(environ)[-1]  # it names the setting
+
+
+def test_settings_list_their_secrets() -> None:
+    s = load_settings(
+        env(
+            identity_secret="i" * 40,
+            redis_url="rediss://app:p%40ss@h:6380/0?password=other-pw",
+        )
+    )
+    assert set(s.secrets) == {KEY, "i" * 40, "p%40ss", "p@ss", "other-pw"}
+
+
+def test_describe_masks_a_secret_given_in_another_setting() -> None:
+    s = load_settings(env(redis_prefix=KEY, spool_path=f"/tmp/{KEY}.sqlite3"))
+    assert KEY not in repr(describe(s))

@@ -14,12 +14,20 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.delivery import BAD_REQUEST_BUDGET, Delivery, _activity_id, full_jitter
+from gateway.delivery import (
+    BAD_ANSWER_ATTEMPTS,
+    BAD_REQUEST_BUDGET,
+    UNCONFIRMED,
+    Delivery,
+    _activity_id,
+    full_jitter,
+)
 from gateway.enrich import enrich
+from gateway.logs import JsonFormatter
 from gateway.metrics import Metrics
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.spool import Spool
-from gateway.upstream import OrttoClient
+from gateway.upstream import EXCERPT_CHARS, OrttoClient, UpstreamResponse
 from tests.conftest import API_KEY
 
 DAY = 86400.0
@@ -417,3 +425,153 @@ async def test_gauges_follow_the_spool(rig: Rig, sandbox_state: SandboxState) ->
 )
 def test_activity_id_of_a_payload(payload: bytes, activity_id: str) -> None:
     assert _activity_id(payload) == activity_id
+
+
+def delivered(rig: Rig) -> float:
+    return rig.value(
+        "ortto_gateway_activities_total", activity_id="act:cm:login", outcome="delivered"
+    )
+
+
+def no_secret_logged(caplog: pytest.LogCaptureFixture) -> None:
+    formatter = JsonFormatter()
+    for record in caplog.records:
+        assert API_KEY not in formatter.format(record)
+        assert API_KEY[:8] not in formatter.format(record)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=200, count=3, answer="html"),
+        Fault(status=200, count=3, answer="html", process=True),
+        Fault(status=204, count=3, answer="empty"),
+        Fault(status=200, count=3, answer="echo_key"),
+    ],
+    ids=["html", "html-after-processing", "204-empty", "200-error-echoing-the-key"],
+)
+async def test_a_2xx_that_does_not_account_for_each_activity_is_retried_with_backoff(
+    rig: Rig, sandbox_state: SandboxState, fault: Fault, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A proxy's page, a captive portal, a wrong URL: a 2xx alone proves nothing.
+    sandbox_state.add_fault(fault)
+    await rig.spool.put([payload(i) for i in range(10)])
+    clock = PauseClock()
+    rig.start(rng=lambda: 1.0, monotonic=clock, sleep=clock.sleep)
+    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    assert [r.status for r in sandbox_state.requests] == [fault.status] * 3 + [200]
+    assert clock.slept == [0.5, 1.0, 2.0]  # backoff, as after a 5xx
+    assert rig.value("ortto_gateway_upstream_retries_total", reason="bad_answer") == 3
+    assert len(sandbox_state.activities) == 10 and len(sandbox_state.keys_seen()) == 10
+    assert delivered(rig) == 10  # counted once, when Ortto's answer showed it
+    assert await rig.spool.list_dead_letters() == []
+    (warning, *_) = [r for r in caplog.records if r.getMessage() == "delivery failed; will retry"]
+    assert warning.levelname == "WARNING"
+    reason = warning.__dict__["data"]["reason"]
+    assert reason.startswith(f"{UNCONFIRMED}: it answered {fault.status} with ")
+    assert len(reason) < EXCERPT_CHARS + 60
+    no_secret_logged(caplog)
+
+
+async def test_an_activity_never_confirmed_is_dead_lettered_with_the_reason(
+    rig: Rig, sandbox_state: SandboxState, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox_state.add_fault(Fault(status=200, count=BAD_ANSWER_ATTEMPTS, answer="echo_key"))
+    await rig.spool.put([payload(i) for i in range(5)])
+    clock = PauseClock()
+    rig.start(monotonic=clock, sleep=clock.sleep)
+    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    assert len(sandbox_state.requests) == BAD_ANSWER_ATTEMPTS
+    assert len(clock.slept) == BAD_ANSWER_ATTEMPTS - 1  # waited before each retry
+    letters = await rig.spool.list_dead_letters()
+    assert len(letters) == 5
+    for letter in letters:
+        assert letter.error.startswith(f"{UNCONFIRMED}: it answered 200 with ")
+        assert "****" in letter.error and API_KEY not in letter.error
+    assert delivered(rig) == 0
+    assert (
+        rig.value(
+            "ortto_gateway_activities_total", activity_id="act:cm:login", outcome="dead_lettered"
+        )
+        == 5
+    )
+    no_secret_logged(caplog)
+    # Ortto answers properly again: the dead letters are replayed and delivered.
+    assert await rig.spool.replay_dead_letters(error_contains=UNCONFIRMED) == 5
+    await wait_for(lambda: len(sandbox_state.activities) == 5, timeout=10)
+
+
+class CannedClient(OrttoClient):
+    """Answers each post with the next canned body (200), then with the sandbox's shape."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        super().__init__(None, "http://127.0.0.1:9/", API_KEY, timeout=1.0)  # type: ignore[arg-type]
+        self.answers = answers
+
+    async def post(self, body: bytes) -> UpstreamResponse:
+        count = len(orjson.loads(body)["activities"])
+        answer = self.answers.pop(0) if self.answers else None
+        if answer is None:
+            answer = {"activities": [{"status": "queued", "person_status": "queued"}] * count}
+        return UpstreamResponse(200, orjson.dumps(answer), None, 0.001)
+
+
+async def test_an_entry_reporting_an_error_is_never_counted_delivered(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.client = CannedClient(
+        [
+            {
+                "activities": [
+                    {"status": "ingested", "person_status": "created"},
+                    {"status": "ingested", "error": "person merge failed"},
+                    {"status": "invalid", "error": f"bad header X-Api-Key: {API_KEY}\n[fake]"},
+                ]
+            }
+        ]
+    )
+    await rig.spool.put([payload(i) for i in range(3)])
+    rig.start()
+    await wait_for(lambda: rig.spool.depth == 0)
+    assert delivered(rig) == 1
+    letters = await rig.spool.list_dead_letters()
+    assert sorted(d.error for d in letters) == [
+        "bad header X-Api-Key: **** [fake]",
+        "person merge failed",
+    ]
+    no_secret_logged(caplog)
+
+
+async def test_a_refusal_echoing_the_key_is_dead_lettered_masked(
+    rig: Rig, sandbox_state: SandboxState, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox_state.add_fault(Fault(status=400, count=1, answer="echo_key"))
+    await rig.spool.put([payload(1)])
+    rig.start()
+    await wait_for(lambda: rig.spool.depth == 0)
+    (letter,) = await rig.spool.list_dead_letters()
+    assert letter.error == "the API key '****' is not allowed here"
+    no_secret_logged(caplog)
+
+
+async def test_an_error_while_sending_backs_off_instead_of_spinning(
+    rig: Rig, sandbox_state: SandboxState, sandbox: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A key with a line break inside: aiohttp refuses the header with a ValueError, for
+    # every batch. It used to be retried at once, again and again, with no backoff.
+    async with aiohttp.ClientSession() as session:
+        rig.client = OrttoClient(
+            session, str(sandbox.make_url("/v1/activities/create")), "pk-a\nb", timeout=2.0
+        )
+        await rig.spool.put([payload(i) for i in range(5)])
+        clock = PauseClock()
+        rig.start(rng=lambda: 1.0, monotonic=clock, sleep=clock.sleep)
+        await wait_for(lambda: len(clock.slept) >= 4, timeout=5)
+        await rig.stop()
+    assert clock.slept[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert rig.value("ortto_gateway_upstream_retries_total", reason="internal") >= 4
+    assert sandbox_state.requests == []
+    assert rig.spool.depth == 5 and await rig.spool.list_dead_letters() == []
+    (line, *_) = [r for r in caplog.records if r.getMessage() == "delivery failed; will retry"]
+    assert line.levelname == "ERROR"
+    assert line.__dict__["data"]["reason"].startswith("ValueError: ")

@@ -58,6 +58,7 @@ ALERT_NAMES = {
     "OrttoGatewaySpoolFull",
     "OrttoGatewayDeadLetters",
     "OrttoGatewayUpstreamErrors",
+    "OrttoGatewayBadAnswers",
     "OrttoGatewayLimiterErrors",
 }
 # Panels that must show data once traffic has flowed (title -> why).

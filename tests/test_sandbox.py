@@ -502,9 +502,48 @@ async def test_fault_delay_and_slow_success(client: Client, state: SandboxState)
     assert len(state.activities) == 1
 
 
+@pytest.mark.parametrize(
+    ("fault", "content_type", "processed"),
+    [
+        (Fault(200, answer="html"), "text/html", False),
+        (Fault(200, answer="html", process=True), "text/html", True),
+        (Fault(204, answer="empty"), None, False),
+        (Fault(200, answer="echo_key"), "application/json", False),
+        (Fault(400, answer="echo_key"), "application/json", False),
+    ],
+    ids=["html", "html-processed", "204-empty", "200-echo-key", "400-echo-key"],
+)
+async def test_fault_answers_of_a_misbehaving_upstream(
+    client: Client, state: SandboxState, fault: Fault, content_type: str | None, processed: bool
+) -> None:
+    state.add_fault(fault)
+    data = orjson.dumps({"activities": [activity()]})
+    async with client.post(PATH, data=data, headers=HEADERS) as resp:
+        assert resp.status == fault.status
+        body = await resp.read()
+        if content_type is not None:
+            assert resp.content_type == content_type
+    if fault.answer == "html":
+        assert body.startswith(b"<!DOCTYPE html>")
+    elif fault.answer == "empty":
+        assert body == b""
+    else:
+        answer = orjson.loads(body)
+        error_shape(answer, fault.status)
+        assert KEY in answer["error"]
+    assert len(state.activities) == (1 if processed else 0)
+    assert [r.status for r in state.requests] == [fault.status]
+    status, _, _ = await post(client, {"activities": [activity(email="next@example.com")]})
+    assert status == 200  # the fault applied once
+
+
 async def test_fault_validation() -> None:
     with pytest.raises(ValueError, match="process"):
         Fault(200)
+    with pytest.raises(ValueError, match="answer"):
+        Fault(200, answer="teapot")
+    with pytest.raises(ValueError, match="2xx"):
+        Fault(302, answer="html")
     with pytest.raises(ValueError, match="count"):
         Fault(count=0)
     with pytest.raises(ValueError, match="delay"):

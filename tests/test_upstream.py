@@ -1,13 +1,23 @@
-"""`parse_retry_after`: Ortto's wait hints, from the header or the body, never a crash."""
+"""The upstream client's pure parts: wait hints, what an answer proves, safe excerpts."""
 
 from __future__ import annotations
 
 import email.utils
 import time
 
+import orjson
 import pytest
 
-from gateway.upstream import MAX_RETRY_AFTER, parse_retry_after
+from gateway.upstream import (
+    EXCERPT_CHARS,
+    MAX_RETRY_AFTER,
+    Entry,
+    OrttoClient,
+    parse_retry_after,
+    read_answer,
+    redact,
+)
+from tests.conftest import EXAMPLES
 
 BODY_HINT = b'{"error": {"try-in-seconds": 7}}'
 
@@ -41,3 +51,95 @@ def test_an_http_date_counts_from_now() -> None:
 
 def test_a_date_in_the_past_means_now() -> None:
     assert parse_retry_after("Mon, 01 Jan 2001 00:00:00 GMT", b"") == 0.0
+
+
+KEY = "pk-test-5f1e0c7a9b8d4e3f2a1b0c9d8e7f6a5b"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"Service Unavailable", "Service Unavailable"),
+        (f"invalid key {KEY}".encode(), "invalid key ****"),
+        (f'{{"error":"key \'{KEY}\' refused"}}', '{"error":"key \'****\' refused"}'),
+        # A partial echo (a proxy cutting the header value) is masked too.
+        (f"got X-Api-Key: {KEY[:20]}... ", "got X-Api-Key: ****"),
+        (f"url encoded {KEY[5:30]}%0A", "url encoded ****"),
+        ("line one\nline two\r\n\tforged: yes", "line one line two forged: yes"),
+        ("\x1b[31mred\x1b[0m \u2028 \u200b", "[31mred [0m"),
+        (b"\xff\xfe bytes", "\ufffd\ufffd bytes"),
+        ("", ""),
+    ],
+)
+def test_redact_masks_secrets_and_control_characters(text: str | bytes, expected: str) -> None:
+    assert redact(text, [KEY, "", "abc"]) == expected
+
+
+def test_redact_is_bounded_and_never_cuts_a_secret_open() -> None:
+    page = "<html>" + "x " * 5000 + "</html>"
+    shown = redact(page, [KEY])
+    assert len(shown) == EXCERPT_CHARS
+    assert shown.endswith("\u2026")
+    # The key straddles the cut: no prefix of it survives.
+    text = "a" * (EXCERPT_CHARS - 10) + " " + KEY + " tail"
+    shown = redact(text, [KEY])
+    assert KEY[:8] not in shown
+    assert len(shown) <= EXCERPT_CHARS
+    assert KEY[:8] not in redact(KEY * 100, [KEY])
+
+
+def test_a_client_redacts_with_its_key_and_the_other_secrets() -> None:
+    client = OrttoClient(
+        None,  # type: ignore[arg-type]  # never posts
+        "http://127.0.0.1:9/v1/activities/create",
+        KEY,
+        timeout=1.0,
+        secrets=["redis-password-1", "i" * 40],
+    )
+    text = f"{KEY} redis-password-1 {'i' * 40} fine"
+    assert client.redact(text) == "**** **** **** fine"
+    assert KEY not in repr(client)
+
+
+INGESTED = {"person_id": "0060", "person_status": "created", "status": "ingested"}
+QUEUED = {"status": "queued", "person_status": "queued"}
+
+
+@pytest.mark.parametrize(
+    ("data", "count", "expected"),
+    [
+        ({"activities": [INGESTED, QUEUED]}, 2, [Entry("ingested"), Entry("queued")]),
+        (
+            {"activities": [{"status": "invalid", "error": "bad field"}, INGESTED]},
+            2,
+            [Entry("invalid", "bad field"), Entry("ingested")],
+        ),
+        ({"activities": [{"status": "invalid"}]}, 1, [Entry("invalid", "invalid")]),
+        # Any `error` is a refusal, whatever the status says.
+        ({"activities": [{**INGESTED, "error": "no"}]}, 1, [Entry("ingested", "no")]),
+        ({"activities": [{"status": "ingested", "error": ""}]}, 1, [Entry("ingested", "invalid")]),
+        # Not proof: each of these acknowledges nothing.
+        (None, 1, None),  # not JSON (an HTML page, an empty 204)
+        ({"error": "Invalid API key", "code": 401}, 1, None),
+        ({"activities": []}, 1, None),
+        ({"activities": [INGESTED]}, 2, None),
+        ({"activities": [INGESTED, INGESTED]}, 1, None),
+        ({"activities": [INGESTED, "ingested"]}, 2, None),
+        ({"activities": [{"status": "pending"}]}, 1, None),
+        ({"activities": [{}]}, 1, None),
+        ({"activities": {"0": INGESTED}}, 1, None),
+        ([INGESTED], 1, None),
+    ],
+)
+def test_read_answer_accepts_only_one_entry_per_activity(
+    data: object, count: int, expected: list[Entry] | None
+) -> None:
+    assert read_answer(data, count) == expected
+
+
+def test_read_answer_takes_the_documented_answers() -> None:
+    documented = orjson.loads((EXAMPLES / "responses.json").read_bytes())
+    for name, count in (("created", 1), ("two_at_once", 2), ("async_queued", 1)):
+        entries = read_answer(documented[name]["body"], count)
+        assert entries is not None and all(e.delivered for e in entries), name
+    assert read_answer(documented["batch_invalid_field"]["body"], 1) is None
