@@ -75,6 +75,7 @@ __all__ = [
     "SpoolError",
     "SpoolFull",
     "SpoolInUse",
+    "SpoolOpenError",
     "SpoolStats",
     "SpooledItem",
     "claim",
@@ -169,6 +170,27 @@ class SpoolClosed(SpoolError):
 
 class SpoolInUse(SpoolError):
     """Another process holds the spool file: a running gateway drains it."""
+
+
+class SpoolOpenError(SpoolError):
+    """The spool file cannot be opened: a full or read-only disk, a path that cannot be a
+    file, a file that is not a spool. The message names the path and the cause."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        reason = str(cause)
+        if isinstance(cause, FileExistsError):  # `mkdir` met a file where a directory goes
+            reason = f"{cause.filename} is not a directory"
+        elif isinstance(cause, OSError) and cause.strerror:
+            where = os.fsdecode(cause.filename) if cause.filename is not None else path
+            reason = cause.strerror if where == path else f"{where}: {cause.strerror}"
+        super().__init__(f"cannot open the spool {path}: {reason}")
+        self.path = path
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """The writer's connection; transactions are explicit (BEGIN ... COMMIT). Looked up at
+    each open, so a test can hand the spool a disk that fills up on demand."""
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=True)
 
 
 def claim(path: str) -> int:
@@ -525,7 +547,7 @@ class _Writer:
             file.parent.mkdir(parents=True, exist_ok=True)
             # Empty: just created by `claim` (an exclusive spool), or by nobody yet.
             created = not file.exists() or file.stat().st_size == 0
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        db = connect(self._path)
         self._db = db
         mode = str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
         if not memory and mode != "wal":
@@ -943,7 +965,11 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite may have rolled back already (it can on SQLITE_FULL or an I/O error): a
+        # ROLLBACK then fails with "no transaction is active", which must not hide the cause.
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
         raise
 
 
@@ -1113,12 +1139,14 @@ class Spool:
         """Create the directory and schema, load counters and start the writer thread."""
         if self._state != "new":
             raise RuntimeError("a Spool can be opened once")
-        if self._exclusive and self._path != MEMORY:
-            self._claim = claim(self._path)
         try:
+            if self._exclusive and self._path != MEMORY:
+                self._claim = claim(self._path)
             await self._open()
-        except BaseException:
+        except BaseException as exc:
             self._release_claim()
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise SpoolOpenError(self._path, exc) from exc
             raise
 
     def _release_claim(self) -> None:

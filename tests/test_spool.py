@@ -20,11 +20,13 @@ from gateway.spool import (
     SpoolClosed,
     SpoolFull,
     SpoolInUse,
+    SpoolOpenError,
     SpoolStats,
     _Lease,
     claim,
     in_use,
 )
+from tests.disk_support import Disk
 
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
 
@@ -626,8 +628,10 @@ async def test_open_failure_is_reported(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
     spool = Spool(blocker / "spool.sqlite3")  # parent is a file
-    with pytest.raises(OSError):
+    with pytest.raises(SpoolOpenError) as caught:
         await spool.open()
+    path = blocker / "spool.sqlite3"
+    assert str(caught.value) == f"cannot open the spool {path}: {blocker} is not a directory"
     with pytest.raises(SpoolClosed):
         await spool.put([b"a"])
     await spool.close()
@@ -637,9 +641,32 @@ async def test_open_rejects_a_file_that_is_not_a_database(tmp_path: Path) -> Non
     path = tmp_path / "spool.sqlite3"
     path.write_bytes(b"this is not sqlite" * 100)
     spool = Spool(path)
-    with pytest.raises(sqlite3.DatabaseError):
+    with pytest.raises(SpoolOpenError) as caught:
         await spool.open()
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    assert str(caught.value).startswith(f"cannot open the spool {path}: ")
     await spool.close()
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new-file", "existing-file"])
+async def test_opening_on_a_full_disk_names_the_path_and_the_cause(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: bool
+) -> None:
+    # SQLite rolls the transaction back itself on SQLITE_FULL: the schema check's own
+    # ROLLBACK then failed ("cannot rollback - no transaction is active") and hid the cause.
+    disk = Disk().install(monkeypatch)
+    if not fresh:
+        async with Spool(db_path) as spool:
+            await spool.put([b"kept"])
+    disk.full = True
+    spool = Spool(db_path, exclusive=True)
+    with pytest.raises(SpoolOpenError) as caught:
+        await spool.open()
+    assert str(caught.value) == f"cannot open the spool {db_path}: database or disk is full"
+    await spool.close()
+    disk.full = False  # space again: the file is not held, nothing was lost
+    async with Spool(db_path, exclusive=True) as spool:
+        assert spool.depth == (0 if fresh else 1)
 
 
 async def test_memory_variant(tmp_path: Path) -> None:
