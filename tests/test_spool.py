@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import sys
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 
 import gateway.spool as spool_module
+from gateway.sandbox import wait_for
 from gateway.spool import (
     MEMORY,
     DeadLetter,
     Spool,
     SpoolClosed,
+    SpoolError,
     SpoolFull,
     SpoolInUse,
     SpoolOpenError,
@@ -799,3 +802,65 @@ async def test_a_lease_cancelled_after_its_answer_gives_the_items_back(spool: Sp
     assert spool.available == 2
     items = await spool.lease(10, 1 << 20)
     assert [(i.payload, i.attempts) for i in items] == [(b"a", 0), (b"b", 0)]
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
+    return Disk().install(monkeypatch)
+
+
+async def test_a_release_that_cannot_be_written_still_gives_the_rows_back(
+    disk: Disk, db_path: Path
+) -> None:
+    async with Spool(db_path) as spool:
+        await spool.put([b"1", b"2"])
+        items = await spool.lease(10, 1000)
+        disk.full = True
+        await spool.release([i.id for i in items])  # the attempt count cannot be written
+        assert disk.refused >= 1
+        assert spool.leased == 0
+        again = await spool.lease(10, 1000)  # not stranded as leased until a restart
+        assert [(i.payload, i.attempts) for i in again] == [(b"1", 0), (b"2", 0)]
+
+
+async def test_an_ack_that_fails_leaves_the_rows_leased_for_a_retry(
+    disk: Disk, db_path: Path
+) -> None:
+    async with Spool(db_path) as spool:
+        await spool.put([b"1", b"2"])
+        items = await spool.lease(10, 1000)
+        disk.full = True
+        with pytest.raises(SpoolError, match="database or disk is full"):
+            await spool.ack([i.id for i in items])
+        assert await spool.lease(10, 1000) == []  # still leased: not sent twice meanwhile
+        disk.full = False
+        await spool.ack([i.id for i in items])
+        assert (spool.depth, spool.leased) == (0, 0)
+
+
+async def test_a_spool_that_cannot_be_written_says_so_until_a_write_succeeds(
+    disk: Disk, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.spool")
+    async with Spool(db_path) as spool:
+        await spool.put([b"before"])
+        assert spool.write_error is None
+        disk.full = True
+        for _ in range(3):
+            with pytest.raises(SpoolError) as caught:
+                await spool.put([b"refused"])
+            assert not isinstance(caught.value, SpoolFull)
+        assert spool.write_error == "database or disk is full"
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [r.getMessage() for r in errors] == [
+            "spool cannot be written: activities are refused until it can"
+        ]  # once, not per refused put
+        # Space again, and nobody writes (puts are refused meanwhile): the spool notices.
+        disk.full = False
+        await wait_for(lambda: spool.write_error is None, timeout=DEADLINE)
+        assert "spool writable again" in [r.getMessage() for r in caplog.records]
+        await spool.put([b"after"])
+        assert [p for _, p, _ in await drain(spool)] == [b"before", b"after"]
