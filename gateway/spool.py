@@ -1187,6 +1187,16 @@ class Spool:
         return self._snapshot.leased
 
     @property
+    def max_rows(self) -> int:
+        """The row bound: a put of more rows can never fit."""
+        return self._max_rows
+
+    @property
+    def max_bytes(self) -> int:
+        """The payload byte bound: a put of more bytes can never fit."""
+        return self._max_bytes
+
+    @property
     def write_error(self) -> str | None:
         """Why writes fail (a full or read-only disk), or None: set by a failed write, cleared
         by the next one that succeeds (the writer tries one every PROBE_INTERVAL meanwhile)."""
