@@ -193,8 +193,23 @@ class SpoolOpenError(SpoolError):
         elif isinstance(cause, OSError) and cause.strerror:
             where = os.fsdecode(cause.filename) if cause.filename is not None else path
             reason = cause.strerror if where == path else f"{where}: {cause.strerror}"
+        elif isinstance(cause, sqlite3.Error) and cause.sqlite_errorname.count("_") > 1:
+            # "disk I/O error" alone hides which: SQLITE_IOERR_SHMSIZE is a full disk.
+            reason = f"{reason} ({cause.sqlite_errorname})"
+        if _no_space_left(path):
+            reason += " (no space left on the device)"
         super().__init__(f"cannot open the spool {path}: {reason}")
         self.path = path
+
+
+def _no_space_left(path: str) -> bool:
+    """Whether the filesystem that holds (or would hold) `path` has no block left."""
+    for where in (Path(path).parent, *Path(path).parent.parents):
+        try:
+            return os.statvfs(where).f_bavail == 0
+        except OSError:
+            continue
+    return False
 
 
 def connect(path: str) -> sqlite3.Connection:
