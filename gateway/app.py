@@ -17,7 +17,7 @@ from gateway.client_ip import TrustedProxies, parse_networks
 from gateway.config import ACTIVITIES_PATH, Settings
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
-from gateway.keys import LIFECYCLE, RELAY, SETTINGS
+from gateway.keys import LIFECYCLE, RELAY, SETTINGS, SPOOL
 from gateway.limits import FallbackStore, Limiter, LimitStore, MemoryStore
 from gateway.metrics import Metrics
 from gateway.middlewares import make_middlewares
@@ -30,7 +30,6 @@ from gateway.upstream import OrttoClient
 log = logging.getLogger(__name__)
 
 METRICS = web.AppKey("metrics", Metrics)
-SPOOL = web.AppKey("spool", Spool)
 DELIVERY = web.AppKey("delivery", Delivery)
 CLIENT = web.AppKey("ortto_client", OrttoClient)
 

@@ -21,10 +21,13 @@ from gateway.config import (
     read_key_file,
 )
 from gateway.logs import setup_logging
-from gateway.spool import SpoolInUse
+from gateway.spool import SpoolError, SpoolInUse
 
 EXIT_CONFIG = 2
 EXIT_IN_USE = 3  # the spool file is held by another running gateway
+# The spool cannot be opened (full or read-only disk, a path that cannot be a file): as a
+# bad setting, the operator's to fix, and restarting will not help until then.
+EXIT_SPOOL = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,6 +131,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SpoolInUse as exc:  # another gateway drains this spool: never share one
         print(f"ortto-gateway: {exc}", file=sys.stderr)
         return EXIT_IN_USE
+    except SpoolError as exc:  # e.g. "cannot open the spool PATH: database or disk is full"
+        print(f"ortto-gateway: {exc}", file=sys.stderr)
+        return EXIT_SPOOL
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices

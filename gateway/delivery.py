@@ -27,6 +27,13 @@ What Ortto answers decides what happens to the batch:
 Ortto's text is never kept as it came: logs and dead letters get `OrttoClient.redact`'s
 bounded excerpt, with the key and every other secret masked.
 
+The spool can fail too (a full or read-only disk). A batch whose acknowledgement cannot
+be written keeps its rows leased (not sent again) and the acknowledgement is retried,
+with backoff, before anything else is leased; after a restart meanwhile the rows are
+sent again and Ortto merges them by `key`. The worker itself is supervised: if it stops
+on an error it is started again after a backoff (`delivery_restarts_total`), so nothing
+waits for a restart of the process once the disk has room.
+
 Ortto bans the caller's IP for 15 s after 15 bad requests within 15 s, which would
 stop every site behind the gateway. Every 4xx answer (bisection included) is
 counted in a sliding window; at `BAD_REQUEST_BUDGET` the circuit opens and sending
@@ -51,7 +58,7 @@ from aiolimiter import AsyncLimiter
 from gateway.config import ORTTO_MAX_ACTIVITIES, ORTTO_MAX_BODY_BYTES
 from gateway.identity import person_hash, person_key
 from gateway.metrics import Metrics, status_group
-from gateway.spool import Spool, SpooledItem
+from gateway.spool import Spool, SpoolClosed, SpooledItem, SpoolError
 from gateway.upstream import (
     BATCH_OVERHEAD,
     OrttoClient,
@@ -88,6 +95,15 @@ MAX_AGE = 90 * 86400.0 - 3600.0
 MAX_BATCH_BYTES = ORTTO_MAX_BODY_BYTES - BATCH_OVERHEAD - ORTTO_MAX_ACTIVITIES
 # How often the spool gauges are refreshed while idle.
 GAUGE_INTERVAL = 1.0
+# A worker that stopped on an error starts again after base * 2**n, capped: soon enough
+# that delivery resumes within seconds of the cause going away (disk space freed).
+RESTART_BASE = 0.1
+RESTART_CAP = 5.0
+# A worker that ran this long before stopping starts the backoff over.
+RESTART_RESET = 60.0
+# A failed acknowledgement is retried after base * 2**n, capped, before any new lease.
+ACK_RETRY_BASE = 0.1
+ACK_RETRY_CAP = 5.0
 
 
 def full_jitter(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -195,12 +211,15 @@ class Delivery:
         # Spool id -> 2xx answers that did not account for it (this process's count: a
         # restart starts it again, which only delays the dead letter).
         self._unconfirmed: dict[int, int] = {}
+        self._unacked: set[int] = set()  # delivered; the acknowledgement failed
+        self._ack_failures = 0
+        self._ack_not_before = 0.0  # monotonic
 
     # -- lifecycle
 
     def start(self) -> None:
-        """Start the worker task, and the task that keeps the spool gauges fresh."""
-        self._task = asyncio.create_task(self._run(), name="ortto-gateway-delivery")
+        """Start the (supervised) worker task, and the task that keeps the gauges fresh."""
+        self._task = asyncio.create_task(self._supervise(), name="ortto-gateway-delivery")
         self._gauges = asyncio.create_task(self._gauge_loop(), name="ortto-gateway-gauges")
 
     async def _gauge_loop(self) -> None:
@@ -226,7 +245,8 @@ class Delivery:
             # Done once nothing is available, being leased (a lease under way may hold the
             # last items while the spool counts none available) or in flight. The loop may
             # sit idle meanwhile: a batch that fails is given back and wakes it.
-            if remaining <= 0 or not (self._spool.available or self._leasing or self._inflight):
+            busy = self._spool.available or self._leasing or self._inflight or self._unacked
+            if remaining <= 0 or not busy:
                 return
             await asyncio.wait(
                 {task, *self._inflight}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -266,43 +286,116 @@ class Delivery:
 
     # -- the loop
 
+    async def _supervise(self) -> None:
+        """Run the worker; when it stops on an error, count it, wait and start it again."""
+        restarts = 0
+        while True:
+            started = self._monotonic()
+            try:
+                await self._run()
+                return
+            except Exception as exc:
+                if self._monotonic() - started >= RESTART_RESET:
+                    restarts = 0
+                delay = min(RESTART_CAP, RESTART_BASE * 2.0 ** min(restarts, 30))
+                restarts += 1
+                self._metrics.delivery_restarts.inc()
+                log.error(
+                    "delivery worker stopped; starting it again",
+                    # A spool error says it all; anything else is a bug: keep its traceback.
+                    exc_info=None if isinstance(exc, SpoolError) else exc,
+                    extra={"data": {"error": str(exc), "restart_in": round(delay, 3)}},
+                )
+                await self._sleep(delay)
+
     async def _run(self) -> None:
-        try:
-            while not (
-                self._stopping.is_set() and self._spool.available == 0 and not self._inflight
-            ):
-                if self._stopping.is_set() and self._spool.available == 0:
+        while not (
+            self._stopping.is_set()
+            and self._spool.available == 0
+            and not self._inflight
+            and not self._unacked
+        ):
+            await self._settle_acks()  # first: sending more while none can be written piles up
+            if self._stopping.is_set() and self._spool.available == 0:
+                if self._inflight:
                     # Draining, with batches still out: one that fails comes back to be
                     # sent again, so wait for them rather than end.
                     await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
-                    continue
+                continue
+            await self._wait_until_allowed()
+            if not await self._spool.wait_for_items(GAUGE_INTERVAL):
+                continue
+            if not self._stopping.is_set():
+                await self._fill_wait()
+            await self._slots.acquire()
+            self._leasing = True  # `stop` lets this iteration finish (see there)
+            try:
                 await self._wait_until_allowed()
-                if not await self._spool.wait_for_items(GAUGE_INTERVAL):
-                    continue
-                if not self._stopping.is_set():
-                    await self._fill_wait()
-                await self._slots.acquire()
-                self._leasing = True  # `stop` lets this iteration finish (see there)
-                try:
-                    await self._wait_until_allowed()
-                    await self._rate.acquire()
-                    items = await self._spool.lease(ORTTO_MAX_ACTIVITIES, MAX_BATCH_BYTES)
-                except BaseException:
-                    self._slots.release()
-                    raise
-                finally:
-                    self._leasing = False
-                if not items:
-                    self._slots.release()
-                    continue
-                task = asyncio.create_task(self._deliver(items))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # pragma: no cover - a bug; keep the process alive and say so
-            log.exception("delivery worker stopped")
-            raise
+                await self._rate.acquire()
+                items = await self._spool.lease(ORTTO_MAX_ACTIVITIES, MAX_BATCH_BYTES)
+            except BaseException:
+                self._slots.release()
+                raise
+            finally:
+                self._leasing = False
+            if not items:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._deliver(items))
+            self._inflight.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        """A batch task ended: forget it, and say so if it failed (its rows were given
+        back, or stay leased in a spool that is closing)."""
+        self._inflight.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("delivery of a batch failed", exc_info=exc)
+
+    async def _ack(self, ids: list[int]) -> None:
+        """Acknowledge delivered rows; if that cannot be written, keep them (leased, so not
+        sent again) for `_settle_acks` to retry."""
+        try:
+            await self._spool.ack(ids)
+        except SpoolError as exc:
+            if not self._unacked:
+                self._ack_failures = 1
+                self._ack_not_before = self._monotonic() + ACK_RETRY_BASE
+            self._unacked.update(ids)
+            log.warning(
+                "acknowledgement failed; will retry",
+                extra={"data": {"error": str(exc), "activities": len(self._unacked)}},
+            )
+
+    async def _settle_acks(self) -> None:
+        """Retry failed acknowledgements, with backoff, until they are written."""
+        while self._unacked:
+            delay = self._ack_not_before - self._monotonic()
+            if delay > 0:
+                await self._sleep(delay)
+            ids = sorted(self._unacked)
+            try:
+                await self._spool.ack(ids)
+            except SpoolClosed:
+                raise  # nothing to retry on; the supervisor says so
+            except SpoolError as exc:
+                delay = min(ACK_RETRY_CAP, ACK_RETRY_BASE * 2.0 ** min(self._ack_failures, 30))
+                self._ack_failures += 1
+                self._ack_not_before = self._monotonic() + delay
+                log.warning(
+                    "acknowledgement failed again; will retry",
+                    extra={
+                        "data": {
+                            "error": str(exc),
+                            "activities": len(ids),
+                            "retry_in": round(delay, 3),
+                        }
+                    },
+                )
+                continue
+            self._unacked.difference_update(ids)
+            self._ack_failures = 0
+            log.info("acknowledgement written", extra={"data": {"activities": len(ids)}})
 
     async def _fill_wait(self) -> None:
         """Give a batch up to `batch_max_wait` to fill: it goes as soon as 100 are waiting.
@@ -347,12 +440,14 @@ class Delivery:
             if items:
                 await self._send(items, bisecting=False)
         except asyncio.CancelledError:
-            await asyncio.shield(self._spool.release([i.id for i in items], attempt=False))
+            # Rows whose acknowledgement waits for a retry were delivered: never given back.
+            ids = [i.id for i in items if i.id not in self._unacked]
+            await asyncio.shield(self._spool.release(ids, attempt=False))
             raise
         except Exception as exc:
             # A bug or a bad setting fails every batch alike: back off, never spin.
             error = f"{type(exc).__name__}: {self._client.redact(str(exc))}"
-            ids = [i.id for i in items]
+            ids = [i.id for i in items if i.id not in self._unacked]
             self._retry_later(ids, "internal", None, error, self._failures, level=logging.ERROR)
             await self._spool.release(ids)
         finally:
@@ -476,7 +571,7 @@ class Delivery:
                 done.append(item.id)
                 delivered.append(_activity_id(item.payload))
         if done:
-            await self._spool.ack(done)
+            await self._ack(done)
             for item_id in done:
                 self._unconfirmed.pop(item_id, None)
             for activity_id in delivered:
@@ -571,3 +666,4 @@ class Delivery:
             max(0.0, self._clock() - oldest) if oldest is not None else 0.0
         )
         self._metrics.dead_letters.set(stats.dead_letters)
+        self._metrics.spool_writable.set(self._spool.write_error is None)

@@ -17,7 +17,7 @@ from gateway.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from gateway.keys import LIFECYCLE, RELAY, SETTINGS
+from gateway.keys import LIFECYCLE, RELAY, SETTINGS, SPOOL
 from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, json_response
 from gateway.validation import decode_body
 
@@ -149,4 +149,8 @@ async def readyz(request: web.Request) -> web.Response:
     if not lifecycle.ready:
         reason = "draining" if lifecycle.draining else "starting"
         return json_response(503, {"status": reason}, {"Retry-After": "5"})
+    spool = request.app.get(SPOOL)
+    if spool is not None and spool.write_error is not None:  # e.g. a full disk
+        body = {"status": "spool_unwritable", "error": f"spool not writable: {spool.write_error}"}
+        return json_response(503, body, {"Retry-After": "5"})
     return json_response(200, {"status": "ready"})

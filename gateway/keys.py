@@ -6,8 +6,10 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.relay import Relay
+from gateway.spool import Spool
 from gateway.state import Lifecycle
 
 SETTINGS = web.AppKey("settings", Settings)
 RELAY = web.AppKey("relay", Relay)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+SPOOL = web.AppKey("spool", Spool)  # queue mode only

@@ -154,6 +154,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.delivery_restarts = Counter(
+            f"{PREFIX}_delivery_restarts",
+            "Times the delivery worker stopped on an error and was started again.",
+            registry=r,
+        )
+        self.spool_writable = Gauge(
+            f"{PREFIX}_spool_writable",
+            "0 while the spool cannot be written (full or read-only disk), else 1.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.spool_writable.set(1)
         self.delivery_pauses = Counter(
             f"{PREFIX}_delivery_pauses",
             "Times sending to Ortto paused, by reason (backoff: after 5xx or no answer).",

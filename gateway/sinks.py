@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.errors import GatewayError, Unavailable
+from gateway.errors import GatewayError, PayloadTooLarge, Unavailable
 from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpoolClosed, SpoolError, SpoolFull
 from gateway.upstream import (
@@ -27,6 +27,8 @@ QUEUED = {"status": "queued", "person_status": "queued"}
 # browser gets these, the gateway's log gets Ortto's reason, redacted.
 REFUSED_ACTIVITY = "Ortto refused this activity; its reason is in the gateway's log"
 REFUSED_REQUEST = "Ortto refused the activities; its reason is in the gateway's log"
+# Retry-After while the spool cannot be written: it tries a write every second.
+UNWRITABLE_RETRY_AFTER = 5.0
 
 
 @dataclass(slots=True)
@@ -44,7 +46,8 @@ class Sink(Protocol):
     """Takes the accepted, enriched activities of one request."""
 
     def reserve(self, count: int, nbytes: int) -> bool:
-        """Hold room for `count` activities of `nbytes` in all; False when there is none."""
+        """Hold room for `count` activities of `nbytes` in all; False when there is none
+        now; a GatewayError when there will never be (too big) or none can be stored."""
         ...
 
     def unreserve(self, count: int, nbytes: int) -> None:
@@ -64,8 +67,27 @@ class SpoolSink:
         self._metrics = metrics
 
     def reserve(self, count: int, nbytes: int) -> bool:
-        """Hold room in the spool (see `Spool.reserve`)."""
-        return self._spool.reserve(count, nbytes)
+        """Hold room in the spool (see `Spool.reserve`), before any limit is charged.
+
+        413 for a request bigger than the whole spool: "try again later" would be a lie
+        that a client retries forever. 503 while the spool cannot be written (full disk):
+        refused here, so the limits are not charged for activities that are not kept.
+        """
+        spool = self._spool
+        if count > spool.max_rows or nbytes > spool.max_bytes:
+            raise PayloadTooLarge(
+                f"{count} activities ({nbytes} bytes) can never fit the gateway's queue "
+                f"(at most {spool.max_rows} activities and {spool.max_bytes} bytes): "
+                "send fewer at a time"
+            )
+        if spool.write_error is not None:
+            error = {"data": {"error": spool.write_error}}
+            log.warning("request refused: the spool cannot be written", extra=error)
+            raise Unavailable(
+                "the gateway cannot store activities now; try again later",
+                retry_after=UNWRITABLE_RETRY_AFTER,
+            )
+        return spool.reserve(count, nbytes)
 
     def unreserve(self, count: int, nbytes: int) -> None:
         """Give back room in the spool."""
@@ -87,9 +109,13 @@ class SpoolSink:
             ) from None
         except SpoolClosed:
             raise Unavailable("the gateway is shutting down", retry_after=5.0) from None
-        except SpoolError:
-            log.exception("spool write failed")
-            raise Unavailable("the gateway cannot store activities now", retry_after=5.0) from None
+        except SpoolError as exc:
+            # The spool logs one ERROR when writes begin to fail; each refusal warns.
+            log.warning("request refused: spool write failed", extra={"data": {"error": str(exc)}})
+            raise Unavailable(
+                "the gateway cannot store activities now; try again later",
+                retry_after=UNWRITABLE_RETRY_AFTER,
+            ) from None
         return SinkResult(202, [dict(QUEUED) for _ in activities])
 
 

@@ -36,7 +36,14 @@ merges repeats by ``key`` + ``created``). Row ids come from AUTOINCREMENT, so th
 are never reused and delivery order is id order, across restarts too.
 
 Leases are in memory only (owned by the writer): after a crash every row
-not acked is simply available again, so there is nothing to recover. Capacity
+not acked is simply available again, so there is nothing to recover. For the same reason
+a release always gives its rows back, even when its attempt count cannot be written.
+
+A full or read-only disk. A write that fails for a database error (not another process's
+lock) sets `write_error`, logged once as an ERROR; the next write that commits clears it
+(logged as INFO). Meanwhile the writer tries a small write every PROBE_INTERVAL, since
+puts are refused and nothing else might write. A failed ack leaves its rows leased, so
+the caller can retry it without the rows being sent again meanwhile. Capacity
 (rows and payload bytes) is checked by the writer, which serialises all
 writes: concurrent puts cannot overshoot the bound and no reservation bookkeeping
 is needed. Counters (depth, bytes, oldest, dead letters) are computed once at open
@@ -75,6 +82,7 @@ __all__ = [
     "SpoolError",
     "SpoolFull",
     "SpoolInUse",
+    "SpoolOpenError",
     "SpoolStats",
     "SpooledItem",
     "claim",
@@ -112,6 +120,9 @@ RETRY_AFTER_UNKNOWN = 5.0
 EXTERNAL_CHECK_INTERVAL = 1.0
 # Window over which the drain rate (acks + dead letters) is measured for Retry-After.
 DRAIN_WINDOW = 60.0
+# While writes fail (full or read-only disk), how often an idle writer tries a small write
+# to notice that they work again: nothing else may write meanwhile (puts are refused).
+PROBE_INTERVAL = 1.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS queue (
@@ -169,6 +180,42 @@ class SpoolClosed(SpoolError):
 
 class SpoolInUse(SpoolError):
     """Another process holds the spool file: a running gateway drains it."""
+
+
+class SpoolOpenError(SpoolError):
+    """The spool file cannot be opened: a full or read-only disk, a path that cannot be a
+    file, a file that is not a spool. The message names the path and the cause."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        reason = str(cause)
+        if isinstance(cause, FileExistsError):  # `mkdir` met a file where a directory goes
+            reason = f"{cause.filename} is not a directory"
+        elif isinstance(cause, OSError) and cause.strerror:
+            where = os.fsdecode(cause.filename) if cause.filename is not None else path
+            reason = cause.strerror if where == path else f"{where}: {cause.strerror}"
+        elif isinstance(cause, sqlite3.Error) and cause.sqlite_errorname.count("_") > 1:
+            # "disk I/O error" alone hides which: SQLITE_IOERR_SHMSIZE is a full disk.
+            reason = f"{reason} ({cause.sqlite_errorname})"
+        if _no_space_left(path):
+            reason += " (no space left on the device)"
+        super().__init__(f"cannot open the spool {path}: {reason}")
+        self.path = path
+
+
+def _no_space_left(path: str) -> bool:
+    """Whether the filesystem that holds (or would hold) `path` has no block left."""
+    for where in (Path(path).parent, *Path(path).parent.parents):
+        try:
+            return os.statvfs(where).f_bavail == 0
+        except OSError:
+            continue
+    return False
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """The writer's connection; transactions are explicit (BEGIN ... COMMIT). Looked up at
+    each open, so a test can hand the spool a disk that fills up on demand."""
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=True)
 
 
 def claim(path: str) -> int:
@@ -246,6 +293,7 @@ class _Snapshot:
     available: int = 0
     leased: int = 0
     commits: int = 0
+    write_error: str | None = None  # why writes fail, until one succeeds again
 
 
 # --- operations: built on the loop, executed by the writer thread -------------------------
@@ -403,6 +451,8 @@ class _Writer:
         self._db: sqlite3.Connection | None = None
         self._data_version: object = None
         self._checked_external = 0.0
+        self._write_error: str | None = None
+        self._probed = 0.0
         self._depth = 0
         self._bytes = 0
         self._dead = 0
@@ -470,6 +520,42 @@ class _Writer:
         if self._external_change_due():
             self._post(self._spool._on_group, [], self._snapshot())
 
+    def probe(self) -> None:
+        """While writes fail, at most once per PROBE_INTERVAL: try a small committed write
+        (what a put needs: the write lock, a WAL frame, an fsync) and publish the outcome.
+
+        Puts are refused while the spool cannot be written, so without this nothing might
+        ever write again to notice that the disk has room.
+        """
+        now = time.monotonic()
+        if self._write_error is None or self._db is None or now - self._probed < PROBE_INTERVAL:
+            return
+        self._probed = now
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # rewrites the header page
+                db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            self._note_write_failure(exc)
+        else:
+            self._write_error = None
+        self._post(self._spool._on_group, [], self._snapshot())
+
+    def _note_write_failure(self, exc: BaseException) -> None:
+        """Remember why a write failed, unless it only met another process's lock."""
+        cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
+        if not isinstance(cause, sqlite3.Error):
+            return
+        if cause.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return
+        self._write_error = str(cause)
+
     def set_busy_timeout(self, ms: int) -> None:
         """How long SQLite waits for another process's lock: 0 on the loop (see `_Busy`),
         BUSY_TIMEOUT_MS on the thread and when closing."""
@@ -498,6 +584,7 @@ class _Writer:
                 break
             except queue.Empty:
                 self.check_external()  # e.g. a replay by the CLI: wake the worker
+                self.probe()
         if first is None:
             return [], True
         group = [first]
@@ -525,7 +612,7 @@ class _Writer:
             file.parent.mkdir(parents=True, exist_ok=True)
             # Empty: just created by `claim` (an exclusive spool), or by nobody yet.
             created = not file.exists() or file.stat().st_size == 0
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        db = connect(self._path)
         self._db = db
         mode = str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
         if not memory and mode != "wal":
@@ -588,6 +675,7 @@ class _Writer:
             available=self._depth - len(self._leased),
             leased=len(self._leased),
             commits=self._commits,
+            write_error=self._write_error,
         )
 
     # -- one group -------------------------------------------------------------------------
@@ -599,6 +687,7 @@ class _Writer:
         # per group; `lease` reads the table itself, so only the counters can lag, briefly.
         # (The group's snapshot publishes whatever the look found.)
         self._external_change_due()
+        self.probe()  # while writes fail, a group of reads alone would never notice the end
         writes = sorted((op for op in group if op.phase is not None), key=_phase)
         reads = [op for op in group if op.phase is None]
         outcomes: list[_Outcome] = []
@@ -623,6 +712,8 @@ class _Writer:
         done: list[tuple[_Op[Any], object, _Effect]] = []
         failed: list[_Outcome] = []
         now = time.time()
+        changes = db.total_changes
+        op_error: sqlite3.Error | None = None  # an operation undone alone for a database error
         try:
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -643,13 +734,17 @@ class _Writer:
                 try:
                     result, effect = self._apply(op, work, now)
                 except (SpoolError, sqlite3.Error) as exc:
+                    if not db.in_transaction:  # SQLite rolled it all back (SQLITE_FULL may)
+                        raise _FatalGroupError(str(exc)) from exc
                     try:  # undo this operation alone; the rest of the group still commits
                         db.execute("ROLLBACK TO op")
                         db.execute("RELEASE op")
                     except sqlite3.Error as undo:
                         raise _FatalGroupError(f"cannot roll back one operation: {undo}") from exc
+                    if isinstance(exc, sqlite3.Error):
+                        op_error = exc
                     failed.append(
-                        (op, False, exc if isinstance(exc, SpoolError) else _db_error(exc))
+                        self._failed(op, exc if isinstance(exc, SpoolError) else _db_error(exc))
                     )
                 else:
                     db.execute("RELEASE op")
@@ -663,9 +758,14 @@ class _Writer:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
+            self._note_write_failure(exc)
             failure = _db_error(exc)
-            outcomes.extend((op, False, failure) for op in ops)
+            outcomes.extend(self._failed(op, failure) for op in ops)
             return
+        if op_error is not None:
+            self._note_write_failure(op_error)
+        elif db.total_changes > changes:  # a write that needed the disk went through
+            self._write_error = None
         outcomes.extend(failed)
         if done:  # a group whose every operation was refused wrote nothing
             self._commits += 1
@@ -679,6 +779,18 @@ class _Writer:
             outcomes.append((op, True, result))
         if drained_rows:
             self._drained.append((time.monotonic(), drained_rows, drained_bytes))
+
+    def _failed(self, op: _Op[Any], error: SpoolError) -> _Outcome:
+        """The outcome of a write that did not commit.
+
+        A release still succeeds: leases live in memory, so the rows are given back all
+        the same and only the attempt count is lost. Failing it would leave them leased
+        (never sent again until a restart) for want of a counter.
+        """
+        if isinstance(op, _Release):
+            self._return_leases(op.ids)
+            return (op, True, None)
+        return (op, False, error)
 
     def _apply(self, op: _Op[Any], work: _Counters, now: float) -> tuple[object, _Effect]:
         if isinstance(op, _Ack):
@@ -807,13 +919,14 @@ class _Writer:
             for row_id in dict.fromkeys(ids):
                 self._db.execute("UPDATE queue SET attempts = attempts + 1 WHERE id = ?", (row_id,))
 
-        def give_back() -> None:
-            for row_id in ids:
-                if row_id in self._leased:
-                    self._leased.discard(row_id)
-                    self._returned.add(row_id)
+        return _Effect(after=lambda: self._return_leases(ids))
 
-        return _Effect(after=give_back)
+    def _return_leases(self, ids: Sequence[int]) -> None:
+        """Leased rows become available again (those still leased: not acked meanwhile)."""
+        for row_id in ids:
+            if row_id in self._leased:
+                self._leased.discard(row_id)
+                self._returned.add(row_id)
 
     def _replay(self, op: _Replay, work: _Counters, now: float) -> tuple[int, _Effect]:
         assert self._db is not None
@@ -943,7 +1056,11 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite may have rolled back already (it can on SQLITE_FULL or an I/O error): a
+        # ROLLBACK then fails with "no transaction is active", which must not hide the cause.
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
         raise
 
 
@@ -1085,6 +1202,22 @@ class Spool:
         return self._snapshot.leased
 
     @property
+    def max_rows(self) -> int:
+        """The row bound: a put of more rows can never fit."""
+        return self._max_rows
+
+    @property
+    def max_bytes(self) -> int:
+        """The payload byte bound: a put of more bytes can never fit."""
+        return self._max_bytes
+
+    @property
+    def write_error(self) -> str | None:
+        """Why writes fail (a full or read-only disk), or None: set by a failed write, cleared
+        by the next one that succeeds (the writer tries one every PROBE_INTERVAL meanwhile)."""
+        return self._snapshot.write_error
+
+    @property
     def commits(self) -> int:
         """Write transactions committed since open (group-commit metric)."""
         return self._snapshot.commits
@@ -1113,12 +1246,14 @@ class Spool:
         """Create the directory and schema, load counters and start the writer thread."""
         if self._state != "new":
             raise RuntimeError("a Spool can be opened once")
-        if self._exclusive and self._path != MEMORY:
-            self._claim = claim(self._path)
         try:
+            if self._exclusive and self._path != MEMORY:
+                self._claim = claim(self._path)
             await self._open()
-        except BaseException:
+        except BaseException as exc:
             self._release_claim()
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise SpoolOpenError(self._path, exc) from exc
             raise
 
     def _release_claim(self) -> None:
@@ -1256,7 +1391,9 @@ class Spool:
             await self._submit(_Ack(self._future(), tuple(ids)))
 
     async def release(self, ids: Sequence[int], *, attempt: bool = True) -> None:
-        """Give leased rows back for another try, counting an attempt unless told not to."""
+        """Give leased rows back for another try, counting an attempt unless told not to.
+
+        The rows are given back even when the count cannot be written (see `_failed`)."""
         self._check_open()
         if ids:
             await self._submit(_Release(self._future(), tuple(ids), attempt))
@@ -1375,6 +1512,7 @@ class Spool:
         writer = self._inline
         assert writer is not None and self._loop is not None
         writer.check_external()
+        writer.probe()
         self._tick_handle = self._loop.call_later(EXTERNAL_CHECK_INTERVAL, self._tick)
 
     def _cancel_timers(self) -> None:
@@ -1401,7 +1539,15 @@ class Spool:
         self._loop.call_soon(self._on_stop, None)
 
     def _apply_snapshot(self, snapshot: _Snapshot) -> None:
+        before, after = self._snapshot.write_error, snapshot.write_error
         self._snapshot = snapshot
+        if before is None and after is not None:  # once per episode; each refusal warns
+            logger.error(
+                "spool cannot be written: activities are refused until it can",
+                extra={"data": {"path": self._path, "error": after}},
+            )
+        elif before is not None and after is None:
+            logger.info("spool writable again", extra={"data": {"path": self._path}})
         if self._waiters:
             self._wake(snapshot.available)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime
 from typing import Any
@@ -10,12 +11,14 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.app import METRICS, SPOOL
+from gateway.app import METRICS
 from gateway.config import parse_rate
+from gateway.keys import SPOOL
 from gateway.logs import JsonFormatter
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.sinks import REFUSED_ACTIVITY
 from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
+from tests.disk_support import Disk
 
 PATH = "/v1/activities/create"
 JSON = {"Content-Type": "application/json"}
@@ -260,3 +263,48 @@ async def test_sync_mode_refused_entries_carry_the_gateways_message(
     assert entries[:50] == [{"status": "ingested"}] * 50  # nothing Ortto knows of the person
     assert entries[50] == {"status": "invalid", "error": REFUSED_ACTIVITY}
     assert delivered_count(client) == 50
+
+
+async def test_a_spool_that_cannot_be_written_is_503_and_not_ready_until_it_can(
+    make_gateway: GatewayFactory,
+    sandbox_state: SandboxState,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    disk = Disk().install(monkeypatch)
+    client = await make_gateway()
+    spool = client.app[SPOOL]
+    registry = client.app[METRICS].registry
+    one = {"activity_id": "act:cm:login", "fields": {"str::email": "disk@example.com"}}
+    assert (await client.post(PATH, json=one)).status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+
+    disk.full = True
+    caplog.clear()
+    for _ in range(3):
+        resp = await client.post(PATH, json=one)
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "5"
+        body = await resp.json()
+        assert set(body) == {"request_id", "code", "error"} and body["code"] == 503
+        assert "cannot store activities" in body["error"]
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "5"
+    assert await resp.json() == {
+        "status": "spool_unwritable",
+        "error": "spool not writable: database or disk is full",
+    }
+    await wait_for(lambda: registry.get_sample_value("ortto_gateway_spool_writable") == 0)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "spool cannot be written: activities are refused until it can"
+    ]  # one line when it begins; each refused request is a WARNING
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) >= 3
+
+    disk.full = False  # the operator frees space: ready again without a restart
+    await wait_for(lambda: spool.write_error is None)
+    assert (await client.get("/readyz")).status == 200
+    assert (await client.post(PATH, json=one)).status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 2)
+    await wait_for(lambda: registry.get_sample_value("ortto_gateway_spool_writable") == 1)

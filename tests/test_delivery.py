@@ -15,8 +15,11 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from gateway.delivery import (
+    ACK_RETRY_BASE,
+    ACK_RETRY_CAP,
     BAD_ANSWER_ATTEMPTS,
     BAD_REQUEST_BUDGET,
+    RESTART_BASE,
     UNCONFIRMED,
     Delivery,
     _activity_id,
@@ -26,9 +29,10 @@ from gateway.enrich import enrich
 from gateway.logs import JsonFormatter
 from gateway.metrics import Metrics
 from gateway.sandbox import Fault, SandboxState, wait_for
-from gateway.spool import Spool
+from gateway.spool import Spool, SpooledItem, SpoolError
 from gateway.upstream import EXCERPT_CHARS, OrttoClient, UpstreamResponse
 from tests.conftest import API_KEY
+from tests.disk_support import Disk
 
 DAY = 86400.0
 
@@ -89,6 +93,12 @@ class Rig:
     def value(self, name: str, **labels: str) -> float:
         got = self.metrics.registry.get_sample_value(name, labels)
         return 0.0 if got is None else got
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
+    """The disk under `rig`'s spool (ask for it before `rig`)."""
+    return Disk().install(monkeypatch)
 
 
 @pytest.fixture
@@ -575,3 +585,59 @@ async def test_an_error_while_sending_backs_off_instead_of_spinning(
     (line, *_) = [r for r in caplog.records if r.getMessage() == "delivery failed; will retry"]
     assert line.levelname == "ERROR"
     assert line.__dict__["data"]["reason"].startswith("ValueError: ")
+
+
+class FailingLeases(Spool):
+    """A spool whose next `failures` leases fail, as a spool that cannot be read."""
+
+    failures = 0
+
+    async def lease(self, max_items: int, max_bytes: int) -> list[SpooledItem]:
+        if self.failures:
+            self.failures -= 1
+            raise SpoolError("spool database error: disk I/O error")
+        return await super().lease(max_items, max_bytes)
+
+
+async def test_a_worker_stopped_by_a_spool_error_is_started_again(
+    sandbox: TestServer, sandbox_state: SandboxState, tmp_path: Path
+) -> None:
+    async with FailingLeases(tmp_path / "spool.sqlite3") as spool, aiohttp.ClientSession() as s:
+        client = OrttoClient(
+            s, str(sandbox.make_url("/v1/activities/create")), API_KEY, timeout=2.0
+        )
+        rig = Rig(spool, client, Metrics(CollectorRegistry(), process_metrics=False))
+        assert rig.metrics.registry.get_sample_value("ortto_gateway_delivery_restarts_total") == 0
+        await spool.put([payload(i) for i in range(5)])
+        spool.failures = 3
+        clock = PauseClock()
+        rig.start(monotonic=clock, sleep=clock.sleep)
+        try:
+            await wait_for(lambda: len(sandbox_state.activities) == 5)
+        finally:
+            await rig.stop()
+    assert rig.value("ortto_gateway_delivery_restarts_total") == 3
+    assert clock.slept == pytest.approx([RESTART_BASE, RESTART_BASE * 2, RESTART_BASE * 4])
+
+
+async def test_a_failed_ack_is_retried_first_and_nothing_is_sent_twice(
+    disk: Disk, rig: Rig, sandbox_state: SandboxState
+) -> None:
+    await rig.spool.put([payload(i) for i in range(10)])
+    disk.full = True  # Ortto takes the batch; the acknowledgement cannot be written
+    clock = PauseClock()
+    rig.start(monotonic=clock, sleep=clock.sleep)
+    await wait_for(lambda: len(sandbox_state.activities) == 10)
+    await wait_for(lambda: sum(clock.slept) > 4 * ACK_RETRY_CAP)  # retried, backing off
+    assert (rig.spool.depth, rig.spool.leased) == (10, 10)  # kept, and not sent again
+    assert len(sandbox_state.requests) == 1
+    disk.full = False  # space again: the spool drains by itself, no restart
+    await wait_for(lambda: rig.spool.depth == 0)
+    assert sandbox_state.duplicates == 0 and len(sandbox_state.requests) == 1
+    steps = [ACK_RETRY_BASE, ACK_RETRY_BASE * 2, ACK_RETRY_BASE * 4]
+    assert clock.slept[:3] == pytest.approx(steps)
+    assert max(clock.slept) == pytest.approx(ACK_RETRY_CAP)
+    assert rig.value("ortto_gateway_delivery_restarts_total") == 0
+    await rig.spool.put([payload(i) for i in range(10, 15)])  # and delivery goes on
+    await wait_for(lambda: len(sandbox_state.activities) == 15)
+    await wait_for(lambda: rig.spool.depth == 0)

@@ -56,6 +56,7 @@ ALERT_NAMES = {
     "OrttoGatewayDeliveryPaused",
     "OrttoGatewaySpoolBacklog",
     "OrttoGatewaySpoolFull",
+    "OrttoGatewaySpoolUnwritable",
     "OrttoGatewayDeadLetters",
     "OrttoGatewayUpstreamErrors",
     "OrttoGatewayBadAnswers",

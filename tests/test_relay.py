@@ -131,3 +131,19 @@ async def test_refused_activities_do_not_count(make_gateway: GatewayFactory) -> 
         assert (await client.post(PATH, json=bad)).status == 400
     for _ in range(10):
         assert (await client.post(PATH, json=activity("x@example.com"))).status == 202
+
+
+async def test_a_request_bigger_than_the_whole_spool_is_413_not_try_again(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(spool_max_rows=2)
+    batch = {"activities": [activity(f"big{i}@example.com") for i in range(3)]}
+    resp = await client.post(PATH, json=batch)
+    assert resp.status == 413  # a 503 would be retried forever: it can never fit
+    error = (await resp.json())["error"]
+    assert "3 activities" in error and "at most 2 activities" in error
+    # Nothing was charged: the same people fit in smaller requests.
+    for i in range(3):
+        body = {"activities": [activity(f"big{i}@example.com")]}
+        assert (await client.post(PATH, json=body)).status == 202
+        await wait_for(lambda n=i + 1: len(sandbox_state.activities) == n)

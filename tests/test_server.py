@@ -228,3 +228,14 @@ def test_python_m_gateway_check_config_masks_the_key(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("ortto-gateway: GATEWAY_PERSON_LIMIT:")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_spool_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # As on a full or read-only disk: no traceback, the path and the cause, exit 2.
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    spool = blocker / "spool.sqlite3"
+    gw = GatewayProcess("http://127.0.0.1:9", spool, tmp_path / "gw.log")
+    code, out, err = gw.run_to_exit()
+    assert (code, out) == (2, "")
+    assert err == f"ortto-gateway: cannot open the spool {spool}: {blocker} is not a directory\n"

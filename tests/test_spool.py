@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import sys
@@ -13,18 +14,22 @@ from pathlib import Path
 import pytest
 
 import gateway.spool as spool_module
+from gateway.sandbox import wait_for
 from gateway.spool import (
     MEMORY,
     DeadLetter,
     Spool,
     SpoolClosed,
+    SpoolError,
     SpoolFull,
     SpoolInUse,
+    SpoolOpenError,
     SpoolStats,
     _Lease,
     claim,
     in_use,
 )
+from tests.disk_support import Disk
 
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
 
@@ -626,8 +631,10 @@ async def test_open_failure_is_reported(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
     spool = Spool(blocker / "spool.sqlite3")  # parent is a file
-    with pytest.raises(OSError):
+    with pytest.raises(SpoolOpenError) as caught:
         await spool.open()
+    path = blocker / "spool.sqlite3"
+    assert str(caught.value) == f"cannot open the spool {path}: {blocker} is not a directory"
     with pytest.raises(SpoolClosed):
         await spool.put([b"a"])
     await spool.close()
@@ -637,9 +644,32 @@ async def test_open_rejects_a_file_that_is_not_a_database(tmp_path: Path) -> Non
     path = tmp_path / "spool.sqlite3"
     path.write_bytes(b"this is not sqlite" * 100)
     spool = Spool(path)
-    with pytest.raises(sqlite3.DatabaseError):
+    with pytest.raises(SpoolOpenError) as caught:
         await spool.open()
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    assert str(caught.value).startswith(f"cannot open the spool {path}: ")
     await spool.close()
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new-file", "existing-file"])
+async def test_opening_on_a_full_disk_names_the_path_and_the_cause(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: bool
+) -> None:
+    # SQLite rolls the transaction back itself on SQLITE_FULL: the schema check's own
+    # ROLLBACK then failed ("cannot rollback - no transaction is active") and hid the cause.
+    disk = Disk().install(monkeypatch)
+    if not fresh:
+        async with Spool(db_path) as spool:
+            await spool.put([b"kept"])
+    disk.full = True
+    spool = Spool(db_path, exclusive=True)
+    with pytest.raises(SpoolOpenError) as caught:
+        await spool.open()
+    assert str(caught.value) == f"cannot open the spool {db_path}: database or disk is full"
+    await spool.close()
+    disk.full = False  # space again: the file is not held, nothing was lost
+    async with Spool(db_path, exclusive=True) as spool:
+        assert spool.depth == (0 if fresh else 1)
 
 
 async def test_memory_variant(tmp_path: Path) -> None:
@@ -772,3 +802,65 @@ async def test_a_lease_cancelled_after_its_answer_gives_the_items_back(spool: Sp
     assert spool.available == 2
     items = await spool.lease(10, 1 << 20)
     assert [(i.payload, i.attempts) for i in items] == [(b"a", 0), (b"b", 0)]
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
+    return Disk().install(monkeypatch)
+
+
+async def test_a_release_that_cannot_be_written_still_gives_the_rows_back(
+    disk: Disk, db_path: Path
+) -> None:
+    async with Spool(db_path) as spool:
+        await spool.put([b"1", b"2"])
+        items = await spool.lease(10, 1000)
+        disk.full = True
+        await spool.release([i.id for i in items])  # the attempt count cannot be written
+        assert disk.refused >= 1
+        assert spool.leased == 0
+        again = await spool.lease(10, 1000)  # not stranded as leased until a restart
+        assert [(i.payload, i.attempts) for i in again] == [(b"1", 0), (b"2", 0)]
+
+
+async def test_an_ack_that_fails_leaves_the_rows_leased_for_a_retry(
+    disk: Disk, db_path: Path
+) -> None:
+    async with Spool(db_path) as spool:
+        await spool.put([b"1", b"2"])
+        items = await spool.lease(10, 1000)
+        disk.full = True
+        with pytest.raises(SpoolError, match="database or disk is full"):
+            await spool.ack([i.id for i in items])
+        assert await spool.lease(10, 1000) == []  # still leased: not sent twice meanwhile
+        disk.full = False
+        await spool.ack([i.id for i in items])
+        assert (spool.depth, spool.leased) == (0, 0)
+
+
+async def test_a_spool_that_cannot_be_written_says_so_until_a_write_succeeds(
+    disk: Disk, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.spool")
+    async with Spool(db_path) as spool:
+        await spool.put([b"before"])
+        assert spool.write_error is None
+        disk.full = True
+        for _ in range(3):
+            with pytest.raises(SpoolError) as caught:
+                await spool.put([b"refused"])
+            assert not isinstance(caught.value, SpoolFull)
+        assert spool.write_error == "database or disk is full"
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [r.getMessage() for r in errors] == [
+            "spool cannot be written: activities are refused until it can"
+        ]  # once, not per refused put
+        # Space again, and nobody writes (puts are refused meanwhile): the spool notices.
+        disk.full = False
+        await wait_for(lambda: spool.write_error is None, timeout=DEADLINE)
+        assert "spool writable again" in [r.getMessage() for r in caplog.records]
+        await spool.put([b"after"])
+        assert [p for _, p, _ in await drain(spool)] == [b"before", b"after"]
