@@ -21,6 +21,7 @@ OUTCOMES = (
     "accepted",
     "rate_limited_person",
     "rate_limited_ip",
+    "duplicate",
     "invalid",
     "forbidden",
     "delivered",

@@ -6,6 +6,7 @@ everything between is here, one step after another as in the design's data flow.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -21,13 +22,14 @@ from gateway.errors import GatewayError, RateLimited, Unavailable, retry_after_h
 from gateway.identity import person_hash, person_key, verify_identity
 from gateway.limits import Check, Limiter, LimiterUnavailable
 from gateway.metrics import Metrics
-from gateway.sinks import Sink
+from gateway.sinks import QUEUED, Sink
 from gateway.validation import ParsedRequest, first_error, is_batch, parse_request
 
 # The limiter's key count is a gauge: once a second is fresh enough.
 KEYS_REPORT_INTERVAL = 1.0
 # The request log line (middlewares.py) is where a request's summary goes.
 REQUEST_LOG = logging.getLogger("gateway.http")
+log = logging.getLogger("gateway.relay")
 
 
 @dataclass(slots=True)
@@ -92,6 +94,7 @@ class Relay:
                     ip=ip_key,
                     person_rate=settings.person_rate(spec),
                     ip_rate=settings.ip_rate(spec),
+                    idempotency_key=parsed.keys[i],
                 )
             )
             positions.append(i)
@@ -123,11 +126,18 @@ class Relay:
             self.metrics.limiter_keys.set(self.limiter.store.key_count())
         accepted: list[bytes] = []
         accepted_at: list[int] = []
+        accepted_checks: list[Check] = []
         # Only the INFO request line shows who was accepted: skip the hashes otherwise.
         summarize = REQUEST_LOG.isEnabledFor(logging.INFO)
         people: list[str] = []
         limited_after: list[float] = []
+        duplicates = 0
         for pos, check, result, payload in zip(positions, checks, results, encoded, strict=True):
+            if result.verdict == "duplicate":  # accepted before under the browser's key
+                entries[pos] = {**QUEUED, "duplicate": True}
+                duplicates += 1
+                self.metrics.count_activity(check.activity_id, "duplicate")
+                continue
             if result.verdict != "accepted":
                 which = "person" if result.verdict == "rate_limited_person" else "IP"
                 entries[pos] = {
@@ -140,6 +150,7 @@ class Relay:
                 continue
             accepted.append(payload)
             accepted_at.append(pos)
+            accepted_checks.append(check)
             if summarize:
                 people.append(person_hash(check.person_key))
         if len(accepted) < held_rows:  # the refused ones' room goes back; the put takes the rest
@@ -158,9 +169,18 @@ class Relay:
                 body = err.body(request_id)
                 body["activities"] = entries
                 return RelayResult(429, body, first)
+            if duplicates:  # nothing new: every accepted one was a repeat
+                return RelayResult(202, self._answer(entries, parsed, duplicate=True))
             raise first_error(parsed) or errors[0]
 
-        outcome = await self.sink.submit(accepted, async_=parsed.async_, merge_by=parsed.merge_by)
+        try:
+            outcome = await self.sink.submit(
+                accepted, async_=parsed.async_, merge_by=parsed.merge_by
+            )
+        except BaseException:
+            # Not stored: the browser's retry under the same key must be taken as new.
+            await self._forget(accepted_checks)
+            raise
         for pos, check_pos in zip(accepted_at, range(len(accepted)), strict=True):
             activity_id = items[pos]["activity_id"]  # type: ignore[index]
             self.metrics.count_activity(activity_id, "accepted")
@@ -180,14 +200,28 @@ class Relay:
         }
         return RelayResult(outcome.status, body, log=summary)
 
+    async def _forget(self, checks: list[Check]) -> None:
+        try:
+            await asyncio.shield(self.limiter.forget(checks))
+        except LimiterUnavailable:  # kept for its window: a retry then reads as a repeat
+            log.warning(
+                "could not take back idempotency keys of activities not stored",
+                extra={"data": {"activities": len(checks)}},
+            )
+
     @staticmethod
-    def _answer(entries: list[dict[str, Any] | None], parsed: ParsedRequest) -> dict[str, Any]:
+    def _answer(
+        entries: list[dict[str, Any] | None], parsed: ParsedRequest, *, duplicate: bool = False
+    ) -> dict[str, Any]:
         """The answer's body; what validation normalised or dropped is told per activity
-        (`warnings` in its entry) and for the body's own keys (top-level `warnings`)."""
+        (`warnings` in its entry) and for the body's own keys (top-level `warnings`); a
+        request whose every accepted activity was a repeat says `duplicate: true`."""
         for entry, warnings in zip(entries, parsed.warnings, strict=True):
             if warnings and entry is not None:
                 entry["warnings"] = warnings
         body: dict[str, Any] = {"activities": entries}
+        if duplicate:
+            body["duplicate"] = True
         if parsed.request_warnings:
             body["warnings"] = parsed.request_warnings
         return body

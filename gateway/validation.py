@@ -19,8 +19,9 @@ and behind one gateway that IP is every visitor's. The normalised activity is a
 fresh dict holding only what was checked: `activity_id`, `fields` and
 `attributes` (each omitted when empty), `location` (always present, `{}` unless
 the browser gave a `custom` or `address` location) and `person_id` when given.
-A browser's `created`, `key` and `location.source_ip` are dropped: enrichment
-sets the accept time, a unique key and the real client address.
+A browser's `created` and `location.source_ip` are dropped: enrichment sets the
+accept time and the real client address. Its `key` is not forwarded either (each
+activity gets a unique one) but kept aside as the activity's idempotency key.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class ParsedRequest:
     tokens: list[str | None]  # per activity: its signed identity token, if any (never forwarded)
     warnings: list[list[Warning]]  # per activity: what was normalised or dropped
     request_warnings: list[Warning]  # the same for the body's own keys
+    keys: list[str | None]  # per activity: the browser's `key`, its idempotency key
 
 
 class Notes:
@@ -237,8 +239,8 @@ def parse_request(data: Any, settings: Settings) -> ParsedRequest:
     if "activities" not in data:
         if "activity_id" not in data:
             raise BadRequest('body must be {"activities": [...]} or one activity with activity_id')
-        item, notes = _item(data, settings)
-        return ParsedRequest([item], False, None, [_token(data, None)], [notes], [])
+        item, notes, key = _item(data, settings)
+        return ParsedRequest([item], False, None, [_token(data, None)], [notes], [], [key])
 
     body_notes = Notes(settings.strict)
     for unknown in _unknowns(data, BATCH_KEYS):
@@ -266,12 +268,13 @@ def parse_request(data: Any, settings: Settings) -> ParsedRequest:
     shared = _token(data, None)
     parsed = [_item(a, settings) for a in activities]
     return ParsedRequest(
-        [item for item, _ in parsed],
+        [item for item, _, _ in parsed],
         async_,
         merge_by,
         [_token(a, shared) for a in activities],
-        [notes for _, notes in parsed],
+        [notes for _, notes, _ in parsed],
         body_notes.items,
+        [key for _, _, key in parsed],
     )
 
 
@@ -321,12 +324,34 @@ def _merge_by(value: Any, where: str = "merge_by") -> list[str] | None:
 # -- one activity
 
 
-def _item(raw: Any, settings: Settings) -> tuple[Activity | GatewayError, list[Warning]]:
+def _item(
+    raw: Any, settings: Settings
+) -> tuple[Activity | GatewayError, list[Warning], str | None]:
     notes = Notes(settings.strict)
     try:
-        return _activity(raw, settings, notes), notes.items
+        activity = _activity(raw, settings, notes)
     except GatewayError as exc:
-        return exc, []
+        return exc, [], None
+    key = raw.get("key")
+    if key is not None:
+        try:
+            key = _browser_key(key)
+        except BadRequest as exc:
+            notes.drop(exc)
+            key = None
+    return activity, notes.items, key
+
+
+def _browser_key(value: Any) -> str:
+    """The browser's `key` (Ortto's idempotency key), as text; a whole number is read as
+    its digits, as Ortto's examples write keys."""
+    if type(value) is int:
+        value = str(value)
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_STR_CHARS:
+        raise BadRequest(
+            f"key must be a non-empty string of at most {MAX_STR_CHARS} characters", field="key"
+        )
+    return value
 
 
 def _activity(raw: Any, settings: Settings, notes: Notes) -> Activity:

@@ -7,6 +7,7 @@ import random
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -174,6 +175,17 @@ async def test_concurrent_acquires_on_one_key(store: LimitStore) -> None:
     r = rule("k", "10/1h")
     decisions = await asyncio.gather(*(store.acquire([r], T0) for _ in range(50)))
     assert sum(d.allowed for d in decisions) == 10
+
+
+async def test_forget_takes_back_a_charge(store: LimitStore) -> None:
+    once, other = rule("d|act:cm:x|e:a@b.c|k1", "1/1d"), rule("d|act:cm:x|e:a@b.c|k2", "1/1d")
+    assert (await store.acquire([once], T0)).allowed
+    assert (await store.acquire([other], T0)).allowed
+    assert not (await store.acquire([once], T0 + 1)).allowed
+    await store.forget([once])
+    assert (await store.acquire([once], T0 + 2)).allowed  # as if never charged
+    assert not (await store.acquire([other], T0 + 2)).allowed  # the others stay
+    await store.forget([rule("never-charged", "1/1d")])  # nothing to forget: no error
 
 
 async def test_key_count(store: LimitStore) -> None:
@@ -500,6 +512,38 @@ async def test_one_store_call_per_request() -> None:
     ]
     assert await limiter.check_many([]) == []
     assert len(store.calls) == 1
+
+
+async def test_a_repeated_browser_key_is_a_duplicate_and_charges_nothing() -> None:
+    store = RecordingStore()
+    limiter = Limiter(store, clock=Clock())
+    first = replace(check("a@x.io"), idempotency_key="k-1")
+    assert await limiter.check_many([first]) == [LimitResult("accepted")]
+    keys = store.calls[-1][0]
+    assert keys[2].startswith("d|act:cm:logged-in|a@x.io|") and "k-1" not in keys[2]
+    # The repeat, even in the same request: a duplicate, the limits not charged again.
+    assert await limiter.check_many([first, first]) == [LimitResult("duplicate")] * 2
+    assert await limiter.check_many([check("a@x.io")] * 9) == [LimitResult("accepted")] * 9
+    assert (await limiter.check_many([check("a@x.io")]))[0].verdict == "rate_limited_person"
+    # A repeat is told as such even when the limits are spent by now.
+    assert await limiter.check_many([first]) == [LimitResult("duplicate")]
+    # The same key for another person or another activity is another activity.
+    others = [
+        replace(check("b@x.io"), idempotency_key="k-1"),
+        replace(check("a@x.io", activity="act:cm:signup"), idempotency_key="k-1"),
+    ]
+    assert await limiter.check_many(others) == [LimitResult("accepted")] * 2
+
+
+async def test_forget_makes_a_key_new_again_without_refunding_limits() -> None:
+    limiter = Limiter(MemoryStore(), clock=Clock())
+    keyed = replace(check("a@x.io", person_rate=parse_rate("2/1d")), idempotency_key="k")
+    assert (await limiter.check_many([keyed]))[0].accepted
+    await limiter.forget([keyed, check("b@x.io")])  # unkeyed checks have nothing to forget
+    assert (await limiter.check_many([keyed]))[0].accepted  # a retry is new
+    assert (await limiter.check_many([keyed]))[0].verdict == "duplicate"
+    unkeyed = replace(keyed, idempotency_key=None)  # both charges stand: 2 of 2 spent
+    assert (await limiter.check_many([unkeyed]))[0].verdict == "rate_limited_person"
 
 
 async def test_eleventh_of_a_person_refused_while_another_activity_passes() -> None:

@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 from gateway.config import parse_rate
+from gateway.errors import Unavailable
+from gateway.keys import RELAY
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import FakeClock, GatewayFactory
 
@@ -147,3 +149,60 @@ async def test_a_request_bigger_than_the_whole_spool_is_413_not_try_again(
         body = {"activities": [activity(f"big{i}@example.com")]}
         assert (await client.post(PATH, json=body)).status == 202
         await wait_for(lambda n=i + 1: len(sandbox_state.activities) == n)
+
+
+# -- the browser's key: idempotent submissions
+
+
+async def test_a_repeated_key_is_answered_as_a_duplicate_and_sent_once(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(person_limit=parse_rate("2/1d"))
+    thanks = {**activity("lead@example.com"), "key": "form-7f3a"}
+    first = await client.post(PATH, json=thanks)
+    assert first.status == 202
+    assert "duplicate" not in (await first.json())["activities"][0]
+    for _ in range(3):  # a reloaded thank-you page, a retry after a lost answer
+        again = await client.post(PATH, json=thanks)
+        assert again.status == 202
+        body = await again.json()
+        assert body["duplicate"] is True
+        assert body["activities"][0] == {
+            "status": "queued",
+            "person_status": "queued",
+            "duplicate": True,
+        }
+    # Charged once: the person's second activity still fits the 2/1d limit.
+    assert (await client.post(PATH, json=activity("lead@example.com"))).status == 202
+    assert (await client.post(PATH, json=activity("lead@example.com"))).status == 429
+    await wait_for(lambda: len(sandbox_state.activities) == 2)
+    # Another visitor's activity with the same key is theirs, not a duplicate.
+    other = await client.post(PATH, json={**activity("other@example.com"), "key": "form-7f3a"})
+    assert "duplicate" not in await other.json()
+    await wait_for(lambda: len(sandbox_state.activities) == 3)
+    # The forwarded key is the gateway's own, never the browser's.
+    assert all(a.key != "form-7f3a" for a in sandbox_state.activities)
+
+
+async def test_a_key_whose_activity_was_not_stored_is_new_on_retry(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway()
+    relay = client.app[RELAY]
+    submit = relay.sink.submit
+    calls = 0
+
+    async def fails_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Unavailable("the gateway cannot store activities now", retry_after=5.0)
+        return await submit(*args, **kwargs)
+
+    relay.sink.submit = fails_once  # type: ignore[method-assign]
+    thanks = {**activity("lead@example.com"), "key": "form-1"}
+    assert (await client.post(PATH, json=thanks)).status == 503
+    retry = await client.post(PATH, json=thanks)
+    assert retry.status == 202
+    assert "duplicate" not in await retry.json()
+    await wait_for(lambda: len(sandbox_state.activities) == 1)

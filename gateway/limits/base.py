@@ -53,6 +53,13 @@ class LimitStore(Protocol):
         """`acquire` each check in order, each seeing the charges of the earlier ones."""
         ...
 
+    async def forget(self, rules: Sequence[Rule]) -> None:
+        """Remove these rules' logs: what they were charged is as if it never happened.
+
+        For a rule of count 1 whose charge must be taken back (an idempotency key whose
+        activity could not be stored): its log holds that one charge only."""
+        ...
+
     def key_count(self) -> int:
         """How many keys the store holds now (some may hold only expired events)."""
         ...

@@ -117,6 +117,15 @@ class FallbackStore:
             return [ALLOWED] * len(checks)
         raise LimiterClosed("the shared rate limiter is unavailable") from error
 
+    async def forget(self, rules: Sequence[Rule]) -> None:
+        """Forget in both stores (either may hold the charge); a failing primary is
+        reported like a failed check, and what it keeps expires with its window."""
+        await self.local.forget(rules)
+        try:
+            await self.primary.forget(rules)
+        except _FAILURES as exc:
+            self._failed(exc)
+
     def key_count(self) -> int:
         """The primary's figure: the shared keys (the local store only fills in outages)."""
         return self.primary.key_count()

@@ -1,7 +1,15 @@
-"""Per-person and per-IP limits of each activity, over any `LimitStore`."""
+"""Per-person and per-IP limits of each activity, over any `LimitStore`.
+
+A browser's `key` makes an activity idempotent: a third rule, allowing one event per
+`IDEMPOTENCY_WINDOW` for (activity, person, key), is checked and charged in the same
+atomic call as the two limits. A repeat is refused by that rule alone and answered as a
+duplicate: accepted once, charged once, forwarded once. The key is scoped to the person
+and the activity, so one visitor's key can never stand for another's activity.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,9 +18,13 @@ from typing import Literal
 from gateway.config import Rate
 from gateway.limits.base import LimitStore, Rule
 
-Verdict = Literal["accepted", "rate_limited_person", "rate_limited_ip"]
+Verdict = Literal["accepted", "rate_limited_person", "rate_limited_ip", "duplicate"]
 
 _PERSON = 0  # index of the person rule in each check's rules; the IP rule is 1
+_IDEMPOTENCY = 2  # and the idempotency rule, when the browser gave a key, is 2
+# How long a browser's key is remembered: a reloaded thank-you page or a retry after a
+# lost answer comes within a day (Ortto's own merge of `key` has no documented window).
+IDEMPOTENCY_WINDOW = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +36,7 @@ class Check:
     ip: str
     person_rate: Rate
     ip_rate: Rate
+    idempotency_key: str | None = None  # the browser's `key` for the activity, if any
 
     def __post_init__(self) -> None:
         # Keys are "p|<activity_id>|<person_key>" and "i|<activity_id>|<ip>": with no "|"
@@ -46,18 +59,28 @@ class LimitResult:
 
 
 ACCEPTED = LimitResult("accepted")
+DUPLICATE = LimitResult("duplicate")
 
 
-def rules_of(check: Check) -> tuple[Rule, Rule]:
-    """The person rule and the IP rule of one activity."""
-    return (
-        Rule(
-            f"p|{check.activity_id}|{check.person_key}",
-            check.person_rate.count,
-            check.person_rate.window,
-        ),
-        Rule(f"i|{check.activity_id}|{check.ip}", check.ip_rate.count, check.ip_rate.window),
+def rules_of(check: Check) -> tuple[Rule, ...]:
+    """The person rule and the IP rule of one activity, and its idempotency rule."""
+    person = Rule(
+        f"p|{check.activity_id}|{check.person_key}",
+        check.person_rate.count,
+        check.person_rate.window,
     )
+    ip = Rule(f"i|{check.activity_id}|{check.ip}", check.ip_rate.count, check.ip_rate.window)
+    if check.idempotency_key is None:
+        return person, ip
+    return person, ip, idempotency_rule(check)
+
+
+def idempotency_rule(check: Check) -> Rule:
+    """One event per window for (activity, person, the browser's key). The key is hashed
+    to hex, which holds no "|", so no person key and browser key can form another's."""
+    assert check.idempotency_key is not None
+    digest = hashlib.blake2b(check.idempotency_key.encode(), digest_size=16).hexdigest()
+    return Rule(f"d|{check.activity_id}|{check.person_key}|{digest}", 1, IDEMPOTENCY_WINDOW)
 
 
 class Limiter:
@@ -78,6 +101,9 @@ class Limiter:
             if decision.allowed:
                 results.append(ACCEPTED)
                 continue
+            if _IDEMPOTENCY in decision.refused:  # a repeat: whatever the limits say now
+                results.append(DUPLICATE)
+                continue
             # Never longer than the refusing rules' window: by then everything logged now
             # has expired. (A shared store call runs at its latest caller's time, a few ms
             # after this one's, which could otherwise round up to one second more.)
@@ -88,3 +114,10 @@ class Limiter:
             else:
                 results.append(LimitResult("rate_limited_ip", wait))
         return results
+
+    async def forget(self, checks: Sequence[Check]) -> None:
+        """Take back the idempotency charges of accepted activities that were not stored,
+        so the browser's retry is taken as new (the limits stay charged)."""
+        rules = [idempotency_rule(c) for c in checks if c.idempotency_key is not None]
+        if rules:
+            await self.store.forget(rules)

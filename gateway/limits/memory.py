@@ -45,6 +45,7 @@ million keys (RSS) against the target of 200 (measured with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -150,6 +151,12 @@ class MemoryStore:
         decisions = [self._acquire(rules, now) for rules in checks]
         self._report_evictions()
         return decisions
+
+    async def forget(self, rules: Sequence[Rule]) -> None:
+        """Remove these rules' logs."""
+        for rule in rules:
+            with contextlib.suppress(KeyError):
+                del self._logs[self._digest(rule.key)]
 
     def key_count(self) -> int:
         """How many keys the cache holds now."""

@@ -267,6 +267,20 @@ class RedisStore:
                     decisions[index] = Decision(False, retry_at_ms / 1000 - now, tuple(refused))
         return decisions
 
+    async def forget(self, rules: Sequence[Rule]) -> None:
+        """Delete these rules' logs (one `DEL` per slot); `LimiterUnavailable` on failure."""
+        groups: dict[str, list[str]] = {}
+        for rule in rules:
+            key = self.redis_key(rule.key)
+            groups.setdefault(self._slot_group(key), []).append(key)
+        if not groups:
+            return
+        try:
+            async with self._turns, asyncio.timeout(self._timeout):
+                await asyncio.gather(*(self._client.delete(*keys) for keys in groups.values()))
+        except _FAILURES as exc:
+            raise LimiterUnavailable(f"redis: {type(exc).__name__}") from None
+
     async def warm_up(self) -> None:
         """Connect and load the script now, so the first burst of requests does not."""
         try:
