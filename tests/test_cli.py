@@ -199,3 +199,10 @@ def test_sign_identity_prints_a_token_the_gateway_accepts(
     verify_identity(token, activity, [secret], time.time())
     assert main(["sign-identity", "a@b.c"], {}) == 2
     assert "GATEWAY_IDENTITY_SECRET" in capsys.readouterr().err
+
+
+def test_sandbox_refuses_a_bad_person_field_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sandbox", "--person-fields", "str:cm:tier,tier"], ENV) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ortto-gateway: --person-fields:")
+    assert "'tier'" in err
