@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument(
         "--api-key-file", help="file holding the key the sandbox expects (default: sandbox-key)"
     )
+    sandbox.add_argument(
+        "--person-fields", default="", help="comma list of custom person fields (str:cm:tier,...)"
+    )
+    sandbox.add_argument(
+        "--answers", choices=("ingested", "queued"), default="ingested", help="answer mode"
+    )
 
     check = sub.add_parser("check-config", help="validate and print the effective settings")
     check.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
@@ -186,10 +192,15 @@ def _sandbox(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--listen: {exc}") from None
     key = read_key_file(args.api_key_file, "--api-key-file") if args.api_key_file else "sandbox-key"
+    custom = [name.strip() for name in args.person_fields.split(",") if name.strip()]
+    try:
+        state = SandboxState(api_key=key, person_fields=custom, answers=args.answers)
+    except ValueError as exc:
+        raise ConfigError(f"--person-fields: {exc}") from None
     setup_logging("INFO")
     print(f"sandbox upstream on http://{where}/v1/activities/create", flush=True)
     web.run_app(
-        create_sandbox_app(SandboxState(api_key=key)),
+        create_sandbox_app(state),
         host=where.host,
         port=where.port,
         print=None,

@@ -128,8 +128,6 @@ CUSTOM_LOCATION_ALIASES = {
     "region": "region_name",
     "country": "country_name",
 }
-# Ortto's merge strategies: 1 append only, 2 overwrite existing, 3 ignore.
-MERGE_STRATEGIES = frozenset({1, 2, 3})
 
 NO_IDENTIFIER = "no person identifier: give str::email, str::ei or person_id"
 
@@ -336,8 +334,8 @@ def _item(
     if key is not None:
         try:
             key = _browser_key(key)
-        except BadRequest as exc:
-            notes.drop(exc)
+        except BadRequest as exc:  # never forwarded anyway: left out in strict mode too
+            notes.ignored("key", exc.message)
             key = None
     return activity, notes.items, key
 
@@ -412,12 +410,19 @@ def _activity(raw: Any, settings: Settings, notes: Notes) -> Activity:
     out["location"] = _location(raw.get("location"), notes)
     if person_id is not None:
         out["person_id"] = person_id
-    for name, check in (("merge_by", _activity_merge_by), ("merge_strategy", _merge_strategy)):
-        if raw.get(name) is not None:
-            try:
-                out[name] = check(raw[name])
-            except BadRequest as exc:
-                notes.drop(exc)
+    if raw.get("merge_by") is not None:
+        try:
+            out["merge_by"] = _activity_merge_by(raw["merge_by"])
+        except BadRequest as exc:
+            notes.drop(exc)
+    if "merge_strategy" in raw:
+        # How existing people's fields merge is the site owner's choice, not a page's.
+        notes.drop(
+            BadRequest(
+                "merge_strategy is not taken from the browser: Ortto's default applies",
+                field="merge_strategy",
+            )
+        )
 
     try:
         size = len(orjson.dumps(out))
@@ -503,15 +508,6 @@ def _activity_merge_by(value: Any) -> list[str]:
     if merge_by is None:
         raise BadRequest("merge_by must name at least one field", field="merge_by")
     return merge_by
-
-
-def _merge_strategy(value: Any) -> int:
-    if type(value) is not int or value not in MERGE_STRATEGIES:
-        raise BadRequest(
-            "merge_strategy must be 1 (append only), 2 (overwrite) or 3 (ignore)",
-            field="merge_strategy",
-        )
-    return value
 
 
 def _move_person_fields(

@@ -257,3 +257,10 @@ async def test_dead_letters_list_shows_stored_errors_bounded_and_masked(
     # The filter still finds it by what was stored.
     assert await asyncio.to_thread(main, ["dead-letters", "replay", "--error", "bad key"], env) == 0
     assert "re-queued 1 activity" in capsys.readouterr().out
+
+
+def test_sandbox_refuses_a_bad_person_field_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sandbox", "--person-fields", "str:cm:tier,tier"], ENV) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ortto-gateway: --person-fields:")
+    assert "'tier'" in err

@@ -203,9 +203,9 @@ async def test_at_most_100_activities(client: Client, state: SandboxState) -> No
 
 async def test_body_over_2_mb(client: Client, state: SandboxState) -> None:
     limit = 2 * 1024 * 1024
-    one = activity(attributes={"txt:cm:padding": ""})
+    one = activity(attributes={"obj:cm:padding": {"text": ""}})
     skeleton = len(orjson.dumps({"activities": [one]}))
-    one["attributes"]["txt:cm:padding"] = "x" * (limit - skeleton + 1)
+    one["attributes"]["obj:cm:padding"]["text"] = "x" * (limit - skeleton + 1)
     body = orjson.dumps({"activities": [one]})
     assert len(body) == limit + 1
     async with client.post(PATH, data=io.BytesIO(body), headers=HEADERS) as resp:
@@ -222,7 +222,7 @@ async def test_body_over_2_mb(client: Client, state: SandboxState) -> None:
         assert resp.status == 400
     assert state.activities == []
     assert [r.status for r in state.requests] == [400, 400]
-    one["attributes"]["txt:cm:padding"] = one["attributes"]["txt:cm:padding"][1:]
+    one["attributes"]["obj:cm:padding"]["text"] = one["attributes"]["obj:cm:padding"]["text"][1:]
     exact = orjson.dumps({"activities": [one]})
     assert len(exact) == limit
     async with client.post(PATH, data=io.BytesIO(exact), headers=HEADERS) as resp:
@@ -267,9 +267,12 @@ async def test_future_created_is_not_refused(
 
 
 def sized_activity(size: int, email: str = "chris.smith@example.com") -> dict[str, Any]:
-    """An activity whose compact JSON encoding is exactly ``size`` bytes."""
-    one = activity(email, attributes={"txt:cm:padding": ""})
-    one["attributes"]["txt:cm:padding"] = "x" * (size - len(orjson.dumps(one)))
+    """An activity whose compact JSON encoding is exactly ``size`` bytes.
+
+    Padded in an ``obj`` attribute: Ortto documents no length limit for one, while a ``txt``
+    value over 4000 characters is itself invalid."""
+    one = activity(email, attributes={"obj:cm:padding": {"text": ""}})
+    one["attributes"]["obj:cm:padding"]["text"] = "x" * (size - len(orjson.dumps(one)))
     assert len(orjson.dumps(one)) == size
     return one
 
@@ -285,7 +288,10 @@ async def test_activity_over_16_000_bytes_is_invalid(client: Client, state: Sand
     assert status == 200, answer
     entries = answer["activities"]
     assert entries[0]["status"] == "ingested"
-    assert entries[1:] == [{"status": "invalid", "error": "activity is larger than 16 kB"}] * 2
+    too_large = "activity is larger than 16 kB"
+    assert (
+        entries[1:] == [{"status": "invalid", "person_status": "invalid", "error": too_large}] * 2
+    )
     assert [a.email for a in state.activities] == ["fits@example.com"]
     status, answer, _ = await post(client, {"activities": [over]})
     assert status == 400
@@ -305,6 +311,7 @@ async def test_unknown_person_field_mixed_batch_and_all_invalid(
     entries = answer["activities"]
     assert entries[1] == {
         "status": "invalid",
+        "person_status": "invalid",
         "error": "failed to validate field str::x in schema: str::x: Object not found",
     }
     assert entries[0]["status"] == entries[2]["status"] == "ingested"
@@ -324,7 +331,7 @@ async def test_identifier_and_field_types_and_custom_fields(
     aiohttp_client: MakeClient, clock: FakeClock
 ) -> None:
     custom = "str:cm:plan"
-    state = SandboxState(KEY, person_fields=[custom], clock=clock)
+    state = SandboxState(KEY, person_fields=[custom], person_ids=["0060" * 6], clock=clock)
     client = await aiohttp_client(create_sandbox_app(state))
     anonymous = {"activity_id": "act:cm:logged-in", "fields": {"str::first": "Ann"}}
     by_ei = {"activity_id": "act:cm:logged-in", "fields": {"str::ei": "u-1", custom: "pro"}}
@@ -337,6 +344,7 @@ async def test_identifier_and_field_types_and_custom_fields(
     assert "str::email" in answer["activities"][0]["error"]
     assert "bol::p" in answer["activities"][3]["error"]
     assert answer["activities"][2]["person_id"] == "0060" * 6
+    assert answer["activities"][2]["person_status"] == "matched"
     assert state.person_fields >= DEFAULT_PERSON_FIELDS
     with pytest.raises(ValueError, match="person field"):
         SandboxState(person_fields=["nonsense"])
@@ -396,6 +404,7 @@ async def test_50_per_activity_per_contact_per_24h(
     assert all(e["status"] == "ingested" for e in entries[:50])
     assert entries[50] == {
         "status": "invalid",
+        "person_status": "invalid",
         "error": "Activity limit of 50 per contact per 24 hours reached",
     }
     other_person = activity("someone.else@example.com")
@@ -676,3 +685,165 @@ async def test_wait_for() -> None:
     with pytest.raises(TimeoutError, match=r"within 0\.05 s"):
         await wait_for(lambda: False, timeout=0.05)
     assert loop.time() - started >= 0.05  # never early (late only on a busy machine)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "ok"),
+    [
+        ("int::v", 1530, True),
+        ("int::v", 15.3, False),  # seed 002: a value that cannot be unmarshaled fails
+        ("int::v", 15.0, False),  # Go reads no number with a fraction into an int64
+        ("int::v", "1530", False),
+        ("int::v", 2**63, False),
+        ("int::v", True, False),
+        ("bol:cm:account-owner", True, True),
+        ("bol:cm:account-owner", "yes", False),
+        ("bol:cm:account-owner", 1, False),
+        ("str:cm:plan", "x" * 255, True),
+        ("str:cm:plan", "x" * 256, False),
+        ("str:cm:plan", 7, False),
+        ("txt:cm:note", "x" * 4000, True),
+        ("txt:cm:note", "x" * 4001, False),
+        ("dtz:cm:day", {"year": 2020, "month": 5, "day": 26}, True),
+        ("dtz:cm:day", {"year": 2020, "month": 2, "day": 30, "timezone": "UTC"}, False),
+        ("dtz:cm:day", "2020-05-26", False),
+        ("tme:cm:at", "2020-02-17T01:30:17.601Z", True),
+        ("tme:cm:at", "17/02/2020", False),
+        ("phn:cm:mobile", {"c": "61", "n": "401234567"}, True),
+        ("phn:cm:mobile", {"phone": "+61 401 234 567", "parse_with_country_code": True}, True),
+        ("phn:cm:mobile", {"n": "9112340345"}, True),  # RudderStack sends it
+        ("phn:cm:mobile", {"c": "971", "n": "50 123 4567"}, False),
+        ("phn:cm:mobile", {"c": "", "n": ""}, False),
+        ("phn:cm:mobile", "+61401234567", False),
+        ("geo:cm:place", {"name": "Melbourne"}, True),
+        ("geo:cm:place", {}, True),  # RudderStack sends it for every missing trait
+        ("geo:cm:place", {"name": "Melbourne", "lat": 1}, False),
+        ("geo:cm:place", "Melbourne", False),
+        ("sst:cm:tags", ["a", "b"], True),
+        ("sst:cm:tags", ["a", 1], False),
+        ("obj:cm:cart", {"items": [1, 2]}, True),
+        ("obj:cm:cart", [1, 2], False),
+        ("str:cm:plan", None, True),  # null leaves the value unset
+        ("zzz:cm:unknown", "anything", True),  # not a field name: an unknown attribute
+    ],
+)
+async def test_attribute_values_are_checked_by_type_prefix(
+    client: Client, state: SandboxState, name: str, value: Any, ok: bool
+) -> None:
+    good = activity("good@example.com")
+    checked = activity(attributes={name: value})
+    status, answer, _ = await post(client, {"activities": [good, checked]})
+    assert status == 200
+    entry = answer["activities"][1]
+    if ok:
+        assert entry["status"] == "ingested", entry
+    else:
+        assert entry["status"] == entry["person_status"] == "invalid"
+        assert entry["error"].startswith(f"failed to validate attribute {name}: ")
+        assert len(state.activities) == 1
+
+
+async def test_builtin_person_fields_from_the_recorded_schema(client: Client) -> None:
+    fields = {
+        "str::email": "lee@example.com",
+        "str::name": "Lee Jones",
+        "str::postal": "3000",
+        "bol::gdpr": True,
+        "geo::region": {"name": "Victoria"},
+        "str::language": "en-AU",
+        "dtz::b": {"year": 1990, "month": 1, "day": 31},
+    }
+    status, answer, _ = await post(client, {"activities": [activity(fields=fields)]})
+    assert status == 200
+    assert answer["activities"][0]["status"] == "ingested"
+    assert {"str::postal", "bol::gdpr", "str::name"} <= DEFAULT_PERSON_FIELDS
+    # Read-only or unknown built-ins stay unknown (the PHP SDK's `str::phone` is not Ortto's).
+    for name, value in (("str::phone", "0401234567"), ("int::v", 5)):
+        body = {"activities": [activity(fields={"str::email": "a@example.com", name: value})]}
+        status, answer, _ = await post(client, body)
+        assert status == 400
+        assert answer["details"][0]["error"].endswith(f"{name}: Object not found")
+
+
+async def test_person_field_values_are_type_checked(client: Client) -> None:
+    fields = {"str::email": "a@example.com", "geo::city": "Melbourne"}
+    status, answer, _ = await post(client, {"activities": [activity(fields=fields)]})
+    assert status == 400
+    assert answer["details"] == [
+        {
+            "status": "invalid",
+            "error": 'failed to validate field geo::city in schema: geo::city: must be {"name": '
+            '"Melbourne"}',
+        }
+    ]
+
+
+async def test_custom_person_fields_are_declared_by_config(
+    client: Client, state: SandboxState
+) -> None:
+    body = {"activities": [activity(fields={"str::email": "a@example.com", "str:cm:tier": "a"})]}
+    status, answer, _ = await post(client, body)
+    assert status == 400
+    assert "str:cm:tier: Object not found" in answer["error"]
+    async with client.put("/_sandbox/config", json={"person_fields": ["str:cm:tier"]}) as resp:
+        assert resp.status == 204
+    assert state.custom_person_fields == {"str:cm:tier"}
+    status, answer, _ = await post(client, body)
+    assert status == 200
+    assert answer["activities"][0]["status"] == "ingested"
+    for bad in ({"person_fields": "str:cm:tier"}, {"person_fields": ["tier"]}):
+        async with client.put("/_sandbox/config", json=bad) as resp:
+            assert resp.status == 400
+    assert state.custom_person_fields == {"str:cm:tier"}
+    body["activities"][0]["fields"]["str:cm:tier"] = 3
+    status, answer, _ = await post(client, body)
+    assert status == 400
+    assert "str:cm:tier" in answer["error"]
+
+
+async def test_unknown_person_id_is_invalid_known_one_matched(
+    client: Client, state: SandboxState
+) -> None:
+    unknown = {"activity_id": "act:cm:logged-in", "person_id": "00690a5033a2e942cb9ffc00"}
+    _, created, _ = await post(client, {"activities": [activity()]})
+    made = created["activities"][0]["person_id"]
+    known = {"activity_id": "act:cm:logged-in", "person_id": made}
+    status, answer, _ = await post(client, {"activities": [unknown, known]})
+    assert status == 200
+    assert answer["activities"][0] == {
+        "status": "invalid",
+        "person_status": "invalid",
+        "person_id": "00690a5033a2e942cb9ffc00",
+        "error": "person 00690a5033a2e942cb9ffc00 not found",
+    }
+    assert answer["activities"][1]["person_id"] == made
+    assert answer["activities"][1]["person_status"] == "matched"
+    async with client.put("/_sandbox/config", json={"person_ids": [unknown["person_id"]]}) as r:
+        assert r.status == 204
+    status, answer, _ = await post(client, {"activities": [unknown]})
+    assert answer["activities"][0]["status"] == "ingested"
+
+
+async def test_queued_answers_echo_person_id(client: Client, state: SandboxState) -> None:
+    state.declare_person_ids(["00690a5033a2e942cb9ffc00"])
+    async with client.put("/_sandbox/config", json={"answers": "queued"}) as resp:
+        assert resp.status == 204
+    by_id = {"activity_id": "act:cm:logged-in", "person_id": "00690a5033a2e942cb9ffc00"}
+    status, answer, _ = await post(client, {"activities": [activity(), by_id]})
+    assert status == 200
+    assert answer == {
+        "activities": [
+            {"status": "queued", "person_status": "queued"},
+            {
+                "person_id": "00690a5033a2e942cb9ffc00",
+                "status": "queued",
+                "person_status": "queued",
+            },
+        ]
+    }
+    assert len(state.activities) == 2
+    async with client.put("/_sandbox/config", json={"answers": "later"}) as resp:
+        assert resp.status == 400
+    assert state.answers == "queued"
+    with pytest.raises(ValueError, match="answers"):
+        SandboxState(answers="later")
