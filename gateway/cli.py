@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     sign = sub.add_parser(
         "sign-identity", help="make a signed identity token (for testing; sites sign server-side)"
     )
-    sign.add_argument("email")
+    sign.add_argument("email", nargs="?", help="the visitor's email")
+    sign.add_argument("--person-id", help="sign Ortto's person_id instead of an email")
     sign.add_argument("--ttl", default="1h", help="how long the token is valid (default 1h)")
     sign.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
 
@@ -233,7 +234,7 @@ def run_loop(coro: Any) -> None:
 
 def _sign_identity(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from gateway.config import parse_seconds
-    from gateway.identity import sign_identity
+    from gateway.identity import sign_identity, sign_person_id
 
     settings = _settings(args, env, require_api_key=False)
     if not settings.identity_secrets:
@@ -242,7 +243,14 @@ def _sign_identity(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         ttl = parse_seconds(args.ttl)
     except ValueError as exc:
         raise ConfigError(f"--ttl: {exc}") from None
-    print(sign_identity(args.email, settings.identity_secrets[0], int(time.time() + ttl)))
+    if (args.email is None) == (args.person_id is None):
+        raise ConfigError("sign-identity: give an EMAIL or --person-id, one of them")
+    expires = int(time.time() + ttl)
+    secret = settings.identity_secrets[0]
+    if args.person_id is not None:
+        print(sign_person_id(args.person_id, secret, expires))
+    else:
+        print(sign_identity(args.email, secret, expires))
     return 0
 
 

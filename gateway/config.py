@@ -166,6 +166,8 @@ class ActivitySpec:
     person_fields: frozenset[str] | None = None  # None: the global allowlist
     strict: bool | None = None  # None: the global setting
     signed_identity: bool | None = None  # None: the global setting
+    # True: a browser may name Ortto's person_id without a signed identity (see README).
+    person_id: bool = False
 
 
 Delivery = Literal["queue", "sync"]
@@ -479,6 +481,7 @@ def _parse_spec(activity_id: str, raw: Any, where: str) -> ActivitySpec:
         "person_fields",
         "strict",
         "signed_identity",
+        "person_id",
     }
     if unknown:
         raise ConfigError(f"{where}: unknown key {_shown(sorted(unknown)[0])}")
@@ -502,6 +505,7 @@ def _parse_spec(activity_id: str, raw: Any, where: str) -> ActivitySpec:
         person_fields=person_fields,
         strict=_flag(raw, "strict", where),
         signed_identity=_flag(raw, "signed_identity", where),
+        person_id=bool(_flag(raw, "person_id", where)),
     )
 
 
@@ -771,6 +775,7 @@ def describe(settings: Settings) -> dict[str, Any]:
                     "person_fields": sorted(settings.allowed_person_fields(s)),
                     "strict": settings.is_strict(s),
                     "signed_identity": settings.needs_identity(s),
+                    "person_id": s.person_id,
                 }
                 for k, s in value.items()
             }

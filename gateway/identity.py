@@ -19,6 +19,11 @@ where `<email>` is trimmed and lower-cased. The email itself is not in the token
 (it travels in the activity); the MAC binds the two. Several secrets verify (the
 first one signs), so a secret can be rotated without refusing live pages.
 Comparison is constant-time.
+
+A `person_id` is signed the same way, with `person_id <id>` in place of the email (a
+space cannot occur in an email, so no email's token stands for a person id). An
+activity that carries a `person_id` is verified against it, its email aside: the id
+decides whose record Ortto changes.
 """
 
 from __future__ import annotations
@@ -73,25 +78,47 @@ TOKEN_VERSION = "v1"  # noqa: S105 - the format version, not a secret
 MAX_TOKEN_CHARS = 200
 
 
-def _mac(secret: str, expires: int, email: str) -> str:
-    message = f"{TOKEN_VERSION}.{expires}.{email.strip().lower()}".encode()
+PERSON_ID_SUBJECT = "person_id "
+
+
+def _mac(secret: str, expires: int, subject: str) -> str:
+    message = f"{TOKEN_VERSION}.{expires}.{subject}".encode()
     digest = hmac.new(secret.encode(), message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def _email_subject(email: str) -> str:
+    return email.strip().lower()
+
+
 def sign_identity(email: str, secret: str, expires: int) -> str:
     """A token saying `email` is this visitor until `expires` (unix seconds)."""
-    return f"{TOKEN_VERSION}.{expires}.{_mac(secret, expires, email)}"
+    if any(c.isspace() for c in email.strip()):
+        raise ValueError("an email has no whitespace inside")  # else it could sign an id
+    return f"{TOKEN_VERSION}.{expires}.{_mac(secret, expires, _email_subject(email))}"
+
+
+def sign_person_id(person_id: str, secret: str, expires: int) -> str:
+    """A token saying Ortto's person `person_id` is this visitor until `expires`."""
+    subject = PERSON_ID_SUBJECT + person_id.strip()
+    return f"{TOKEN_VERSION}.{expires}.{_mac(secret, expires, subject)}"
 
 
 def verify_identity(token: object, activity: Activity, secrets: Sequence[str], now: float) -> None:
-    """Raise `Unauthorized` unless `token` signs this activity's email and has not expired."""
+    """Raise `Unauthorized` unless `token` signs this activity's person (its `person_id`
+    when it has one, else its email) and has not expired."""
     if not isinstance(token, str) or not token:
         raise Unauthorized("a signed identity is required for this activity", field="identity")
-    fields = activity.get("fields") or {}
-    email = fields.get("str::email")
-    if not isinstance(email, str):
-        raise Unauthorized("a signed identity needs str::email", field="fields.str::email")
+    person_id = activity.get("person_id")
+    if isinstance(person_id, str):
+        subject = PERSON_ID_SUBJECT + person_id.strip()
+        what = "the person_id"
+    else:
+        email = (activity.get("fields") or {}).get("str::email")
+        if not isinstance(email, str):
+            raise Unauthorized("a signed identity needs str::email", field="fields.str::email")
+        subject = _email_subject(email)
+        what = "the email"
     parts = token.split(".") if len(token) <= MAX_TOKEN_CHARS else []
     if len(parts) != 3 or parts[0] != TOKEN_VERSION or not is_ascii_digits(parts[1]):
         raise Unauthorized("malformed identity token", field="identity")
@@ -99,8 +126,8 @@ def verify_identity(token: object, activity: Activity, secrets: Sequence[str], n
     matched = False
     for secret in secrets:
         # Every secret is tried, so the time taken does not tell which one matched.
-        matched |= hmac.compare_digest(_mac(secret, expires, email), parts[2])
+        matched |= hmac.compare_digest(_mac(secret, expires, subject), parts[2])
     if not matched:
-        raise Unauthorized("identity token does not match the email", field="identity")
+        raise Unauthorized(f"identity token does not match {what}", field="identity")
     if expires <= now:
         raise Unauthorized("identity token has expired", field="identity")

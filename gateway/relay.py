@@ -18,12 +18,18 @@ import orjson
 from gateway.client_ip import limit_key, parse_ip
 from gateway.config import Settings
 from gateway.enrich import anonymize_ip, enrich
-from gateway.errors import GatewayError, RateLimited, Unavailable, retry_after_header
+from gateway.errors import (
+    GatewayError,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    retry_after_header,
+)
 from gateway.identity import person_hash, person_key, verify_identity
 from gateway.limits import Check, Limiter, LimiterUnavailable
 from gateway.metrics import Metrics
 from gateway.sinks import QUEUED, Sink
-from gateway.validation import ParsedRequest, first_error, is_batch, parse_request
+from gateway.validation import Activity, ParsedRequest, first_error, is_batch, parse_request
 
 # The limiter's key count is a gauge: once a second is fresh enough.
 KEYS_REPORT_INTERVAL = 1.0
@@ -76,11 +82,13 @@ class Relay:
         for i, item in enumerate(items):
             if not isinstance(item, GatewayError):
                 spec = settings.activities[item["activity_id"]]
-                if settings.needs_identity(spec):
-                    try:
+                try:
+                    if "person_id" in item and not spec.person_id:
+                        self._check_person_id(item, parsed, i, now)
+                    if settings.needs_identity(spec):
                         verify_identity(parsed.tokens[i], item, settings.identity_secrets, now)
-                    except GatewayError as exc:
-                        item = items[i] = exc
+                except GatewayError as exc:
+                    item = items[i] = exc
             if isinstance(item, GatewayError):
                 entries[i] = {"status": "invalid", "error": item.message}
                 errors.append(item)
@@ -199,6 +207,29 @@ class Relay:
             "people": sorted(set(people)),
         }
         return RelayResult(outcome.status, body, log=summary)
+
+    def _check_person_id(self, item: Activity, parsed: ParsedRequest, i: int, now: float) -> None:
+        """A browser-chosen `person_id` needs a signed identity for it (a website-safety
+        rule: anyone who learns an id could otherwise act on that person's record).
+        Without one it is dropped with a warning, or, as the only identifier, refused."""
+        try:
+            verify_identity(parsed.tokens[i], item, self.settings.identity_secrets, now)
+        except GatewayError as exc:
+            fields = item.get("fields") or {}
+            if "str::email" not in fields and "str::ei" not in fields:
+                raise Unauthorized(
+                    "person_id from a browser needs a signed identity for it "
+                    "(or person_id = true for the activity)",
+                    field="person_id",
+                ) from None
+            del item["person_id"]
+            parsed.warnings[i].append(
+                {
+                    "field": "person_id",
+                    "reason": "dropped",
+                    "message": f"person_id needs a signed identity for it ({exc.message})",
+                }
+            )
 
     async def _forget(self, checks: list[Check]) -> None:
         try:

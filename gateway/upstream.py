@@ -93,8 +93,9 @@ def read_answer(data: Any, count: int) -> list[Entry] | None:
 
     A 2xx proves nothing by itself (a proxy's page, a captive portal, a wrong URL all
     answer 200): only `{"activities": [...]}` with one object per activity, each either
-    taken (`ingested`/`queued`, no `error`) or refused (`invalid`, or any `error`), does.
-    An entry with another status is not proof either way, so the whole answer is not.
+    taken (`ingested`/`queued`, no `error`) or refused (`invalid` in any field, as
+    `person_status`, or any `error`), does. An entry with another status is not proof
+    either way, so the whole answer is not.
     """
     entries = data.get("activities") if isinstance(data, dict) else None
     if not isinstance(entries, list) or len(entries) != count:
@@ -105,7 +106,7 @@ def read_answer(data: Any, count: int) -> list[Entry] | None:
             return None
         status = entry.get("status")
         error = entry.get("error")
-        if error is not None or status == "invalid":
+        if error is not None or "invalid" in (status, entry.get("person_status")):
             message = error if isinstance(error, str) and error.strip() else "invalid"
             out.append(Entry(str(status), message))
         elif isinstance(status, str) and status in DELIVERED_STATUSES:

@@ -14,6 +14,7 @@ from gateway.identity import (
     person_hash,
     person_key,
     sign_identity,
+    sign_person_id,
     verify_identity,
 )
 from gateway.validation import parse_request
@@ -184,3 +185,18 @@ def test_identity_needs_an_email() -> None:
     activity = {"activity_id": "act:cm:login", "fields": {"str::ei": "u-1"}}
     with pytest.raises(Unauthorized, match="str::email"):
         verify_identity(token, activity, [SECRET], NOW)
+
+
+def test_a_person_id_token_signs_the_id_and_no_email_stands_for_it() -> None:
+    secret = "s" * 40
+    by_id = activity({"str::email": "chris@example.com"}, person_id=" 006a0f ")
+    token = sign_person_id("006a0f", secret, 2_000_000_000)
+    verify_identity(token, by_id, [secret], 1_900_000_000)  # the id decides, email aside
+    email_token = sign_identity("chris@example.com", secret, 2_000_000_000)
+    with pytest.raises(Unauthorized, match="does not match the person_id"):
+        verify_identity(email_token, by_id, [secret], 1_900_000_000)
+    # An "email" spelled like the id's subject is no email: a space cannot occur in one.
+    with pytest.raises(ValueError, match="whitespace"):
+        sign_identity("person_id 006a0f", secret, 2_000_000_000)
+    with pytest.raises(Unauthorized, match="does not match the email"):
+        verify_identity(token, activity({"str::email": "chris@example.com"}), [secret], 0)

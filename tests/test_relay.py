@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
-from gateway.config import parse_rate
+from gateway.config import ActivitySpec, parse_rate
 from gateway.errors import Unavailable
+from gateway.identity import sign_person_id
 from gateway.keys import RELAY
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import FakeClock, GatewayFactory
@@ -206,3 +208,37 @@ async def test_a_key_whose_activity_was_not_stored_is_new_on_retry(
     assert retry.status == 202
     assert "duplicate" not in await retry.json()
     await wait_for(lambda: len(sandbox_state.activities) == 1)
+
+
+# -- a browser-chosen person_id
+
+
+SECRET = "an-identity-secret-of-forty-characters-00"
+
+
+async def test_a_person_id_needs_a_signed_identity_unless_the_activity_opts_in(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.declare_person_ids(["006a0f", "0077bb"])  # Ortto knows them
+    opted = ActivitySpec("act:cm:signup", person_id=True)
+    client = await make_gateway(
+        identity_secrets=(SECRET,),
+        activities={"act:cm:login": ActivitySpec("act:cm:login"), "act:cm:signup": opted},
+    )
+    alone = {"activity_id": "act:cm:login", "person_id": "006a0f"}
+    resp = await client.post(PATH, json=alone)
+    assert resp.status == 401, await resp.text()
+    assert (await resp.json())["error"].startswith("person_id from a browser needs a signed")
+    # Beside an email, the id is dropped and the activity goes on under the email.
+    resp = await client.post(PATH, json={**activity("a@example.com"), "person_id": "006a0f"})
+    assert resp.status == 202
+    (entry,) = (await resp.json())["activities"]
+    assert [w["field"] for w in entry["warnings"]] == ["person_id"]
+    # Signed for that id, it is forwarded; an activity that opts in needs no token.
+    signed = sign_person_id("006a0f", SECRET, int(time.time()) + 3600)
+    assert (await client.post(PATH, json={**alone, "identity": signed})).status == 202
+    opted_in = {"activity_id": "act:cm:signup", "person_id": "0077bb"}
+    assert (await client.post(PATH, json=opted_in)).status == 202
+    await wait_for(lambda: len(sandbox_state.activities) == 3)
+    got = [a.activity.get("person_id") for a in sandbox_state.activities]
+    assert sorted(got, key=str) == ["006a0f", "0077bb", None]

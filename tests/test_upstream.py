@@ -118,6 +118,12 @@ QUEUED = {"status": "queued", "person_status": "queued"}
         # Any `error` is a refusal, whatever the status says.
         ({"activities": [{**INGESTED, "error": "no"}]}, 1, [Entry("ingested", "no")]),
         ({"activities": [{"status": "ingested", "error": ""}]}, 1, [Entry("ingested", "invalid")]),
+        # So is `invalid` in any field (the sandbox's entries say it in person_status too).
+        (
+            {"activities": [{"status": "queued", "person_status": "invalid"}]},
+            1,
+            [Entry("queued", "invalid")],
+        ),
         # Not proof: each of these acknowledges nothing.
         (None, 1, None),  # not JSON (an HTML page, an empty 204)
         ({"error": "Invalid API key", "code": 401}, 1, None),
