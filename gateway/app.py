@@ -18,6 +18,7 @@ from gateway.config import ACTIVITIES_PATH, Settings
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
 from gateway.keys import LIFECYCLE, RELAY, SETTINGS
+from gateway.keys import METRICS as METRICS  # re-exported: tests and tools use app.METRICS
 from gateway.limits import FallbackStore, Limiter, LimitStore, MemoryStore
 from gateway.metrics import Metrics
 from gateway.middlewares import make_middlewares
@@ -29,7 +30,6 @@ from gateway.upstream import OrttoClient
 
 log = logging.getLogger(__name__)
 
-METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
 DELIVERY = web.AppKey("delivery", Delivery)
 CLIENT = web.AppKey("ortto_client", OrttoClient)

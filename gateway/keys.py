@@ -5,9 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.state import Lifecycle
 
 SETTINGS = web.AppKey("settings", Settings)
 RELAY = web.AppKey("relay", Relay)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+METRICS = web.AppKey("metrics", Metrics)

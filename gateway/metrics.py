@@ -186,6 +186,11 @@ class Metrics:
             "Limiter keys evicted to keep the in-process store bounded.",
             registry=r,
         )
+        self.body_inflated_bytes = Counter(
+            f"{PREFIX}_body_inflated_bytes",
+            "Bytes inflated from gzip and deflate request bodies (each stops one past the limit).",
+            registry=r,
+        )
         # Label lookups cost more than the increment: children are kept once bound.
         self._activity_children: dict[tuple[str, str], Any] = {}
         self._request_children: dict[tuple[str, str], Any] = {}

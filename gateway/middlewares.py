@@ -134,6 +134,11 @@ def make_middlewares(
             )
         finally:
             in_flight -= 1
+        if not request.content.is_eof():
+            # Refused (or timed out) before its body had all come: close the connection
+            # after the answer instead of reading the rest (the runner's lingering_time is
+            # 0, see server.runner_options), and tell the client so.
+            response.force_close()
         if check == "allowed" and origin is not None:
             response.headers.update(cors.response_headers(origin))
         elif check != "none":

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for
+from gateway.server import runner_options
 from tests.conftest import base_settings, need_binary
 from tests.servers import Nginx, run_nginx, write_site
 
@@ -73,7 +74,7 @@ async def stack(
             )
 
     app.on_response_prepare.append(record_peer)
-    gateway = await aiohttp_server(app)
+    gateway = await aiohttp_server(app, **runner_options(settings))
     assert gateway.port is not None
     site = write_site(tmp_path / "site", {"index.html": "<!doctype html><title>shop</title>"})
     async with run_nginx(
