@@ -20,6 +20,7 @@ from typing import Final
 
 from aiohttp import StreamReader
 
+from gateway.admission import BODY_GRACE, Admission
 from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 # Content-Encoding -> zlib's wbits: gzip only (31); `deflate` is sniffed (zlib or raw).
@@ -114,17 +115,35 @@ class BodyDecoder:
         return bytes(self._out)
 
 
-async def read_body(content: StreamReader, decoder: BodyDecoder, read_timeout: float) -> bytes:
-    """Feed a request's body to `decoder` as it arrives (408 after `read_timeout`) and
-    return the decoded body."""
+async def read_body(
+    content: StreamReader, decoder: BodyDecoder, admission: Admission, read_timeout: float
+) -> bytes:
+    """Feed a request's body to `decoder` as it arrives and return the decoded body.
+
+    A body that has not all come within `BODY_GRACE` waits in one of the admission's
+    body slots (503 when none is free), up to `read_timeout` from the start (408).
+    """
     if getattr(content, "total_compressed_bytes", None) is not None:
         # aiohttp's parser inflated it already, unbounded: a server built without
         # server.runner_options. Loud, rather than decoding twice or serving a bomb.
         raise RuntimeError("the HTTP server decompresses bodies: run it with auto_decompress=False")
+    started = asyncio.get_running_loop().time()
+    if not await _read_until(content, decoder, started + min(BODY_GRACE, read_timeout)):
+        with admission.reading():
+            if not await _read_until(content, decoder, started + read_timeout):
+                raise RequestTimeout(f"request body not received within {read_timeout:g} s")
+    return decoder.body()
+
+
+async def _read_until(content: StreamReader, decoder: BodyDecoder, deadline: float) -> bool:
+    """Feed what arrives until the body ends (True) or the deadline passes (False).
+
+    Only the bytes taken are fed: what comes after the deadline stays in `content`.
+    """
     try:
-        async with asyncio.timeout(read_timeout):
+        async with asyncio.timeout_at(deadline):
             while chunk := await content.readany():
                 decoder.feed(chunk)
     except TimeoutError:
-        raise RequestTimeout(f"request body not received within {read_timeout:g} s") from None
-    return decoder.body()
+        return False
+    return True

@@ -15,7 +15,7 @@ from gateway.errors import (
     GatewayError,
     UnsupportedMediaType,
 )
-from gateway.keys import LIFECYCLE, METRICS, RELAY, SETTINGS
+from gateway.keys import ADMISSION, LIFECYCLE, METRICS, RELAY, SETTINGS
 from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, json_response
 from gateway.validation import decode_body
 
@@ -56,7 +56,9 @@ async def create_activities(request: web.Request) -> web.Response:
         raise refusal
     decoder = BodyDecoder(_coding(request), limit)
     try:
-        body = await read_body(request.content, decoder, settings.read_timeout)
+        body = await read_body(
+            request.content, decoder, request.app[ADMISSION], settings.read_timeout
+        )
     except web.RequestPayloadError as exc:  # a bad chunk
         raise BadRequest(f"the request body could not be read: {exc}") from None
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.admission import Admission
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.relay import Relay
@@ -13,3 +14,4 @@ SETTINGS = web.AppKey("settings", Settings)
 RELAY = web.AppKey("relay", Relay)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", Metrics)
+ADMISSION = web.AppKey("admission", Admission)

@@ -8,15 +8,18 @@ import logging
 import zlib
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
+from aiohttp import StreamReader
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.admission import Admission
 from gateway.app import create_app
-from gateway.body import BodyDecoder
-from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.keys import METRICS
+from gateway.body import BodyDecoder, read_body
+from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unavailable
+from gateway.keys import ADMISSION, METRICS
 from gateway.sandbox import SandboxState, wait_for
 from tests.conftest import GatewayFactory, base_settings
 
@@ -120,6 +123,50 @@ def test_other_codings_are_not_decoders() -> None:
     for coding in ("br", "zstd", "compress", "gzip, gzip"):
         with pytest.raises(ValueError, match="unsupported"):
             BodyDecoder(coding, LIMIT)
+
+
+# -- reading
+
+
+def stream() -> StreamReader:
+    protocol = mock.Mock(_reading_paused=False)
+    return StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())
+
+
+async def test_a_body_that_follows_its_headers_needs_no_slot() -> None:
+    admission = Admission(max_concurrent=10, max_body_readers=1)
+    admission.enter()
+    with admission.reading():  # the only slot is taken
+        content = stream()
+        task = asyncio.create_task(
+            read_body(content, BodyDecoder("identity", LIMIT), admission, 15)
+        )
+        await asyncio.sleep(0)  # the reader waits for bytes
+        content.feed_data(JSON[:5])
+        content.feed_data(JSON[5:])
+        content.feed_eof()
+        assert await task == JSON
+    assert (admission.in_flight, admission.readers) == (1, 0)
+
+
+async def test_a_stalled_body_waits_in_a_slot_then_times_out() -> None:
+    slots: list[int] = []
+    admission = Admission(max_concurrent=10, max_body_readers=1, on_readers=slots.append)
+    admission.enter()
+    content = stream()
+    content.feed_data(b"{")
+    with pytest.raises(RequestTimeout):
+        await read_body(content, BodyDecoder("identity", LIMIT), admission, 0.05)
+    assert slots == [1, 0]
+    assert (admission.in_flight, admission.readers) == (1, 0)
+
+
+async def test_a_stalled_body_with_every_slot_taken_is_503() -> None:
+    admission = Admission(max_concurrent=10, max_body_readers=1)
+    admission.enter()
+    with admission.reading(), pytest.raises(Unavailable):
+        await read_body(stream(), BodyDecoder("identity", LIMIT), admission, 0.05)
+    assert (admission.in_flight, admission.readers) == (1, 0)
 
 
 # -- over HTTP
@@ -239,3 +286,4 @@ async def test_the_server_must_leave_bodies_compressed(
     client = await aiohttp_client(app)  # aiohttp's default: auto_decompress=True
     resp = await client.post(PATH, data=gzip.compress(JSON), headers={"Content-Encoding": "gzip"})
     assert resp.status == 500
+    assert app[ADMISSION].in_flight == 0
