@@ -59,7 +59,8 @@ async def create_activities(request: web.Request) -> web.Response:
         body = await read_body(
             request.content, decoder, request.app[ADMISSION], settings.read_timeout
         )
-    except web.RequestPayloadError as exc:  # a bad chunk
+    except (web.RequestPayloadError, ConnectionResetError) as exc:  # a bad chunk, a hang-up
+        # Client-made: an INFO request line with its 4xx, not an unexpected-error ERROR.
         raise BadRequest(f"the request body could not be read: {exc}") from None
     finally:
         if decoder.inflated:

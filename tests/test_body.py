@@ -12,7 +12,7 @@ from unittest import mock
 
 import orjson
 import pytest
-from aiohttp import StreamReader
+from aiohttp import StreamReader, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admission import Admission
@@ -21,6 +21,7 @@ from gateway.body import BodyDecoder, read_body
 from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unavailable
 from gateway.keys import ADMISSION, METRICS
 from gateway.sandbox import SandboxState, wait_for
+from gateway.server import bound_port, runner_options
 from tests.conftest import GatewayFactory, base_settings
 
 PATH = "/v1/activities/create"
@@ -287,3 +288,26 @@ async def test_the_server_must_leave_bodies_compressed(
     resp = await client.post(PATH, data=gzip.compress(JSON), headers={"Content-Encoding": "gzip"})
     assert resp.status == 500
     assert app[ADMISSION].in_flight == 0
+
+
+async def test_a_client_hanging_up_mid_body_writes_no_error_line(
+    sandbox: TestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As `serve` runs it (no handler cancellation: the handler sees the hang-up)."""
+    settings = base_settings(tmp_path, str(sandbox.make_url("")))
+    runner = web.AppRunner(create_app(settings), **runner_options(settings))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = bound_port(runner)
+        with caplog.at_level(logging.INFO):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(gzip.compress(JSON), "gzip")[:-5])
+            await writer.drain()
+            await wait_for(lambda: runner.app[ADMISSION].in_flight == 1)
+            writer.close()
+            await wait_for(lambda: any(r.getMessage() == "request" for r in caplog.records))
+    finally:
+        await runner.cleanup()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
