@@ -13,11 +13,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import handlers
+from gateway.admission import Admission
 from gateway.client_ip import TrustedProxies, parse_networks
 from gateway.config import ACTIVITIES_PATH, Settings
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
-from gateway.keys import LIFECYCLE, RELAY, SETTINGS, SPOOL
+from gateway.keys import ADMISSION, LIFECYCLE, RELAY, SETTINGS, SPOOL
+from gateway.keys import METRICS as METRICS  # re-exported: tests and tools use app.METRICS
 from gateway.limits import FallbackStore, Limiter, LimitStore, MemoryStore
 from gateway.metrics import Metrics
 from gateway.middlewares import make_middlewares
@@ -29,7 +31,6 @@ from gateway.upstream import OrttoClient
 
 log = logging.getLogger(__name__)
 
-METRICS = web.AppKey("metrics", Metrics)
 DELIVERY = web.AppKey("delivery", Delivery)
 CLIENT = web.AppKey("ortto_client", OrttoClient)
 
@@ -48,15 +49,17 @@ def create_app(
     metrics = metrics or Metrics(registry, settings.activities)
     cors = CorsPolicy(settings.allowed_origins)
     trusted = TrustedProxies(parse_networks(settings.trusted_proxies))
+    admission = Admission(
+        settings.max_concurrent, settings.max_body_readers, on_readers=metrics.body_readers.set
+    )
     app = web.Application(
-        middlewares=make_middlewares(
-            cors, trusted, metrics, max_concurrent=settings.max_concurrent
-        ),
+        middlewares=make_middlewares(cors, trusted, metrics, admission),
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
+    app[ADMISSION] = admission
     app[handlers.CORS] = cors
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -212,6 +212,7 @@ class Settings:
     ip_anonymize: bool = False
     read_timeout: float = 15.0
     max_concurrent: int = 1024
+    max_body_readers: int = 256
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -440,6 +441,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "ip_anonymize": parse_bool,
     "read_timeout": parse_seconds,
     "max_concurrent": _positive_int,
+    "max_body_readers": _positive_int,
 }
 _LIST_SETTINGS = {"allowed_origins", "trusted_proxies", "person_fields"}
 _SPECIAL = {"api_key", "api_key_file", "activities", "identity_secret"}

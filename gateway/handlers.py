@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from pathlib import Path
 
 from aiohttp import HttpVersion11, web
 
+from gateway.body import CODINGS, BodyDecoder, read_body, too_large
 from gateway.cors import CorsPolicy
 from gateway.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
-    PayloadTooLarge,
-    RequestTimeout,
     UnsupportedMediaType,
 )
-from gateway.keys import LIFECYCLE, RELAY, SETTINGS, SPOOL
+from gateway.keys import ADMISSION, LIFECYCLE, METRICS, RELAY, SETTINGS, SPOOL
 from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, json_response
 from gateway.validation import decode_body
 
@@ -25,10 +23,6 @@ CORS = web.AppKey("cors", CorsPolicy)
 SHIM = Path(__file__).parent / "static" / "ortto-relay.js"
 # Browsers revalidate the shim hourly; the ETag makes that a cheap 304.
 SHIM_MAX_AGE = 3600
-# The codings aiohttp decodes before the handler reads the body (br and zstd only with
-# their library installed; without it aiohttp's parser answers 400 itself). Any other
-# value would hand the handler the coded bytes as if they were the body.
-CONTENT_CODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 
 
 class StaticAsset:
@@ -60,20 +54,17 @@ async def create_activities(request: web.Request) -> web.Response:
     refusal = _refusal_before_the_body(request)
     if refusal is not None:
         raise refusal
+    decoder = BodyDecoder(_coding(request), limit)
     try:
-        if request.content.is_eof():  # the whole body came with the headers: no wait
-            body = await request.read()
-        else:
-            async with asyncio.timeout(settings.read_timeout):
-                body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body over {limit} bytes") from None
-    except TimeoutError:
-        raise RequestTimeout(
-            f"request body not received within {settings.read_timeout:g} s"
-        ) from None
-    except web.RequestPayloadError as exc:  # a broken gzip stream, a bad chunk
+        body = await read_body(
+            request.content, decoder, request.app[ADMISSION], settings.read_timeout
+        )
+    except (web.RequestPayloadError, ConnectionResetError) as exc:  # a bad chunk, a hang-up
+        # Client-made: an INFO request line with its 4xx, not an unexpected-error ERROR.
         raise BadRequest(f"the request body could not be read: {exc}") from None
+    finally:
+        if decoder.inflated:
+            request.app[METRICS].body_inflated_bytes.inc(decoder.inflated)
     data = decode_body(body, request.headers.get("Content-Type", ""), limit)
     result = await request.app[RELAY].submit(data, request[CLIENT_IP], request[REQUEST_ID])
     if result.log:
@@ -82,14 +73,19 @@ async def create_activities(request: web.Request) -> web.Response:
     return json_response(result.status, result.body, headers)
 
 
+def _coding(request: web.Request) -> str:
+    return request.headers.get("Content-Encoding", "identity").strip().lower()
+
+
 def _refusal_before_the_body(request: web.Request) -> GatewayError | None:
-    """What the headers alone refuse: a declared length over the limit (413), or a
-    Content-Encoding aiohttp does not decode (415)."""
+    """What the headers alone refuse: a declared length over the limit (413; it counts the
+    bytes as sent, compressed or not), or a Content-Encoding the gateway does not decode
+    (415)."""
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        return PayloadTooLarge(f"request body over {limit} bytes")
-    coding = request.headers.get("Content-Encoding")
-    if coding is not None and coding.strip().lower() not in CONTENT_CODINGS:
+        return too_large(limit)
+    if _coding(request) not in CODINGS:
+        coding = request.headers.get("Content-Encoding", "")
         return UnsupportedMediaType(
             f"Content-Encoding {coding[:40]!r} is not supported: send the body as is, "
             "or gzip or deflate"

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.admission import BUSY_RETRY_AFTER, Admission
 from gateway.client_ip import TrustedProxies, ip_text, parse_ip, resolve_client_ip
 from gateway.cors import CorsPolicy
 from gateway.errors import (
@@ -69,15 +70,13 @@ _HTTP_MESSAGES = {
 
 
 def make_middlewares(
-    cors: CorsPolicy, trusted: TrustedProxies, metrics: Metrics, *, max_concurrent: int = 1024
+    cors: CorsPolicy, trusted: TrustedProxies, metrics: Metrics, admission: Admission
 ) -> list[Callable[..., Any]]:
     """The middlewares, outermost first."""
-    in_flight = 0
 
     @web.middleware
     async def shell(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Request id, CORS, error rendering, one log line and metrics per request."""
-        nonlocal in_flight
         started = time.perf_counter()
         request_id = new_request_id()
         request[REQUEST_ID] = request_id
@@ -95,10 +94,12 @@ def make_middlewares(
             proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
             scheme = proto if proto in ("http", "https") else scheme
         check = cors.check(origin, request.host, scheme)
-        in_flight += 1
+        within_budget = admission.enter()
         try:
-            if in_flight > max_concurrent and request.path not in ALWAYS_ANSWER:
-                raise Unavailable("the gateway is busy; try again shortly", retry_after=1.0)
+            if not within_budget and request.path not in ALWAYS_ANSWER:
+                raise Unavailable(
+                    "the gateway is busy; try again shortly", retry_after=BUSY_RETRY_AFTER
+                )
             if check == "refused":
                 raise Forbidden(f"origin {origin[:200] if origin else ''!r} is not allowed")
             lifecycle = request.app[LIFECYCLE]
@@ -133,7 +134,12 @@ def make_middlewares(
                 500, {"request_id": request_id, "code": 500, "error": "internal error"}
             )
         finally:
-            in_flight -= 1
+            admission.leave()
+        if not request.content.is_eof():
+            # Refused (or timed out) before its body had all come: close the connection
+            # after the answer instead of reading the rest (the runner's lingering_time is
+            # 0, see server.runner_options), and tell the client so.
+            response.force_close()
         if check == "allowed" and origin is not None:
             response.headers.update(cors.response_headers(origin))
         elif check != "none":

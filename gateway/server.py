@@ -22,7 +22,7 @@ log = logging.getLogger("gateway.server")
 
 
 def runner_options(settings: Settings) -> dict[str, Any]:
-    """Options of the public listener's runner (also used by tests that build their own)."""
+    """Options of the public listener's runner; tests' servers use them too (conftest)."""
     return {
         "access_log": None,
         "shutdown_timeout": settings.drain_timeout,
@@ -31,6 +31,14 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         # so it is also the header read timeout that cuts slowloris clients off; the
         # body has its own deadline in the handler.
         "keepalive_timeout": settings.read_timeout,
+        # The handler reads bodies as sent and inflates gzip and deflate itself, bounded
+        # (gateway/body.py): aiohttp's parser would inflate them eagerly, unbounded, on
+        # the event loop, even after the answer and on paths that never read the body.
+        "auto_decompress": False,
+        # A request answered before its body had all come gets `Connection: close`, and
+        # the connection is closed after the answer: aiohttp would otherwise read (and
+        # discard) the rest for up to 10 s.
+        "lingering_time": 0,
     }
 
 

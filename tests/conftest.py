@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, create_sandbox_app
+from gateway.server import runner_options
 
 EXAMPLES = Path(__file__).parent / "ortto-examples"
 API_KEY = "pk-test-5f1e0c7a9b8d4e3f2a1b0c9d8e7f6a5b"
@@ -86,7 +87,11 @@ def make_gateway(
         settings = base_settings(tmp_path, str(sandbox.make_url("")), **overrides)
         metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
         app = create_app(settings, metrics=metrics, clock=clock or time.time)
-        return await aiohttp_client(app)
+        # The production server's options (its parser leaves bodies compressed, see body.py);
+        # given to start_server: aiohttp_client's server_kwargs never reach the runner.
+        server = TestServer(app)
+        await server.start_server(**runner_options(settings))
+        return await aiohttp_client(server)
 
     return factory
 

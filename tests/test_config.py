@@ -236,11 +236,13 @@ def test_abuse_settings() -> None:
             strict="false",
             read_timeout="5s",
             max_concurrent="64",
+            max_body_readers="16",
         )
     )
     assert s.identity_secrets == (secret, "y" * 40)
     assert s.identity_required and s.ip_anonymize and not s.strict
-    assert (s.read_timeout, s.max_concurrent) == (5.0, 64)
+    assert (s.read_timeout, s.max_concurrent, s.max_body_readers) == (5.0, 64, 16)
+    assert Settings().max_body_readers < Settings().max_concurrent
     text = repr(s) + repr(describe(s))
     assert secret not in text
     with pytest.raises(ConfigError, match="GATEWAY_IDENTITY_SECRET: each secret needs"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
+from gateway.app import METRICS, create_app
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for
+from gateway.server import runner_options
 from tests.conftest import base_settings, need_binary
 from tests.servers import Nginx, run_nginx, write_site
 
@@ -73,7 +75,7 @@ async def stack(
             )
 
     app.on_response_prepare.append(record_peer)
-    gateway = await aiohttp_server(app)
+    gateway = await aiohttp_server(app, **runner_options(settings))
     assert gateway.port is not None
     site = write_site(tmp_path / "site", {"index.html": "<!doctype html><title>shop</title>"})
     async with run_nginx(
@@ -156,6 +158,35 @@ async def test_body_far_over_the_limit_is_refused_by_nginx(stack: Stack) -> None
         assert "X-Request-Id" not in resp.headers  # the gateway never saw it
         assert (await resp.json(content_type=None))["code"] == 413
     assert stack.peers() == []
+    assert stack.state.requests == []
+
+
+async def test_a_compressed_bomb_is_refused_by_the_gateway_without_inflating_it(
+    stack: Stack,
+) -> None:
+    """nginx passes compressed bodies on as they are; the gateway stops at its limit."""
+    bomb = gzip.compress(b"0" * (50 * 1024 * 1024), 9)  # about 50 KB: nginx lets it by
+    async with stack.client.post(
+        stack.nginx.url(ACTIVITIES),
+        data=bomb,
+        headers={
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+            "Origin": ALLOWED_ORIGIN,
+        },
+    ) as resp:
+        assert resp.status == 413
+        assert resp.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
+        assert (await resp.json(content_type=None))["code"] == 413
+    registry = stack.gateway.app[METRICS].registry
+    assert registry.get_sample_value("ortto_gateway_body_inflated_bytes_total") == 64 * 1024 + 1
+    async with stack.client.post(
+        stack.nginx.url(ACTIVITIES),
+        data=b"\x1f\x8b\x08\x00 not brotli either",
+        headers={"Content-Type": "application/json", "Content-Encoding": "br"},
+    ) as resp:
+        assert resp.status == 415  # the gateway's, with its error shape
+        assert "Content-Encoding" in (await resp.json(content_type=None))["error"]
     assert stack.state.requests == []
 
 
