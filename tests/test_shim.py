@@ -1,0 +1,83 @@
+"""How the browser shim is served: minified, small, versioned, with its SRI hash."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+
+import pytest
+
+from gateway.shim import SHIM_PATH, ShimFile, minify
+from tests.conftest import GatewayFactory
+
+# The issue's budget for the shim as a browser downloads it.
+MAX_GZIPPED_BYTES = 4096
+
+
+def test_minify_drops_comments_and_spacing_only() -> None:
+    source = (
+        "/*! licence */\n"
+        "// a comment line\n"
+        "const a = 1, b = a / 2; // trailing\n"
+        "  /* block */ const re = /\\/+$/g, s = 'x  // not a comment', t = \"y /* no */\";\n"
+        "let c = a - -b + +a;\n"
+        "return typeof /x/.exec(s)\n"
+    )
+    assert minify(source) == (
+        "/*! licence */\n"
+        "const a=1,b=a/2;\n"
+        "const re=/\\/+$/g,s='x  // not a comment',t=\"y /* no */\";\n"
+        "let c=a- -b+ +a;\n"
+        "return typeof/x/.exec(s)\n"
+    )
+
+
+def test_minify_refuses_template_literals() -> None:
+    with pytest.raises(ValueError, match="template literals"):
+        minify("const a = `x`;")
+
+
+def test_shim_gzipped_size_is_under_4_kb(capsys: pytest.CaptureFixture[str]) -> None:
+    shim = ShimFile.load()
+    size = len(gzip.compress(shim.body, 9))
+    with capsys.disabled():
+        print(
+            f"\nortto-relay.js: {len(SHIM_PATH.read_bytes())} bytes of source, "
+            f"{len(shim.body)} served, {size} gzipped"
+        )
+    assert size < MAX_GZIPPED_BYTES
+
+
+def test_version_and_integrity_are_hashes_of_the_served_bytes() -> None:
+    shim = ShimFile.load()
+    assert shim.version == hashlib.sha256(shim.body).hexdigest()[:20]
+    assert shim.file_name == f"ortto-relay.{shim.version}.js"
+    digest = base64.b64encode(hashlib.sha384(shim.body).digest()).decode()
+    assert shim.integrity == f"sha384-{digest}"
+
+
+async def test_plain_and_versioned_urls(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    shim = ShimFile.load()
+    plain = await client.get("/ortto-relay.js")
+    assert plain.status == 200
+    assert await plain.read() == shim.body
+    assert plain.headers["Cache-Control"] == "public, max-age=3600"
+    assert plain.headers["ETag"] == f'"{shim.version}"'
+    assert plain.headers["Content-Type"] == "application/javascript; charset=utf-8"
+
+    pinned = await client.get(f"/{shim.file_name}")
+    assert pinned.status == 200
+    assert await pinned.read() == shim.body
+    assert pinned.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert pinned.headers["ETag"] == f'"{shim.version}"'
+    again = await client.get(f"/{shim.file_name}", headers={"If-None-Match": f'"{shim.version}"'})
+    assert again.status == 304
+
+    # A page pinned to an older version is sent to this one (relative: a proxy's prefix stays).
+    old = await client.get("/ortto-relay.0123456789abcdef0123.js", allow_redirects=False)
+    assert old.status == 302
+    assert old.headers["Location"] == shim.file_name
+    assert old.headers["Cache-Control"] == "no-cache"
+    assert (await client.get("/ortto-relay.XYZ.js")).status == 404
