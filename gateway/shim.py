@@ -1,19 +1,21 @@
-"""The browser shim as served: minified, its content-hash version and its SRI hash.
+"""The browser shim as served: minified, its content-hash version, SRI hash and loader snippet.
 
 Pure: no aiohttp. The handler serves `/ortto-relay.js` (revalidated hourly) and the immutable
-`/ortto-relay.<version>.js`.
+`/ortto-relay.<version>.js`; `ortto-gateway shim` prints the loader snippet for a site.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 STATIC = Path(__file__).parent / "static"
 SHIM_PATH = STATIC / "ortto-relay.js"
+LOADER_PATH = STATIC / "loader.html"
 # Hex digits of the SHA-256 in the versioned file name and the ETag: enough to never collide
 # between two releases, short enough to read.
 VERSION_CHARS = 20
@@ -43,6 +45,22 @@ class ShimFile:
     def integrity(self) -> str:
         """The Subresource Integrity value for a `<script integrity=...>`."""
         return "sha384-" + base64.b64encode(hashlib.sha384(self.body).digest()).decode("ascii")
+
+
+def loader_snippet(src: str, attributes: dict[str, str], template: Path = LOADER_PATH) -> str:
+    """The inline loader stub that loads `src` asynchronously with these script attributes."""
+    text = template.read_text(encoding="utf-8")
+    return (
+        text.replace("{{SRC}}", json.dumps(src))
+        .replace("{{ATTRIBUTES}}", json.dumps(attributes, separators=(", ", ": ")))
+        .rstrip("\n")
+    )
+
+
+def pinned_snippet(shim: ShimFile, prefix: str) -> str:
+    """The loader for the immutable versioned URL under `prefix`, with its SRI hash."""
+    src = prefix.rstrip("/") + "/" + shim.file_name
+    return loader_snippet(src, {"integrity": shim.integrity, "crossorigin": "anonymous"})
 
 
 # The shim's source, token by token: comments, string literals, regular-expression literals

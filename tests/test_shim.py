@@ -8,7 +8,8 @@ import hashlib
 
 import pytest
 
-from gateway.shim import SHIM_PATH, ShimFile, minify
+from gateway.cli import main
+from gateway.shim import SHIM_PATH, ShimFile, loader_snippet, minify, pinned_snippet
 from tests.conftest import GatewayFactory
 
 # The budget for the shim as a browser downloads it.
@@ -57,6 +58,13 @@ def test_version_and_integrity_are_hashes_of_the_served_bytes() -> None:
     assert shim.integrity == f"sha384-{digest}"
 
 
+def test_loader_snippet_fills_the_source_and_attributes() -> None:
+    snippet = loader_snippet("/x/ortto-relay.js", {"data-debug": "", "data-consent": "required"})
+    assert snippet.startswith("<script>\n") and snippet.endswith("</script>")
+    assert '"/x/ortto-relay.js", {"data-debug": "", "data-consent": "required"});' in snippet
+    assert "{{" not in snippet
+
+
 async def test_plain_and_versioned_urls(make_gateway: GatewayFactory) -> None:
     client = await make_gateway()
     shim = ShimFile.load()
@@ -81,3 +89,12 @@ async def test_plain_and_versioned_urls(make_gateway: GatewayFactory) -> None:
     assert old.headers["Location"] == shim.file_name
     assert old.headers["Cache-Control"] == "no-cache"
     assert (await client.get("/ortto-relay.XYZ.js")).status == 404
+
+
+def test_cli_prints_the_pinned_snippet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shim", "--prefix", "https://gw.example.com"], environ={}) == 0
+    out = capsys.readouterr().out
+    shim = ShimFile.load()
+    assert out == pinned_snippet(shim, "https://gw.example.com") + "\n"
+    assert f'"https://gw.example.com/{shim.file_name}"' in out
+    assert f'"integrity": "{shim.integrity}", "crossorigin": "anonymous"' in out
