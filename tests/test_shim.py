@@ -11,6 +11,7 @@ import pytest
 from gateway.cli import main
 from gateway.shim import SHIM_PATH, ShimFile, loader_snippet, minify, pinned_snippet
 from tests.conftest import GatewayFactory
+from tests.servers import ROOT
 
 # The issue's budget for the shim as a browser downloads it.
 MAX_GZIPPED_BYTES = 4096
@@ -98,3 +99,14 @@ def test_cli_prints_the_pinned_snippet(capsys: pytest.CaptureFixture[str]) -> No
     assert out == pinned_snippet(shim, "https://gw.example.com") + "\n"
     assert f'"https://gw.example.com/{shim.file_name}"' in out
     assert f'"integrity": "{shim.integrity}", "crossorigin": "anonymous"' in out
+
+
+def test_readme_snippet_is_current() -> None:
+    """The README's loader names the served file's versioned URL and SRI hash, so it never
+    goes stale: after changing the shim, paste `ortto-gateway shim`'s output there."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    marker = "<!-- ortto-gateway shim: begin -->\n```html\n"
+    begin = readme.index(marker) + len(marker)
+    end = readme.index("\n```\n<!-- ortto-gateway shim: end -->")
+    expected = pinned_snippet(ShimFile.load(), "/ortto/")
+    assert readme[begin:end] == expected, "README is stale: paste `ortto-gateway shim` output"
