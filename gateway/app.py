@@ -24,6 +24,7 @@ from gateway.limits import FallbackStore, Limiter, LimitStore, MemoryStore
 from gateway.metrics import Metrics
 from gateway.middlewares import make_middlewares
 from gateway.relay import Relay
+from gateway.shim import ShimFile
 from gateway.sinks import ForwardSink, Sink, SpoolSink
 from gateway.spool import Spool
 from gateway.state import Lifecycle
@@ -140,10 +141,8 @@ def create_app(
     app.router.add_route(
         "OPTIONS", ACTIVITIES_PATH, handlers.preflight, name="activities-preflight"
     )
-    shim = handlers.StaticAsset(
-        handlers.SHIM, "application/javascript; charset=utf-8", handlers.SHIM_MAX_AGE
-    )
-    app.router.add_get("/ortto-relay.js", shim.handle, name="shim")
+    shim = handlers.ShimAsset(ShimFile.load())
+    app.router.add_get(handlers.SHIM_ROUTE, shim.handle, name="shim")
     app.router.add_get("/healthz", handlers.healthz, name="healthz")
     app.router.add_get("/readyz", handlers.readyz, name="readyz")
     return app

@@ -1,4 +1,4 @@
-"""The `ortto-gateway` command line: serve, demo, sandbox, check-config, dead-letters."""
+"""The `ortto-gateway` command line: serve, demo, sandbox, check-config, dead-letters, shim."""
 
 from __future__ import annotations
 
@@ -73,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--ttl", default="1h", help="how long the token is valid (default 1h)")
     sign.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
 
+    shim = sub.add_parser(
+        "shim", help="print the loader snippet for a page: the shim's versioned URL and SRI hash"
+    )
+    shim.add_argument(
+        "--prefix",
+        default="/ortto/",
+        help="where pages reach the gateway: a path (/ortto/ behind the nginx kit) or a URL",
+    )
+
     dead = sub.add_parser(
         "dead-letters",
         help="inspect and re-send what Ortto refused",
@@ -132,6 +141,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _dead_letters(args, env)
         if args.command == "sign-identity":
             return _sign_identity(args, env)
+        if args.command == "shim":
+            return _shim(args)
     except ConfigError as exc:
         print(f"ortto-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -230,6 +241,13 @@ def run_loop(coro: Any) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
+
+
+def _shim(args: argparse.Namespace) -> int:
+    from gateway.shim import ShimFile, pinned_snippet
+
+    print(pinned_snippet(ShimFile.load(), args.prefix))
+    return 0
 
 
 def _sign_identity(args: argparse.Namespace, env: Mapping[str, str]) -> int:

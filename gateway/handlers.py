@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from aiohttp import HttpVersion11, web
 
@@ -17,22 +16,29 @@ from gateway.errors import (
 )
 from gateway.keys import ADMISSION, LIFECYCLE, METRICS, RELAY, SETTINGS, SPOOL
 from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, json_response
+from gateway.shim import ShimFile
 from gateway.validation import decode_body
 
 CORS = web.AppKey("cors", CorsPolicy)
-SHIM = Path(__file__).parent / "static" / "ortto-relay.js"
-# Browsers revalidate the shim hourly; the ETag makes that a cheap 304.
+# The shim's one route: `/ortto-relay.js`, or `/ortto-relay.<version>.js`.
+SHIM_ROUTE = r"/ortto-relay{version:(\.[0-9a-f]{1,64})?}.js"
+SHIM_CONTENT_TYPE = "application/javascript; charset=utf-8"
+# Browsers revalidate the shim's plain URL hourly; the ETag makes that a cheap 304. The
+# versioned URL never changes content, so it is cached for a year and never revalidated.
 SHIM_MAX_AGE = 3600
+IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 class StaticAsset:
     """A small file served from memory with an ETag and cache headers."""
 
-    def __init__(self, path: Path, content_type: str, max_age: int) -> None:
-        self.body = path.read_bytes()
-        self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
+    def __init__(
+        self, body: bytes, content_type: str, cache_control: str, etag: str | None = None
+    ) -> None:
+        self.body = body
+        self.etag = '"' + (etag or hashlib.sha256(body).hexdigest()[:20]) + '"'
         self.headers = {
-            "Cache-Control": f"public, max-age={max_age}",
+            "Cache-Control": cache_control,
             "ETag": self.etag,
             "Content-Type": content_type,
             "X-Content-Type-Options": "nosniff",
@@ -45,6 +51,33 @@ class StaticAsset:
         if self.etag in (tag.strip() for tag in if_none_match.split(",")):
             return web.Response(status=304, headers=self.headers)
         return web.Response(body=self.body, headers=self.headers)
+
+
+class ShimAsset:
+    """The shim at its plain URL (revalidated) and at its versioned one (immutable).
+
+    Another version's URL, as a page pinned before an upgrade asks for, is redirected to this
+    version's: a page without SRI keeps working, and one with SRI refuses the new file, as it
+    should, until its snippet is updated (`ortto-gateway shim`)."""
+
+    def __init__(self, shim: ShimFile) -> None:
+        self.file_name = shim.file_name
+        self.version = "." + shim.version
+        self.plain = StaticAsset(
+            shim.body, SHIM_CONTENT_TYPE, f"public, max-age={SHIM_MAX_AGE}", shim.version
+        )
+        self.pinned = StaticAsset(shim.body, SHIM_CONTENT_TYPE, IMMUTABLE, shim.version)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        version = request.match_info.get("version", "")
+        if not version:
+            return await self.plain.handle(request)
+        if version == self.version:
+            return await self.pinned.handle(request)
+        # Relative, so behind a proxy's prefix (/ortto/) the browser stays under it.
+        return web.Response(
+            status=302, headers={"Location": self.file_name, "Cache-Control": "no-cache"}
+        )
 
 
 async def create_activities(request: web.Request) -> web.Response:

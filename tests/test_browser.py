@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
+from gateway.config import parse_rate
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for
+from gateway.shim import ShimFile, loader_snippet, pinned_snippet
 from tests.conftest import EXAMPLES, base_settings, need_binary
 from tests.servers import Nginx, fill, free_port, run_chromium, run_nginx, write_site
 
@@ -26,9 +29,10 @@ pytestmark = [pytest.mark.nginx, pytest.mark.chromium]
 
 PAGES = Path(__file__).parent / "browser_pages"
 SNIPPET = (EXAMPLES / "website-snippet.html").read_text(encoding="utf-8")
-SHIM_PATH = "/ortto/ortto-relay.js"
+SHIM_PREFIX = "/ortto/"
 ENDPOINT_PATH = "/ortto/v1/activities/create"
 GUIDE_EMAIL = "john.apple@example.com"
+GUIDE_PERSON = {"str::email": GUIDE_EMAIL, "str::first": "John", "str::last": "Apple"}
 # Generous deadlines for conditions that normally hold within milliseconds.
 DEADLINE = 10.0
 
@@ -79,12 +83,18 @@ class Stack:
     """Browser -> nginx (shipped config) -> gateway -> sandbox."""
 
     nginx: Nginx
-    gateway: TestServer
+    gateway: TestServer | None
     state: SandboxState
     browser: Browser
+    start: Callable[[], Awaitable[TestServer]]
+
+    async def start_gateway(self) -> None:
+        """Start the gateway on the port nginx forwards to (it answers 502 until then)."""
+        self.gateway = await self.start()
 
     def seen(self) -> list[Seen]:
         """Every request the gateway answered, in order."""
+        assert self.gateway is not None
         seen: list[Seen] = self.gateway.app[SEEN]
         return seen
 
@@ -102,12 +112,19 @@ class Stack:
 StackFactory = Callable[..., Awaitable[Stack]]
 
 
-def pages(shim_url: str) -> dict[str, str]:
-    """The test pages, pointing at `shim_url`, the guide's snippet pasted in as published."""
+def pages(prefix: str) -> dict[str, str]:
+    """The test pages, loading the shim from `prefix`, the guide's snippet pasted in as
+    published and the README's loader (pinned or not, with attributes) where they ask."""
+    shim_url = prefix + "ortto-relay.js"
+    values = {
+        "SHIM_URL": shim_url,
+        "SNIPPET": SNIPPET,
+        "LOADER_PINNED": pinned_snippet(ShimFile.load(), prefix),
+        "LOADER_DEBUG": loader_snippet(shim_url, {"data-debug": ""}),
+        "LOADER_CONSENT": loader_snippet(shim_url, {"data-consent": "required", "data-gpc": ""}),
+    }
     return {
-        path.name: fill(
-            path.read_text(encoding="utf-8"), {"SHIM_URL": shim_url, "SNIPPET": SNIPPET}
-        )
+        path.name: fill(path.read_text(encoding="utf-8"), values)
         for path in PAGES.iterdir()
         if path.is_file()
     }
@@ -120,12 +137,15 @@ async def make_stack(
     sandbox_state: SandboxState,
     tmp_path: Path,
 ) -> AsyncIterator[StackFactory]:
-    """Start nginx, then the gateway (allowing the second site's origin if asked), Chromium."""
+    """Start nginx, then the gateway (allowing the second site's origin if asked; later, if
+    asked), Chromium. Keyword arguments beyond those override the gateway's settings."""
     nginx_bin = need_binary("nginx", "/usr/sbin/nginx")
     chromium = need_binary("chromium", "/usr/bin/chromium")
     async with contextlib.AsyncExitStack() as stack:
 
-        async def factory(*, allow_other_origin: bool = False) -> Stack:
+        async def factory(
+            *, allow_other_origin: bool = False, gateway_up: bool = True, **overrides: Any
+        ) -> Stack:
             # nginx connects to its upstream only when a request comes, so the gateway's port
             # is chosen first and the gateway started once the other site's origin is known.
             gateway_port = free_port()
@@ -138,17 +158,25 @@ async def make_stack(
                     other_root=tmp_path / "other",
                 )
             )
-            write_site(tmp_path / "site", pages(SHIM_PATH))
-            write_site(tmp_path / "other", pages(nginx.url(SHIM_PATH)))
+            write_site(tmp_path / "site", pages(SHIM_PREFIX))
+            write_site(tmp_path / "other", pages(nginx.url(SHIM_PREFIX)))
             allowed = (nginx.other_origin,) if allow_other_origin else ("http://shop.example",)
-            settings = base_settings(tmp_path, str(sandbox.make_url("")), allowed_origins=allowed)
-            metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
-            app = create_app(settings, metrics=metrics)
-            app[SEEN] = []
-            app.on_response_prepare.append(_record)
-            gateway = await aiohttp_server(app, port=gateway_port)
+            settings = base_settings(
+                tmp_path, str(sandbox.make_url("")), allowed_origins=allowed, **overrides
+            )
+
+            async def start() -> TestServer:
+                metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
+                app = create_app(settings, metrics=metrics)
+                app[SEEN] = []
+                app.on_response_prepare.append(_record)
+                return await aiohttp_server(app, port=gateway_port)
+
             browser = await stack.enter_async_context(run_chromium(chromium))
-            return Stack(nginx, gateway, sandbox_state, browser)
+            result = Stack(nginx, None, sandbox_state, browser, start)
+            if gateway_up:
+                await result.start_gateway()
+            return result
 
         yield factory
 
@@ -166,13 +194,15 @@ async def _record(request: web.Request, response: web.StreamResponse) -> None:
 
 
 async def test_guide_snippet_same_origin(make_stack: StackFactory) -> None:
-    """The guide's exact snippet: the sandbox gets the activity, email and client address."""
+    """The guide's exact snippet: the sandbox gets the activity, the person its ap3c.track
+    (inside ap3c.cmd.push) named, and the client address."""
     stack = await make_stack()
     page, log = await stack.open(stack.nginx.url("/guide.html"))
     await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
     received = stack.state.activities[0]
     assert received.activity_id == "act:cm:login"
     assert received.email == GUIDE_EMAIL
+    assert received.activity["fields"] == GUIDE_PERSON
     assert received.source_ip == "127.0.0.1"
     attributes = received.activity["attributes"]
     assert attributes["str:cm:payment-plan"] == "$100 starter plan"
@@ -425,4 +455,282 @@ async def test_shim_survives_ortto_script(make_stack: StackFactory) -> None:
     await wait_for(lambda: len(stack.state.activities) == 4, DEADLINE)
     assert stack.state.activities[3].activity["fields"] == {"str::ei": "ext-7"}
     assert log.problems() == []
+    await page.close()
+
+
+async def kept(page: Page, key: str = "ortto-relay:outbox") -> list[Any]:
+    """What the page's origin keeps in localStorage under `key`."""
+    text = await page.evaluate(f"localStorage.getItem({json.dumps(key)})")
+    return json.loads(text) if text else []
+
+
+async def test_seed_snippet_with_the_loader(make_stack: StackFactory) -> None:
+    """The README's loader (versioned URL, SRI) and the guide's snippet verbatim: the command
+    runs (init, track), the activity queued before the shim came carries the tracked names."""
+    stack = await make_stack()
+    page, log = await stack.open(stack.nginx.url("/seed.html"))
+    await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
+    received = stack.state.activities[0]
+    assert received.activity_id == "act:cm:login"
+    assert received.activity["fields"] == GUIDE_PERSON
+    assert received.activity["attributes"]["str:cm:web-browser"] == "Google Chrome"
+    shim = ShimFile.load()
+    assert await page.evaluate("document.querySelector('script[integrity]').src") == (
+        stack.nginx.url(SHIM_PREFIX + shim.file_name)
+    )
+    assert log.problems() == []
+    await page.close()
+
+
+async def test_ortto_cmd_form_runs_in_order_and_isolated(make_stack: StackFactory) -> None:
+    """Ortto's form: init, track and activity inside ap3c.cmd.push. Commands run in order,
+    before and after the shim came; one that throws is reported and the others still run."""
+    stack = await make_stack()
+    page, log = await stack.open(stack.nginx.url("/cmd.html"))
+    await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
+    received = stack.state.activities[0]
+    assert received.activity["fields"] == GUIDE_PERSON
+    assert received.activity["attributes"] == {"str:cm:payment-plan": "gold"}
+    await page.evaluate("ap3c.cmd.push(function () { window.order.push(4); })")
+    assert await page.evaluate("window.order") == [1, 2, 3, 4]
+    errors = [m for m in log.messages if m.startswith("console.error")]
+    assert len(errors) == 1 and "an ap3c.cmd function threw" in errors[0], log.messages
+    assert not [m for m in log.messages if m.startswith("pageerror")]
+    await page.close()
+
+
+async def test_activity_answers_with_a_promise(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    page, _log = await stack.open(stack.nginx.url("/loader.html"))
+    answer = await page.evaluate(
+        """() => ap3c.activity({"activity_id": "act:cm:login",
+                                 "attributes": {"str::email": "promise@example.com"}})"""
+    )
+    assert answer == {
+        "status": 202,
+        "accepted": True,
+        "duplicate": False,
+        "warnings": [],
+        "retryAfterSeconds": None,
+        "error": None,
+        "kept": False,
+    }
+    refused = await page.evaluate(
+        """() => ap3c.activity({"activity_id": "act:cm:login",
+                                 "fields": {"str::email": "x@example.com", "phn::phone": "1"}})"""
+    )
+    assert refused["status"] == 400 and refused["accepted"] is False
+    assert "phn::phone" in refused["error"]
+    assert await kept(page) == []  # both answered: nothing left to send
+    await page.close()
+
+
+async def test_shim_beside_ortto_tracking_code(make_stack: StackFactory) -> None:
+    """Ortto's own script (a stand-in) after the shim: it gets the init and track the shim ran
+    before it came (page views), and later ones; activities stay with the gateway."""
+    stack = await make_stack()
+    page, log = await stack.open(stack.nginx.url("/ortto.html"))
+    await page.wait_for_function("window.__orttoRelay", timeout=DEADLINE * 1000)
+    await page.add_script_tag(url="/fake-ortto.js")
+    await page.wait_for_function("window.orttoCalls.length == 2", timeout=DEADLINE * 1000)
+    assert await page.evaluate("window.orttoCalls") == [
+        ["init", "(tracking key)"],
+        ["track", "both@example.com"],
+    ]
+    answer = await page.evaluate(
+        """() => ap3c.activity({"activity_id": "act:cm:signup",
+                                 "attributes": {"str:cm:plan": "x"}})"""
+    )
+    assert answer["accepted"] is True
+    await page.evaluate("""ap3c.cmd.push(function () { ap3c.track({"v": 0}); })""")
+    assert await page.evaluate("window.orttoCalls") == [
+        ["init", "(tracking key)"],
+        ["track", "both@example.com"],
+        ["track", None],
+    ]
+    await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
+    assert stack.state.activities[0].activity["fields"] == {
+        "str::email": "both@example.com",
+        "str::first": "Bo",
+    }
+    assert log.problems() == []
+    await page.close()
+
+
+async def test_gateway_down_at_page_load(make_stack: StackFactory) -> None:
+    """The gateway is down: the shim cannot load, the page runs without an error and keeps
+    what it queued; the next page, with the gateway up, sends it exactly once."""
+    stack = await make_stack(gateway_up=False)
+    page = await stack.browser.new_page()
+    log = PageLog()
+    log.attach(page)
+    await page.goto(stack.nginx.url("/outage.html"))
+    # The loader's script element failed (nginx's 502); the page is whole and ap3c answers.
+    assert await page.evaluate("typeof ap3c.activity(null).then") == "function"
+    assert await page.evaluate("window.__orttoRelay") is None
+    await page.goto(stack.nginx.url("/index.html"))  # pagehide: the loader keeps the queue
+    [early] = await kept(page, "ortto-relay:early")
+    assert early["a"][0]["activity_id"] == "act:cm:login"
+    assert [m for m in log.messages if m.startswith("pageerror")] == []
+
+    await stack.start_gateway()
+    await page.goto(stack.nginx.url("/loader.html"))
+    await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
+    received = stack.state.activities[0]
+    assert received.activity["fields"] == {"str::email": "down@example.com", "str::first": "Dawn"}
+    assert received.activity["attributes"] == {"str:cm:plan": "outage"}
+    await page.wait_for_function(
+        "!localStorage.getItem('ortto-relay:outbox')", timeout=DEADLINE * 1000
+    )
+    assert await kept(page, "ortto-relay:early") == []
+    # Another page sends nothing again.
+    await page.goto(stack.nginx.url("/loader.html"))
+    await page.wait_for_function("window.__orttoRelay", timeout=DEADLINE * 1000)
+    assert [s.status for s in posts_to_gateway(stack)] == [202]
+    assert len(stack.state.activities) == 1
+    await page.close()
+
+
+async def test_unanswered_activity_is_sent_by_the_next_page(make_stack: StackFactory) -> None:
+    """The shim is there but its POSTs fail: the activity stays in the outbox, with its key,
+    and the next page sends it once, with that key."""
+    stack = await make_stack()
+    page, _log = await stack.open(stack.nginx.url("/loader.html"))
+    bodies: list[str] = []
+
+    async def from_the_first_page_only(route: Route) -> None:
+        if route.request.headers.get("referer", "").endswith("/loader.html"):
+            await route.abort("connectionrefused")
+        else:
+            bodies.append(route.request.post_data or "")
+            await route.continue_()
+
+    await page.route("**" + ENDPOINT_PATH, from_the_first_page_only)
+    await page.evaluate(
+        """() => { window.first = ap3c.activity({"activity_id": "act:cm:login",
+                   "attributes": {"str::email": "later@example.com"}}); }"""
+    )
+    [entry] = await kept(page)
+    assert entry["a"]["key"] == entry["k"] and len(entry["k"]) >= 16
+    await page.wait_for_function("window.__orttoRelay.waiting() == 1", timeout=DEADLINE * 1000)
+    await page.goto(stack.nginx.url("/debug.html"))
+    await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
+    assert stack.state.activities[0].email == "later@example.com"
+    assert [json.loads(b)["activities"][0]["key"] for b in bodies] == [entry["k"]]
+    await page.wait_for_function(
+        "!localStorage.getItem('ortto-relay:outbox')", timeout=DEADLINE * 1000
+    )
+    assert [s.status for s in posts_to_gateway(stack)] == [202]
+    await page.close()
+
+
+async def test_outbox_is_bounded(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    page, log = await stack.open(stack.nginx.url("/loader.html"))
+    await page.route("**" + ENDPOINT_PATH, lambda route: route.abort("connectionrefused"))
+    await page.evaluate(
+        """() => { for (let n = 0; n < 101; n++) ap3c.activity({"activity_id": "act:cm:login",
+                     "attributes": {"str::email": "p" + n + "@example.com"}}); }"""
+    )
+    outbox = await kept(page)
+    assert len(outbox) == 100
+    assert outbox[0]["a"]["attributes"]["str::email"] == "p1@example.com"
+    warnings = [m for m in log.messages if m.startswith("console.warning")]
+    assert warnings == [
+        "console.warning: ortto-relay: too many unsent activities: dropped the oldest, act:cm:login"
+    ]
+    await page.close()
+
+
+async def test_debug_mode_explains_a_limit(make_stack: StackFactory) -> None:
+    """data-debug: the console says what went wrong and what to change, in human units."""
+    stack = await make_stack(person_limit=parse_rate("1/1d"))
+    page, log = await stack.open(stack.nginx.url("/debug.html"))
+    send = """() => ap3c.activity({"activity_id": "act:cm:login",
+                                    "attributes": {"str::email": "limit@example.com"}})"""
+    assert (await page.evaluate(send))["accepted"] is True
+    limited = await page.evaluate(send)
+    assert limited["status"] == 429 and limited["accepted"] is False
+    assert 86000 < limited["retryAfterSeconds"] <= 86400
+    unknown = await page.evaluate(
+        """() => ap3c.activity({"activity_id": "act:cm:nope",
+                                 "attributes": {"str::email": "limit@example.com"}})"""
+    )
+    assert unknown["status"] == 404
+    warnings = [m for m in log.messages if m.startswith("console.warning")]
+    assert re.fullmatch(
+        r"console\.warning: ortto-relay: act:cm:login: limit reached, try again in "
+        r"2[34] h \d{1,2} min",
+        warnings[0],
+    ), warnings
+    assert warnings[1] == (
+        "console.warning: ortto-relay: act:cm:nope: not enabled: add it to GATEWAY_ACTIVITIES"
+    )
+    infos = [m for m in log.messages if m.startswith("console.info")]
+    assert any("act:cm:login: accepted" in m for m in infos), infos
+    await page.close()
+
+
+async def test_origin_not_allowed_is_explained(make_stack: StackFactory) -> None:
+    """A page on an origin the gateway refuses: the answer is a 403, the debug mode names the
+    setting, nothing is retried or kept."""
+    stack = await make_stack(allow_other_origin=False)
+    page, log = await stack.open(stack.nginx.other_url("/debug.html"))
+    answer = await page.evaluate(
+        """() => ap3c.activity({"activity_id": "act:cm:login",
+                                 "attributes": {"str::email": "far@example.com"}})"""
+    )
+    assert answer["status"] == 403 and answer["kept"] is False
+    assert (
+        f"console.warning: ortto-relay: this page's origin {stack.nginx.other_origin} is not "
+        "allowed: add it to GATEWAY_ALLOWED_ORIGINS"
+    ) in log.messages
+    assert await kept(page) == []
+    assert await page.evaluate("window.__orttoRelay.waiting()") == 0
+    assert {(s.method, s.status) for s in stack.seen() if s.path.startswith("/v1/")} == {
+        ("OPTIONS", 403)
+    }
+    assert stack.state.activities == []
+    await page.close()
+
+
+async def test_consent_withheld_then_given(make_stack: StackFactory) -> None:
+    """data-consent="required": nothing is sent or stored, on this page or when it goes; once
+    a page calls ap3c.consent(true), its activities go."""
+    stack = await make_stack()
+    page, _log = await stack.open(stack.nginx.url("/consent.html"))
+    await page.wait_for_function("window.__orttoRelay", timeout=DEADLINE * 1000)
+    await page.goto(stack.nginx.url("/index.html"))
+    assert await page.evaluate("Object.keys(localStorage)") == []
+    await page.goto(stack.nginx.url("/consent.html"))
+    await page.wait_for_function("window.__orttoRelay", timeout=DEADLINE * 1000)
+    assert posts_to_gateway(stack) == []
+    await page.evaluate("ap3c.consent(true)")
+    assert (await page.evaluate("window.answer"))["accepted"] is True
+    await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
+    assert stack.state.activities[0].email == "careful@example.com"
+    # Withdrawn: later activities are answered at once, and nothing is sent.
+    await page.evaluate("ap3c.consent(false)")
+    refused = await page.evaluate(
+        """() => ap3c.activity({"activity_id": "act:cm:login", "attributes": {}})"""
+    )
+    assert refused["error"] == "no consent"
+    assert len(posts_to_gateway(stack)) == 1
+    await page.close()
+
+
+async def test_global_privacy_control(make_stack: StackFactory) -> None:
+    """data-gpc and the browser's GPC signal: nothing is sent, even after ap3c.consent(true)."""
+    stack = await make_stack()
+    page = await stack.browser.new_page()
+    await page.add_init_script(
+        "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
+    )
+    await page.goto(stack.nginx.url("/consent.html"))
+    await page.wait_for_function("window.__orttoRelay", timeout=DEADLINE * 1000)
+    await page.evaluate("ap3c.consent(true)")
+    assert (await page.evaluate("window.answer"))["error"] == "no consent"
+    await page.goto(stack.nginx.url("/index.html"))
+    assert await page.evaluate("Object.keys(localStorage)") == []
+    assert posts_to_gateway(stack) == []
     await page.close()
