@@ -19,8 +19,10 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import parse_rate
+from gateway.keys import METRICS
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for
+from gateway.server import runner_options
 from gateway.shim import ShimFile, loader_snippet, pinned_snippet
 from tests.conftest import EXAMPLES, base_settings, need_binary
 from tests.servers import Nginx, fill, free_port, run_chromium, run_nginx, write_site
@@ -170,7 +172,8 @@ async def make_stack(
                 app = create_app(settings, metrics=metrics)
                 app[SEEN] = []
                 app.on_response_prepare.append(_record)
-                return await aiohttp_server(app, port=gateway_port)
+                # The runner options `serve` uses (bodies inflated by the gateway, ...).
+                return await aiohttp_server(app, port=gateway_port, **runner_options(settings))
 
             browser = await stack.enter_async_context(run_chromium(chromium))
             result = Stack(nginx, None, sandbox_state, browser, start)
@@ -624,6 +627,35 @@ async def test_unanswered_activity_is_sent_by_the_next_page(make_stack: StackFac
     await page.close()
 
 
+async def test_a_beacon_at_unload_is_sent_again_and_counted_once(
+    make_stack: StackFactory,
+) -> None:
+    """A beacon may or may not arrive: the outbox keeps it, marked, the next page sends it
+    again under the same key, and the gateway answers the repeat as a duplicate."""
+    stack = await make_stack()
+    page, _log = await stack.open(stack.nginx.url("/beacon.html"))
+    await page.goto(stack.nginx.url("/index.html"))  # pagehide: the activity goes by beacon
+    [entry] = await kept(page)
+    assert entry["m"] > 0  # handed to the browser, maybe delivered
+    await page.goto(stack.nginx.url("/debug.html"))  # a page with the shim: it sends again
+    await page.wait_for_function(
+        "!localStorage.getItem('ortto-relay:outbox')", timeout=DEADLINE * 1000
+    )
+    await wait_for(lambda: len(posts_to_gateway(stack)) == 2, DEADLINE)
+    assert [s.status for s in posts_to_gateway(stack)] == [202, 202]
+    assert stack.gateway is not None
+    registry = stack.gateway.app[METRICS].registry
+
+    def counted(outcome: str) -> float | None:
+        labels = {"activity_id": "act:cm:login", "outcome": outcome}
+        return registry.get_sample_value("ortto_gateway_activities_total", labels)
+
+    assert (counted("accepted"), counted("duplicate")) == (1, 1)
+    await wait_for(lambda: len(stack.state.activities) == 1, DEADLINE)
+    assert stack.state.activities[0].email == "leaving@example.com"
+    await page.close()
+
+
 async def test_outbox_is_bounded(make_stack: StackFactory) -> None:
     stack = await make_stack()
     page, log = await stack.open(stack.nginx.url("/loader.html"))
@@ -668,6 +700,18 @@ async def test_debug_mode_explains_a_limit(make_stack: StackFactory) -> None:
     )
     infos = [m for m in log.messages if m.startswith("console.info")]
     assert any("act:cm:login: accepted" in m for m in infos), infos
+    # A bad optional value: accepted without it, and the console says what was left out.
+    dropped = await page.evaluate(
+        """() => ap3c.activity({"activity_id": "act:cm:login",
+                                 "attributes": {"str::email": "drop@example.com",
+                                                "int:cm:seats": "two"}})"""
+    )
+    assert dropped["accepted"] is True
+    assert [w["field"] for w in dropped["warnings"]] == ["attributes.int:cm:seats"]
+    assert any(
+        m.startswith("console.warning: ortto-relay: act:cm:login: attributes.int:cm:seats must")
+        for m in log.messages
+    ), log.messages
     await page.close()
 
 

@@ -16,6 +16,7 @@
     OUTBOX = "ortto-relay:outbox",
     EARLY = "ortto-relay:early",
     KEEP = 100,
+    REPEAT = 828e5, // 23 h: within the gateway's 24 h memory of a key
     KEEP_CHARS = 200000,
     NAMES = { email: "str::email", first: "str::first", last: "str::last", ei: "str::ei" },
     con = w.console,
@@ -74,6 +75,10 @@
     save(OUTBOX, list);
   };
   const unkeep = (batch) => save(OUTBOX, load(OUTBOX).filter((e) => !batch.some((it) => it.k == e.k)));
+  // Handed to the browser as the page left (a beacon, a fetch in flight): maybe delivered. Kept,
+  // marked with the time; the next page sends it again within the gateway's 24 h memory of keys
+  // (a repeat is answered as a duplicate, never counted twice), and drops it after that.
+  const mark = (batch) => save(OUTBOX, load(OUTBOX).map((e) => (e.m || !batch.some((it) => it.k == e.k) ? e : { ...e, m: Date.now() })));
 
   // Ortto's track object ({"v": 0, "email", "first", "last"}, {"ei"}, or person fields by their
   // Ortto names) as person fields; null when it names nobody (a page view).
@@ -131,7 +136,7 @@
       : kept ? id + "no answer (" + (status || "network") + "), kept for the next page"
       : res.retryAfterSeconds ? id + "limit reached, try again in " + human(res.retryAfterSeconds)
       : id + status + " " + error + (/person field/.test(error) ? " (GATEWAY_PERSON_FIELDS allows it)" : ""));
-    res.warnings.forEach((warning) => say("warn", id + warning));
+    res.warnings.forEach((w) => say("warn", id + (w.message || w)));
     if (it.r) it.r(res);
   };
 
@@ -192,9 +197,8 @@
       size = 20;
     scheduled = false;
     const go = () => {
-      // A beacon (text/plain: no preflight) is fire and forget: it leaves the outbox, or the
-      // next page could send it twice.
-      if (away && !failed && navigator.sendBeacon(url, text(batch))) unkeep(batch);
+      // A beacon (text/plain: no preflight) is fire and forget: maybe delivered (see mark).
+      if (away && !failed && navigator.sendBeacon(url, text(batch))) mark(batch);
       else post(batch, 0);
       batch = [];
       size = 20;
@@ -239,7 +243,9 @@
     if (restored) return;
     restored = true;
     const fresh = [];
-    pending.push(...load(OUTBOX).map((e) => ({ a: e.a, s: JSON.stringify(e.a), k: e.k })));
+    const kept = load(OUTBOX).filter((e) => !(Date.now() - e.m > REPEAT));
+    save(OUTBOX, kept);
+    pending.push(...kept.map((e) => ({ a: e.a, s: JSON.stringify(e.a), k: e.k })));
     for (const page of load(EARLY)) {
       const who = (page.t || []).map(personOf).filter(Boolean).pop();
       for (const act of page.a || []) if (act) fresh.push(item(act, who, ""));
@@ -322,13 +328,12 @@
   say("info", "sending to " + url + ", consent " + consent);
 
   // Registered now, before the page's own pagehide listeners: an activity sent from one of
-  // those goes by beacon. A keepalive fetch goes on after the page: it leaves the outbox as a
-  // beacon does.
+  // those goes by beacon. A keepalive fetch goes on after the page: marked as a beacon is.
   w.addEventListener("pagehide", () => {
     const sent = flying.slice();
     leaving = true;
     if (pending.length) flush();
-    if (!failed) sent.forEach(unkeep);
+    if (!failed) sent.forEach(mark);
   });
   w.addEventListener("pageshow", () => (leaving = false));
   d.addEventListener("visibilitychange", () => d.visibilityState == "hidden" && pending.length && flush());
