@@ -166,6 +166,29 @@ def _describe(payload: bytes) -> tuple[str, str, dict[str, Any]]:
     return (activity_id if isinstance(activity_id, str) else ""), who, data
 
 
+_MERGE_BY = b'"merge_by"'
+
+
+def _merge_by(payload: bytes) -> list[str] | None:
+    """An activity's own `merge_by` (the relay gives it the browser's request-level one)."""
+    if _MERGE_BY not in payload:  # nearly every activity: no parse
+        return None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    merge_by = data.get("merge_by") if isinstance(data, dict) else None
+    return merge_by if isinstance(merge_by, list) and merge_by else None
+
+
+def _by_merge_by(items: list[SpooledItem]) -> list[list[SpooledItem]]:
+    """The items by their `merge_by`, each group in spool order, groups by first item."""
+    groups: dict[tuple[str, ...], list[SpooledItem]] = {}
+    for item in items:
+        groups.setdefault(tuple(_merge_by(item.payload) or ()), []).append(item)
+    return list(groups.values())
+
+
 class Delivery:
     """The background worker; `start()` in the app's cleanup context, `stop()` on the way out."""
 
@@ -437,8 +460,10 @@ class Delivery:
     async def _deliver(self, items: list[SpooledItem]) -> None:
         try:
             items = await self._drop_too_old(items)
-            if items:
-                await self._send(items, bisecting=False)
+            # One request per merge_by (most sites have one): a browser's choice reaches
+            # Ortto as its request's `merge_by`. The first goes under the rate slot taken.
+            for n, group in enumerate(_by_merge_by(items)):
+                await self._send(group, bisecting=n > 0)
         except asyncio.CancelledError:
             # Rows whose acknowledgement waits for a retry were delivered: never given back.
             ids = [i.id for i in items if i.id not in self._unacked]
@@ -476,7 +501,7 @@ class Delivery:
         if bisecting:
             await self._wait_until_allowed()
             await self._rate.acquire()
-        body = encode_batch([i.payload for i in items])
+        body = encode_batch([i.payload for i in items], merge_by=_merge_by(items[0].payload))
         self._metrics.upstream_batch_activities.observe(len(items))
         failures = self._failures  # the backoff exponent this batch was sent under
         try:

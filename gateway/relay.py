@@ -105,6 +105,10 @@ class Relay:
                     idempotency_key=parsed.keys[i],
                 )
             )
+            if parsed.merge_by and "merge_by" not in item:
+                # Carried by each activity through the spool (Ortto takes it there too);
+                # delivery groups by it and sends it as the request's `merge_by`.
+                item["merge_by"] = parsed.merge_by
             positions.append(i)
         if not checks:
             raise first_error(parsed) or errors[0]

@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
 from gateway.errors import GatewayError, PayloadTooLarge, Unavailable
 from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpoolClosed, SpoolError, SpoolFull
@@ -138,9 +136,7 @@ class ForwardSink:
     ) -> SinkResult:
         """Post one request to Ortto and map its answer to the browser's, in the gateway's
         words: only a 2xx accounting for each activity counts as Ortto's answer."""
-        body = encode_batch(activities, async_=async_)
-        if merge_by:
-            body = body[:-1] + b',"merge_by":' + orjson.dumps(merge_by) + b"}"
+        body = encode_batch(activities, async_=async_, merge_by=merge_by)
         self._metrics.upstream_batch_activities.observe(len(activities))
         try:
             resp = await self._client.post(body)

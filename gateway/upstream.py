@@ -13,7 +13,7 @@ import email.utils
 import io
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,11 +217,15 @@ class OrttoClient:
             raise
 
 
-def encode_batch(payloads: list[bytes], *, async_: bool = False) -> bytes:
+def encode_batch(
+    payloads: list[bytes], *, async_: bool = False, merge_by: Sequence[str] | None = None
+) -> bytes:
     """Ortto's request body from already encoded activities, without re-encoding them."""
     flag = b"true" if async_ else b"false"
-    return b'{"activities":[' + b",".join(payloads) + b'],"async":' + flag + b"}"
+    tail = b',"merge_by":' + orjson.dumps(list(merge_by)) if merge_by else b""
+    return b'{"activities":[' + b",".join(payloads) + b'],"async":' + flag + tail + b"}"
 
 
-# Bytes `encode_batch` adds around the activities, plus one comma per activity.
-BATCH_OVERHEAD = len(encode_batch([], async_=False))
+# Bytes `encode_batch` adds around the activities (a `merge_by` of both identifiers
+# included), plus one comma per activity.
+BATCH_OVERHEAD = len(encode_batch([], async_=False, merge_by=["str::email", "str::ei"]))
