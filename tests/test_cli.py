@@ -199,6 +199,13 @@ def test_sign_identity_prints_a_token_the_gateway_accepts(
     verify_identity(token, activity, [secret], time.time())
     assert main(["sign-identity", "a@b.c"], {}) == 2
     assert "GATEWAY_IDENTITY_SECRET" in capsys.readouterr().err
+    env = {"GATEWAY_IDENTITY_SECRET": secret}
+    assert main(["sign-identity", "--person-id", "006a0f"], env) == 0
+    token = capsys.readouterr().out.strip()
+    verify_identity(token, {**activity, "person_id": "006a0f"}, [secret], time.time())
+    for both_or_neither in (["a@b.c", "--person-id", "006a0f"], []):
+        assert main(["sign-identity", *both_or_neither], env) == 2
+        assert "EMAIL or --person-id" in capsys.readouterr().err
 
 
 def test_check_config_refuses_a_key_file_with_a_line_break_inside(

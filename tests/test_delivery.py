@@ -641,3 +641,31 @@ async def test_a_failed_ack_is_retried_first_and_nothing_is_sent_twice(
     await rig.spool.put([payload(i) for i in range(10, 15)])  # and delivery goes on
     await wait_for(lambda: len(sandbox_state.activities) == 15)
     await wait_for(lambda: rig.spool.depth == 0)
+
+
+async def test_activities_go_to_ortto_grouped_by_their_merge_by(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    def keyed(i: int, merge_by: list[str] | None) -> bytes:
+        activity: dict[str, Any] = {
+            "activity_id": "act:cm:login",
+            "fields": {"str::email": f"m{i}@example.com", "str::ei": f"u-{i}"},
+        }
+        if merge_by:
+            activity["merge_by"] = merge_by
+        return orjson.dumps(enrich(activity, "192.0.2.1", time.time()))
+
+    mixed = [None, ["str::email"], None, ["str::ei", "str::email"], ["str::email"]]
+    await rig.spool.put([keyed(i, m) for i, m in enumerate(mixed)])
+    rig.start()
+    await wait_for(lambda: rig.spool.depth == 0)
+    bodies = [orjson.loads(r.body) for r in sandbox_state.requests]
+    # One request per merge_by, in the order of each one's first activity, nothing lost.
+    assert [b.get("merge_by") for b in bodies] == [None, ["str::email"], ["str::ei", "str::email"]]
+    emails = [[a["fields"]["str::email"] for a in b["activities"]] for b in bodies]
+    assert emails == [
+        ["m0@example.com", "m2@example.com"],
+        ["m1@example.com", "m4@example.com"],
+        ["m3@example.com"],
+    ]
+    assert len(sandbox_state.activities) == 5
