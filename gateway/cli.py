@@ -175,8 +175,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         owned = drained_spool_files(settings.spool_path, args.workers)
         adopt_orphans(spool_files(settings.spool_path), owned)
     if args.workers > 1:
-        run_loop(supervise(settings, args.workers))
-        return 0
+        return run_loop(supervise(settings, args.workers)) or 0
     from gateway.server import serve
 
     run_loop(serve(settings))
@@ -233,14 +232,14 @@ def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
-def run_loop(coro: Any) -> None:
-    """Run a coroutine on uvloop when it is installed, else asyncio's loop."""
+def run_loop(coro: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed, else asyncio's loop; its result."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
+        return asyncio.run(coro)
     else:
-        uvloop.run(coro)
+        return uvloop.run(coro)
 
 
 def _shim(args: argparse.Namespace) -> int:

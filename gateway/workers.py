@@ -29,6 +29,8 @@ from gateway.config import ConfigError, Settings
 log = logging.getLogger("gateway.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Exit codes of a worker that a restart would not fix (cli.EXIT_SPOOL, cli.EXIT_IN_USE).
+FATAL_EXITS = frozenset({2, 3})
 # A worker that keeps dying is restarted at most this often.
 RESTART_DELAY = 1.0
 # How long the supervisor waits for workers beyond their own drain timeout.
@@ -76,9 +78,9 @@ def check_workers(settings: Settings, workers: int) -> None:
 
 def _worker_main(settings: Settings, index: int, supervisor: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
-    from gateway.cli import EXIT_IN_USE, run_loop
+    from gateway.cli import EXIT_IN_USE, EXIT_SPOOL, run_loop
     from gateway.logs import setup_logging
-    from gateway.spool import SpoolInUse
+    from gateway.spool import SpoolInUse, SpoolOpenError
 
     setup_logging(settings.log_level)
     try:
@@ -86,6 +88,9 @@ def _worker_main(settings: Settings, index: int, supervisor: int) -> None:
     except SpoolInUse as exc:  # a worker of another gateway still drains this file
         log.error("cannot start worker", extra={"data": {"worker": index, "error": str(exc)}})
         raise SystemExit(EXIT_IN_USE) from None
+    except SpoolOpenError as exc:  # a full or read-only disk: a restart would not help
+        log.error("cannot start worker", extra={"data": {"worker": index, "error": str(exc)}})
+        raise SystemExit(EXIT_SPOOL) from None
 
 
 async def _run_worker(settings: Settings, index: int, supervisor: int) -> None:
@@ -137,19 +142,20 @@ def _spawn(settings: Settings, index: int, workers: int) -> BaseProcess:
     return proc
 
 
-async def supervise(settings: Settings, workers: int) -> None:
-    """Run `workers` gateway processes and the shared metrics listener until a signal."""
+async def supervise(settings: Settings, workers: int) -> int:
+    """Run `workers` gateway processes and the shared metrics listener until a signal;
+    the exit code (non-zero when a worker could not start for a cause a restart keeps)."""
     check_workers(settings, workers)
     metrics_dir = tempfile.mkdtemp(prefix="ortto-gateway-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
     try:
-        await _supervise(settings, workers, metrics_dir)
+        return await _supervise(settings, workers, metrics_dir)
     finally:
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None:
+async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
     from aiohttp import web
     from prometheus_client import CollectorRegistry, ProcessCollector
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -180,10 +186,20 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None
             }
         },
     )
+    exit_code = 0
     try:
         while not stop.is_set():
             for i, proc in enumerate(procs):
-                if not proc.is_alive() and not stop.is_set():
+                if not proc.is_alive() and proc.exitcode in FATAL_EXITS and not stop.is_set():
+                    # The spool cannot be opened or is held elsewhere: every restart would
+                    # fail the same way, so the gateway stops and says so, as `serve` does.
+                    log.error(
+                        "worker cannot start; stopping",
+                        extra={"data": {"worker": i, "exitcode": proc.exitcode}},
+                    )
+                    exit_code = proc.exitcode or 1
+                    stop.set()
+                elif not proc.is_alive() and not stop.is_set():
                     log.error(
                         "worker died; restarting",
                         extra={"data": {"worker": i, "exitcode": proc.exitcode}},
@@ -204,6 +220,7 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> None
             loop.remove_signal_handler(sig)
         await runner.cleanup()
     log.info("stopped")
+    return exit_code
 
 
 def _join_all(procs: list[BaseProcess], timeout: float) -> None:

@@ -278,3 +278,24 @@ async def test_a_worker_whose_supervisor_died_before_it_started_stops(
     not_my_parent = os.getppid() + 1_000_000
     await asyncio.wait_for(workers._run_worker(settings, 0, not_my_parent), timeout=10)
     assert any("the supervisor is gone" in r.getMessage() for r in caplog.records)
+
+
+def test_a_worker_whose_spool_cannot_be_opened_stops_the_gateway_with_exit_2(
+    tmp_path: Path,
+) -> None:
+    """A restart cannot fix a spool the disk refuses: `--workers 2` exits 2, as `serve`
+    does, instead of restarting workers every second."""
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    gw = GatewayProcess(
+        "http://127.0.0.1:9",
+        blocker / "spool.sqlite3",
+        tmp_path / "gw.log",
+        args=("--workers", "2"),
+        env={"GATEWAY_REDIS_URL": "redis://127.0.0.1:9/0"},  # never reached: no worker starts
+    )
+    code, out, err = gw.run_to_exit(timeout=60)
+    assert (code, out) == (2, "")
+    assert "Traceback" not in err
+    assert "is not a directory" in err
+    assert '"msg":"worker cannot start; stopping"' in err  # the workers' path, not the parent's

@@ -70,8 +70,9 @@ FAULTS: list[dict[str, Any]] = [
     {"status": 503, "count": 3},
     {"status": 429, "count": 1, "try_in_seconds": 1},
     {"status": 200, "count": 1, "process": True, "delay": 1.5},
-    {"status": 200, "count": 1, "process": False, "body": "<html>captive portal</html>"},
+    {"status": 200, "count": 1, "answer": "html"},  # a captive portal's page
     {"status": 502, "count": 2},
+    {"status": 204, "count": 1, "answer": "empty"},
 ]
 
 
@@ -116,7 +117,10 @@ class Traffic:
         return out
 
     def forwarded_for(self) -> str:
-        return f"203.0.113.{self.rng.randrange(1, 255)}"  # a documentation address: text only
+        """A client address (text in a header only: nothing is sent there) from IPv6's
+        documentation prefix, a new /64 (its own IP budget) almost every time, so the soak
+        measures the gateway's work rather than its 429s."""
+        return f"2001:db8:{self.rng.randrange(65536):x}:{self.rng.randrange(65536):x}::1"
 
     async def one(self, session: aiohttp.ClientSession, kind: str) -> None:
         headers = {"X-Forwarded-For": self.forwarded_for()}
