@@ -27,9 +27,18 @@ from gateway.errors import (
 )
 from gateway.identity import person_hash, person_key, verify_identity
 from gateway.limits import Check, Limiter, LimiterUnavailable
+from gateway.limits.limiter import IN_FLIGHT_RETRY
 from gateway.metrics import Metrics
 from gateway.sinks import QUEUED, Sink
-from gateway.validation import Activity, ParsedRequest, first_error, is_batch, parse_request
+from gateway.validation import (
+    Activity,
+    FieldWarning,
+    ParsedRequest,
+    first_error,
+    is_batch,
+    merge_by_problem,
+    parse_request,
+)
 
 # The limiter's key count is a gauge: once a second is fresh enough.
 KEYS_REPORT_INTERVAL = 1.0
@@ -46,6 +55,45 @@ class RelayResult:
     body: dict[str, Any]
     retry_after: int | None = None
     log: dict[str, Any] | None = None  # merged into the request's log line
+
+
+def _keep_signed_identifier(item: Activity, warnings: list[FieldWarning]) -> None:
+    """Where a signed identity is required, only the identifier it signs goes to Ortto
+    (the `person_id`, else the email): another one, unverified, could choose whose
+    record the activity changes."""
+    fields = item.get("fields")
+    if not fields:
+        return
+    unsigned = ("str::email", "str::ei") if "person_id" in item else ("str::ei",)
+    for name in unsigned:
+        if name in fields:
+            del fields[name]
+            warnings.append(
+                {
+                    "field": f"fields.{name}",
+                    "reason": "dropped",
+                    "message": f"{name} is not the identifier the signed identity covers",
+                }
+            )
+    if not fields:
+        del item["fields"]
+
+
+def _settle_merge_by(
+    item: Activity, request_merge_by: list[str] | None, warnings: list[FieldWarning]
+) -> None:
+    """The activity's `merge_by` (its own, else the request's), kept only when it cannot
+    choose another person's record (`merge_by_problem`). Kept on the activity, it travels
+    through the spool; delivery groups by it and sends it as the request's `merge_by`."""
+    merge_by = item.get("merge_by") or request_merge_by
+    if not merge_by:
+        return
+    problem = merge_by_problem(item, merge_by)
+    if problem is None:
+        item["merge_by"] = merge_by
+        return
+    item.pop("merge_by", None)
+    warnings.append({"field": "merge_by", "reason": "dropped", "message": problem})
 
 
 class Relay:
@@ -87,6 +135,7 @@ class Relay:
                         self._check_person_id(item, parsed, i, now)
                     if settings.needs_identity(spec):
                         verify_identity(parsed.tokens[i], item, settings.identity_secrets, now)
+                        _keep_signed_identifier(item, parsed.warnings[i])
                 except GatewayError as exc:
                     item = items[i] = exc
             if isinstance(item, GatewayError):
@@ -105,10 +154,7 @@ class Relay:
                     idempotency_key=parsed.keys[i],
                 )
             )
-            if parsed.merge_by and "merge_by" not in item:
-                # Carried by each activity through the spool (Ortto takes it there too);
-                # delivery groups by it and sends it as the request's `merge_by`.
-                item["merge_by"] = parsed.merge_by
+            _settle_merge_by(item, parsed.merge_by, parsed.warnings[i])
             positions.append(i)
         if not checks:
             raise first_error(parsed) or errors[0]
@@ -143,12 +189,20 @@ class Relay:
         summarize = REQUEST_LOG.isEnabledFor(logging.INFO)
         people: list[str] = []
         limited_after: list[float] = []
-        duplicates = 0
+        duplicates = in_flight = 0
         for pos, check, result, payload in zip(positions, checks, results, encoded, strict=True):
-            if result.verdict == "duplicate":  # accepted before under the browser's key
+            if result.verdict == "duplicate":  # stored before under the browser's key
                 entries[pos] = {**QUEUED, "duplicate": True}
                 duplicates += 1
                 self.metrics.count_activity(check.activity_id, "duplicate")
+                continue
+            if result.verdict == "in_flight":  # its first copy is being stored right now
+                entries[pos] = {
+                    "status": "rate_limited",
+                    "error": "the same activity (its key) is being stored now; "
+                    f"retry in {retry_after_header(result.retry_after)} s",
+                }
+                in_flight += 1
                 continue
             if result.verdict != "accepted":
                 which = "person" if result.verdict == "rate_limited_person" else "IP"
@@ -181,6 +235,11 @@ class Relay:
                 body = err.body(request_id)
                 body["activities"] = entries
                 return RelayResult(429, body, first)
+            if in_flight:  # a repeat of what another request is storing: ask again
+                raise Unavailable(
+                    "the same activity (its key) is being stored now; try again",
+                    retry_after=IN_FLIGHT_RETRY,
+                )
             if duplicates:  # nothing new: every accepted one was a repeat
                 return RelayResult(202, self._answer(entries, parsed, duplicate=True))
             raise first_error(parsed) or errors[0]
@@ -189,10 +248,23 @@ class Relay:
             outcome = await self.sink.submit(
                 accepted, async_=parsed.async_, merge_by=parsed.merge_by
             )
-        except BaseException:
-            # Not stored: the browser's retry under the same key must be taken as new.
-            await self._forget(accepted_checks)
+        except asyncio.CancelledError:
+            # Stored or not is unknown (a queued write still commits): the keys stay
+            # pending until their window ends, then a retry is taken as new.
             raise
+        except Exception:
+            # Not stored (or, in sync mode, not known to have reached Ortto): the browser's
+            # retry under the same key is taken as new; nothing accepted may be lost.
+            await self._settle_keys(accepted_checks, stored=False)
+            raise
+        # Keys of what was stored (sync mode: what Ortto took) mark repeats from now on.
+        answered = outcome.entries or [{}] * len(accepted)
+        stored: list[Check] = []
+        refused: list[Check] = []
+        for check, entry in zip(accepted_checks, answered, strict=True):
+            (refused if entry.get("status") == "invalid" else stored).append(check)
+        await self._settle_keys(stored, stored=True)
+        await self._settle_keys(refused, stored=False)
         for pos, check_pos in zip(accepted_at, range(len(accepted)), strict=True):
             activity_id = items[pos]["activity_id"]  # type: ignore[index]
             self.metrics.count_activity(activity_id, "accepted")
@@ -235,13 +307,20 @@ class Relay:
                 }
             )
 
-    async def _forget(self, checks: list[Check]) -> None:
+    async def _settle_keys(self, checks: list[Check], *, stored: bool) -> None:
+        """Confirm the keys of stored activities (repeats are duplicates from now on), or
+        forget those of activities not stored (a repeat is new). If the store fails, a key
+        stays pending for its window (`PENDING_WINDOW`): repeats meanwhile are asked to
+        try again, and after it one is taken as new."""
+        if not any(check.idempotency_key is not None for check in checks):
+            return
         try:
-            await asyncio.shield(self.limiter.forget(checks))
-        except LimiterUnavailable:  # kept for its window: a retry then reads as a repeat
+            settle = self.limiter.confirm if stored else self.limiter.forget
+            await asyncio.shield(settle(checks))
+        except LimiterUnavailable:
             log.warning(
-                "could not take back idempotency keys of activities not stored",
-                extra={"data": {"activities": len(checks)}},
+                "could not settle idempotency keys",
+                extra={"data": {"activities": len(checks), "stored": stored}},
             )
 
     @staticmethod

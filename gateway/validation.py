@@ -56,7 +56,7 @@ from gateway.errors import (
 
 Activity = dict[str, Any]  # one activity in Ortto's shape
 # What was changed or dropped: `{"field", "reason": "dropped" | "normalised", "message"}`.
-Warning = dict[str, str]
+FieldWarning = dict[str, str]
 
 # Ortto's shape needs 5 levels (body, list, activity, attributes, an `obj` value);
 # 32 leaves room for `obj` attributes while staying far under orjson's own 1024.
@@ -85,6 +85,8 @@ ENRICHMENT_RESERVE_BYTES = 256
 MAX_ACTIVITY_BYTES = ORTTO_MAX_ACTIVITY_BYTES - ENRICHMENT_RESERVE_BYTES
 # Longest piece of browser input echoed back in an error message.
 MAX_ECHO_CHARS = 60
+# Warnings per activity (and for the body) in an answer; past it, one counts the rest.
+MAX_WARNINGS = 20
 
 # JSON must be UTF-8 (RFC 8259); ASCII is a subset of it.
 JSON_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii"})
@@ -153,34 +155,50 @@ class ParsedRequest:
     async_: bool
     merge_by: list[str] | None
     tokens: list[str | None]  # per activity: its signed identity token, if any (never forwarded)
-    warnings: list[list[Warning]]  # per activity: what was normalised or dropped
-    request_warnings: list[Warning]  # the same for the body's own keys
+    warnings: list[list[FieldWarning]]  # per activity: what was normalised or dropped
+    request_warnings: list[FieldWarning]  # the same for the body's own keys
     keys: list[str | None]  # per activity: the browser's `key`, its idempotency key
 
 
 class Notes:
-    """The warnings of one activity (or of the body); in strict mode a drop is a 400."""
+    """The warnings of one activity (or of the body); in strict mode a drop is a 400.
 
-    __slots__ = ("items", "strict")
+    At most `MAX_WARNINGS` are kept, then one that counts the rest: a body of thousands
+    of unknown keys gets a short answer."""
+
+    __slots__ = ("_items", "_more", "strict")
 
     def __init__(self, strict: bool) -> None:
-        self.items: list[Warning] = []
+        self._items: list[FieldWarning] = []
+        self._more = 0
         self.strict = strict
+
+    @property
+    def items(self) -> list[FieldWarning]:
+        """The warnings, the count of those past the bound last."""
+        if not self._more:
+            return self._items
+        more = f"and {self._more} more parts left out or normalised"
+        return [*self._items, {"field": "", "reason": "dropped", "message": more}]
+
+    def _add(self, where: str, reason: str, message: str) -> None:
+        if len(self._items) < MAX_WARNINGS:
+            self._items.append({"field": where, "reason": reason, "message": message})
+        else:
+            self._more += 1
 
     def drop(self, error: BadRequest) -> None:
         """Leave out the part `error` names, or refuse with it in strict mode."""
         if self.strict:
             raise error
-        self.items.append(
-            {"field": error.field or "", "reason": "dropped", "message": error.message}
-        )
+        self._add(error.field or "", "dropped", error.message)
 
     def normalised(self, where: str, message: str) -> None:
-        self.items.append({"field": where, "reason": "normalised", "message": message})
+        self._add(where, "normalised", message)
 
     def ignored(self, where: str, message: str) -> None:
         """A part the gateway always sets itself: left out in strict mode too."""
-        self.items.append({"field": where, "reason": "dropped", "message": message})
+        self._add(where, "dropped", message)
 
 
 def decode_body(body: bytes, content_type: str, max_body_bytes: int) -> Any:
@@ -324,7 +342,7 @@ def _merge_by(value: Any, where: str = "merge_by") -> list[str] | None:
 
 def _item(
     raw: Any, settings: Settings
-) -> tuple[Activity | GatewayError, list[Warning], str | None]:
+) -> tuple[Activity | GatewayError, list[FieldWarning], str | None]:
     notes = Notes(settings.strict)
     try:
         activity = _activity(raw, settings, notes)
@@ -501,6 +519,30 @@ def _attributes(
         except BadRequest as exc:
             notes.drop(exc)
     return out
+
+
+def merge_by_problem(activity: Activity, merge_by: list[str]) -> str | None:
+    """Why a browser's `merge_by` may not go to Ortto with this activity, or None.
+
+    Ortto finds the person by the first `merge_by` field it can and then sets the others:
+    merging by `str::ei` while setting `str::email` would let a page put its email on the
+    record of whoever has that external id. So the first field must be the identifier the
+    activity is counted under (and signed for): its email, else its external id; and none
+    with a `person_id`, which names the record itself.
+    """
+    if activity.get("person_id") is not None:
+        return "merge_by is not used with a person_id: the id names the record"
+    fields = activity.get("fields") or {}
+    first = "str::email" if "str::email" in fields else "str::ei"
+    if merge_by[0] != first:
+        return (
+            f"merge_by must start with {first}, the activity's identifier, so that no other "
+            "field can choose whose record it changes"
+        )
+    missing = [name for name in merge_by if name not in fields]
+    if missing:
+        return f"merge_by names {missing[0]}, which the activity does not set"
+    return None
 
 
 def _activity_merge_by(value: Any) -> list[str]:

@@ -25,6 +25,7 @@ from gateway.limits import (
     Rule,
     rules_of,
 )
+from gateway.limits.limiter import PENDING_WINDOW
 from tests import redis_support
 
 DAY = 86400.0
@@ -521,7 +522,11 @@ async def test_a_repeated_browser_key_is_a_duplicate_and_charges_nothing() -> No
     assert await limiter.check_many([first]) == [LimitResult("accepted")]
     keys = store.calls[-1][0]
     assert keys[2].startswith("d|act:cm:logged-in|a@x.io|") and "k-1" not in keys[2]
-    # The repeat, even in the same request: a duplicate, the limits not charged again.
+    assert keys[3].startswith("q|act:cm:logged-in|a@x.io|")
+    # Being stored: a repeat is asked to try again (not yet a duplicate: it could fail).
+    assert await limiter.check_many([first]) == [LimitResult("in_flight", 1.0)]
+    await limiter.confirm([first])
+    # Stored: the repeat, even twice in one request, is a duplicate, charged nothing.
     assert await limiter.check_many([first, first]) == [LimitResult("duplicate")] * 2
     assert await limiter.check_many([check("a@x.io")] * 9) == [LimitResult("accepted")] * 9
     assert (await limiter.check_many([check("a@x.io")]))[0].verdict == "rate_limited_person"
@@ -541,9 +546,34 @@ async def test_forget_makes_a_key_new_again_without_refunding_limits() -> None:
     assert (await limiter.check_many([keyed]))[0].accepted
     await limiter.forget([keyed, check("b@x.io")])  # unkeyed checks have nothing to forget
     assert (await limiter.check_many([keyed]))[0].accepted  # a retry is new
+    await limiter.confirm([keyed])
     assert (await limiter.check_many([keyed]))[0].verdict == "duplicate"
     unkeyed = replace(keyed, idempotency_key=None)  # both charges stand: 2 of 2 spent
     assert (await limiter.check_many([unkeyed]))[0].verdict == "rate_limited_person"
+
+
+async def test_a_pending_key_is_new_again_after_its_window() -> None:
+    """Neither confirmed nor forgotten (the store failed meanwhile): after the pending
+    window a repeat is taken as new, so nothing accepted stays unstored for good."""
+    clock = Clock()
+    limiter = Limiter(MemoryStore(), clock=clock)
+    keyed = replace(check("a@x.io"), idempotency_key="k")
+    assert (await limiter.check_many([keyed]))[0].accepted
+    clock.now += PENDING_WINDOW - 1
+    assert (await limiter.check_many([keyed]))[0].verdict == "in_flight"
+    clock.now += 2
+    assert (await limiter.check_many([keyed]))[0].accepted
+
+
+async def test_a_check_only_rule_refuses_and_is_never_charged(store: LimitStore) -> None:
+    seen = Rule("seen", 1, 60.0, charge=False)
+    charged = rule("charged", "5/1m")
+    for t in (T0, T0 + 1, T0 + 2):  # never charged: it never refuses
+        assert (await store.acquire([charged, seen], t)).allowed
+    assert (await store.acquire([Rule("seen", 1, 60.0)], T0 + 3)).allowed  # now charged
+    decision = await store.acquire([charged, seen], T0 + 4)
+    assert (decision.allowed, decision.refused) == (False, (1,))
+    assert (await store.acquire([charged], T0 + 5)).allowed  # 4 of 5: the refusal took none
 
 
 async def test_eleventh_of_a_person_refused_while_another_activity_passes() -> None:

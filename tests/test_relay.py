@@ -6,9 +6,11 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
+
 from gateway.config import ActivitySpec, parse_rate
 from gateway.errors import Unavailable
-from gateway.identity import sign_person_id
+from gateway.identity import sign_identity, sign_person_id
 from gateway.keys import RELAY
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import FakeClock, GatewayFactory
@@ -242,3 +244,98 @@ async def test_a_person_id_needs_a_signed_identity_unless_the_activity_opts_in(
     await wait_for(lambda: len(sandbox_state.activities) == 3)
     got = [a.activity.get("person_id") for a in sandbox_state.activities]
     assert sorted(got, key=str) == ["006a0f", "0077bb", None]
+
+
+async def test_a_repeat_while_the_first_copy_is_being_stored_is_asked_to_retry(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    """Not a duplicate yet: the first copy may still fail (here it does), and a repeat
+    answered "duplicate" would then be lost."""
+    client = await make_gateway()
+    relay = client.app[RELAY]
+    submit = relay.sink.submit
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held_then_fails(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        raise Unavailable("the gateway cannot store activities now", retry_after=5.0)
+
+    relay.sink.submit = held_then_fails  # type: ignore[method-assign]
+    thanks = {**activity("lead@example.com"), "key": "form-2"}
+    first = asyncio.create_task(client.post(PATH, json=thanks))
+    await asyncio.wait_for(entered.wait(), 10)
+    relay.sink.submit = submit  # type: ignore[method-assign]
+    repeat = await client.post(PATH, json=thanks)
+    assert repeat.status == 503
+    assert repeat.headers["Retry-After"] == "1"
+    release.set()
+    assert (await first).status == 503
+    retry = await client.post(PATH, json=thanks)  # the browser's retry: new, stored
+    assert retry.status == 202 and "duplicate" not in await retry.json()
+    again = await client.post(PATH, json=thanks)
+    assert (await again.json())["duplicate"] is True
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+
+
+async def test_a_merge_by_cannot_choose_another_persons_record(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    """Matching by an external id while setting an email would put the page's email on
+    the record of whoever has that id: only the activity's own identifier leads."""
+    client = await make_gateway()
+    takeover = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": "attacker@example.com", "str::ei": "victim-ei-42"},
+    }
+    for body in (
+        {"activities": [takeover], "merge_by": ["str::ei"]},
+        {**takeover, "merge_by": ["str::ei", "str::email"]},
+    ):
+        resp = await client.post(PATH, json=body)
+        assert resp.status == 202
+        (entry,) = (await resp.json())["activities"]
+        assert [w["field"] for w in entry["warnings"]] == ["merge_by"]
+    ok = {"activities": [{**takeover, "fields": {"str::email": "a@example.com"}}]}
+    assert (await client.post(PATH, json={**ok, "merge_by": ["str::email"]})).status == 202
+    await wait_for(lambda: len(sandbox_state.requests) >= 2 and len(sandbox_state.activities) == 3)
+    assert all(a.activity.get("merge_by") != ["str::ei"] for a in sandbox_state.activities)
+    merged = [orjson.loads(r.body).get("merge_by") for r in sandbox_state.requests]
+    assert ["str::ei"] not in merged and ["str::ei", "str::email"] not in merged
+    assert ["str::email"] in merged
+
+
+async def test_a_signed_identity_sends_only_the_identifier_it_signs(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.declare_person_ids(["006a0f"])
+    client = await make_gateway(identity_secrets=(SECRET,), identity_required=True)
+    expires = int(time.time()) + 3600
+    # Signed for the email: an unsigned external id is left out.
+    by_email = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": "me@example.com", "str::ei": "victim-ei-42"},
+        "identity": sign_identity("me@example.com", SECRET, expires),
+    }
+    resp = await client.post(PATH, json=by_email)
+    assert resp.status == 202
+    (entry,) = (await resp.json())["activities"]
+    assert [w["field"] for w in entry["warnings"]] == ["fields.str::ei"]
+    # Signed for a person_id: the unsigned email is left out (the person's limit is the
+    # id's, never the email's), and so is a merge_by.
+    by_id = {
+        "activity_id": "act:cm:login",
+        "person_id": "006a0f",
+        "fields": {"str::email": "victim@example.com", "str::first": "Me"},
+        "merge_by": ["str::email"],
+        "identity": sign_person_id("006a0f", SECRET, expires),
+    }
+    resp = await client.post(PATH, json=by_id)
+    assert resp.status == 202
+    (entry,) = (await resp.json())["activities"]
+    assert sorted(w["field"] for w in entry["warnings"]) == ["fields.str::email", "merge_by"]
+    await wait_for(lambda: len(sandbox_state.activities) == 2)
+    got = [a.activity for a in sandbox_state.activities]
+    assert got[0]["fields"] == {"str::email": "me@example.com"}
+    assert got[1]["fields"] == {"str::first": "Me"} and got[1]["person_id"] == "006a0f"
+    assert "merge_by" not in got[1]

@@ -29,6 +29,7 @@ from gateway.identity import person_key
 from gateway.validation import (
     MAX_ACTIVITY_BYTES,
     MAX_JSON_DEPTH,
+    MAX_WARNINGS,
     Activity,
     ParsedRequest,
     decode_body,
@@ -1026,3 +1027,12 @@ def test_body_level_parts_are_dropped_with_a_warning() -> None:
     assert fields_of(parsed.request_warnings) == {"merge_by": "dropped", "extra": "dropped"}
     with pytest.raises(BadRequest):
         parse_request(body, SETTINGS)
+
+
+def test_warnings_are_bounded_whatever_the_body() -> None:
+    raw = good()
+    raw.update({f"junk{i}": i for i in range(500)})
+    out, warnings = lenient(raw)
+    assert out["fields"]["str::email"] == EMAIL
+    assert len(warnings) == MAX_WARNINGS + 1
+    assert warnings[-1]["message"] == "and 480 more parts left out or normalised"

@@ -3,7 +3,8 @@
 A rule allows at most `count` accepted events in ANY period of `window` seconds
 for its key (a sliding log, not a calendar window). A store checks every rule
 of one activity before charging any: either all allow and all are charged once,
-or none is charged. Refused activities are never counted.
+or none is charged. Refused activities are never counted. A rule with
+`charge=False` is only checked: it can refuse, and is never charged.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Rule:
     key: str  # e.g. "p|act:cm:logged-in|chris@example.com", built by `Limiter`
     count: int
     window: float  # seconds
+    charge: bool = True  # False: checked with the others, never charged (see `Limiter`)
 
     def __post_init__(self) -> None:
         if self.count < 1 or not self.window > 0:

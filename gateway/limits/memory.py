@@ -203,7 +203,9 @@ class MemoryStore:
                     else:
                         logs[key] = pruned
             return Decision(False, retry_at_ms / 1000 - now, tuple(refused))
-        for key, value, start, newest in pending:
+        for rule, (key, value, start, newest) in zip(rules, pending, strict=True):
+            if not rule.charge:
+                continue
             if value is None:
                 logs[key] = now_ms
             else:

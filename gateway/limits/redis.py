@@ -76,9 +76,10 @@ from redis.exceptions import RedisClusterException, RedisError
 from gateway.limits.base import ALLOWED, Decision, LimiterUnavailable, Rule
 
 # Checks one batch of activities in order. ARGV[1]: now in ms; then, for each check, its
-# number of rules R and R pairs of count and window (ms). KEYS: the logs of every rule of
-# every check, in the same order. Returns one reply per check: {} when every rule allowed
-# (and all were charged), else {retry_at_ms, indexes of the refusing rules (from 0)...}.
+# number of rules R and R pairs of count and window (ms; negative for a rule that is only
+# checked, never charged). KEYS: the logs of every rule of every check, in the same order.
+# Returns one reply per check: {} when every rule allowed (and all were charged), else
+# {retry_at_ms, indexes of the refusing rules (from 0)...}.
 SCRIPT = """
 local now = tonumber(ARGV[1])
 
@@ -86,7 +87,7 @@ local function check(k, a, n_rules)
   local logs, firsts, refused = {}, {}, {}
   local retry_at = 0
   for r = 1, n_rules do
-    local count, window = tonumber(ARGV[a + 2 * r - 1]), tonumber(ARGV[a + 2 * r])
+    local count, window = tonumber(ARGV[a + 2 * r - 1]), math.abs(tonumber(ARGV[a + 2 * r]))
     local log = redis.call('GET', KEYS[k + r]) or ''
     local n = #log / 6
     -- the first time still in the window: a binary search over the fixed-width records
@@ -108,17 +109,19 @@ local function check(k, a, n_rules)
   end
   for r = 1, n_rules do
     local count, window = tonumber(ARGV[a + 2 * r - 1]), tonumber(ARGV[a + 2 * r])
-    local log = logs[r]
-    local n = #log / 6
-    local t = now
-    if n > 0 then
-      local newest = struct.unpack('>I6', log, #log - 5)
-      if newest > t then t = newest end
+    if window > 0 then
+      local log = logs[r]
+      local n = #log / 6
+      local t = now
+      if n > 0 then
+        local newest = struct.unpack('>I6', log, #log - 5)
+        if newest > t then t = newest end
+      end
+      -- keep the newest count - 1 times still in the window, then the new one
+      local keep = math.max(firsts[r], n - count + 2)
+      redis.call('SET', KEYS[k + r], string.sub(log, 6 * keep - 5) .. struct.pack('>I6', t),
+        'PX', t + window - now)
     end
-    -- keep the newest count - 1 times still in the window, then the new one
-    local keep = math.max(firsts[r], n - count + 2)
-    redis.call('SET', KEYS[k + r], string.sub(log, 6 * keep - 5) .. struct.pack('>I6', t),
-      'PX', t + window - now)
   end
   return {}
 end
@@ -180,7 +183,8 @@ class _Batch:
         self.keys += keys
         self.args.append(len(rules))
         for rule in rules:
-            self.args += (rule.count, max(1, _ms(rule.window)))
+            window = max(1, _ms(rule.window))
+            self.args += (rule.count, window if rule.charge else -window)
 
 
 def _ms(seconds: float) -> int:
