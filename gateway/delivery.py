@@ -458,28 +458,33 @@ class Delivery:
     # -- one batch
 
     async def _deliver(self, items: list[SpooledItem]) -> None:
+        # The rows this batch still holds: leased to it, and neither acknowledged,
+        # dead-lettered nor given back yet. A batch that fails gives back these only: a row
+        # given back earlier (by one merge_by's request, one half of a bisection) may be
+        # another batch's by now, and giving it back again would have it sent twice at once.
+        held = {i.id for i in items}
         try:
-            items = await self._drop_too_old(items)
+            items = await self._drop_too_old(items, held)
             # One request per merge_by (most sites have one): a browser's choice reaches
             # Ortto as its request's `merge_by`. The first goes under the rate slot taken.
             for n, group in enumerate(_by_merge_by(items)):
-                await self._send(group, bisecting=n > 0)
+                await self._send(group, held, bisecting=n > 0)
         except asyncio.CancelledError:
             # Rows whose acknowledgement waits for a retry were delivered: never given back.
-            ids = [i.id for i in items if i.id not in self._unacked]
+            ids = sorted(held - self._unacked)
             await asyncio.shield(self._spool.release(ids, attempt=False))
             raise
         except Exception as exc:
             # A bug or a bad setting fails every batch alike: back off, never spin.
             error = f"{type(exc).__name__}: {self._client.redact(str(exc))}"
-            ids = [i.id for i in items if i.id not in self._unacked]
+            ids = sorted(held - self._unacked)
             self._retry_later(ids, "internal", None, error, self._failures, level=logging.ERROR)
             await self._spool.release(ids)
         finally:
             self._slots.release()
             await self._refresh_gauges()
 
-    async def _drop_too_old(self, items: list[SpooledItem]) -> list[SpooledItem]:
+    async def _drop_too_old(self, items: list[SpooledItem], held: set[int]) -> list[SpooledItem]:
         now = self._clock()
         keep: list[SpooledItem] = []
         dead: list[tuple[int, str, str, str]] = []
@@ -493,10 +498,10 @@ class Delivery:
             else:
                 keep.append(item)
         if dead:
-            await self._dead_letter(dead)
+            await self._dead_letter(dead, held)
         return keep
 
-    async def _send(self, items: Sequence[SpooledItem], *, bisecting: bool) -> None:
+    async def _send(self, items: Sequence[SpooledItem], held: set[int], *, bisecting: bool) -> None:
         ids = [i.id for i in items]
         if bisecting:
             await self._wait_until_allowed()
@@ -509,13 +514,13 @@ class Delivery:
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels("error").inc()
             self._retry_later(ids, "network", None, str(exc), failures)
-            await self._spool.release(ids)
+            await self._give_back(ids, held)
             return
         self._metrics.upstream_requests.labels(status_group(resp.status)).inc()
         self._metrics.upstream_request_seconds.observe(resp.elapsed)
         status = resp.status
         if 200 <= status < 300:
-            await self._accepted(items, resp, failures)
+            await self._accepted(items, held, resp, failures)
         elif status in (401, 403):
             self._note_bad_request()
             self._pause("auth", self._auth_pause)
@@ -526,20 +531,25 @@ class Delivery:
                     "Ortto refused the API key; delivery paused, nothing discarded",
                     extra={"data": {"status": status, "spooled": self._spool.depth}},
                 )
-            await self._spool.release(ids, attempt=False)
+            await self._give_back(ids, held, attempt=False)
         elif status == 429:
             self._metrics.upstream_retries.labels("rate_limit").inc()
             wait = DEFAULT_RATE_LIMIT_PAUSE if resp.retry_after is None else resp.retry_after
             self._pause("rate_limit", wait + self._rng())
             log.warning("Ortto rate limit; pausing", extra={"data": {"seconds": round(wait, 3)}})
-            await self._spool.release(ids, attempt=False)
+            await self._give_back(ids, held, attempt=False)
         elif status >= 500 or status < 400:
             self._retry_later(
                 ids, "server_error", resp.retry_after, f"Ortto answered {status}", failures
             )
-            await self._spool.release(ids)
+            await self._give_back(ids, held)
         else:
-            await self._refused(items, status, resp.json())
+            await self._refused(items, held, status, resp.json())
+
+    async def _give_back(self, ids: Sequence[int], held: set[int], *, attempt: bool = True) -> None:
+        """Give rows of the batch holding them back to the spool for another try."""
+        held.difference_update(ids)
+        await self._spool.release(ids, attempt=attempt)
 
     def _retry_later(
         self,
@@ -577,12 +587,12 @@ class Delivery:
         )
 
     async def _accepted(
-        self, items: Sequence[SpooledItem], resp: UpstreamResponse, failures: int
+        self, items: Sequence[SpooledItem], held: set[int], resp: UpstreamResponse, failures: int
     ) -> None:
         """A 2xx: acknowledge only what Ortto's answer shows it took."""
         entries = read_answer(resp.json(), len(items))
         if entries is None:
-            await self._unproven(items, resp, failures)
+            await self._unproven(items, held, resp, failures)
             return
         self._failures = 0
         dead: list[tuple[int, str, str, str]] = []
@@ -596,16 +606,17 @@ class Delivery:
                 done.append(item.id)
                 delivered.append(_activity_id(item.payload))
         if done:
+            held.difference_update(done)  # delivered: never given back, acknowledged or not
             await self._ack(done)
             for item_id in done:
                 self._unconfirmed.pop(item_id, None)
             for activity_id in delivered:
                 self._metrics.count_activity(activity_id, "delivered")
         if dead:
-            await self._dead_letter(dead)
+            await self._dead_letter(dead, held)
 
     async def _unproven(
-        self, items: Sequence[SpooledItem], resp: UpstreamResponse, failures: int
+        self, items: Sequence[SpooledItem], held: set[int], resp: UpstreamResponse, failures: int
     ) -> None:
         """A 2xx that does not account for each activity: retry, at most so many times."""
         what = self._client.redact(resp.body) if resp.body.strip() else "an empty body"
@@ -623,11 +634,13 @@ class Delivery:
         # Counted and backed off whichever way the batch goes: the next batch waits too.
         self._retry_later([i.id for i in items], "bad_answer", resp.retry_after, reason, failures)
         if dead:
-            await self._dead_letter(dead)
+            await self._dead_letter(dead, held)
         if again:
-            await self._spool.release(again)
+            await self._give_back(again, held)
 
-    async def _refused(self, items: Sequence[SpooledItem], status: int, data: Any) -> None:
+    async def _refused(
+        self, items: Sequence[SpooledItem], held: set[int], status: int, data: Any
+    ) -> None:
         """A 4xx for the batch: isolate the refused activities by bisection."""
         self._note_bad_request()
         details = data.get("details") if isinstance(data, dict) else None
@@ -643,20 +656,20 @@ class Delivery:
                 else:
                     rest.append(item)
             if dead:
-                await self._dead_letter(dead)
+                await self._dead_letter(dead, held)
                 if rest:
-                    await self._send(rest, bisecting=True)
+                    await self._send(rest, held, bisecting=True)
                 return
         if len(items) == 1:
             error = data.get("error") if isinstance(data, dict) else None
             message = self._client.redact(str(error)) if error else ""
             message = message or f"Ortto answered {status}"
             activity_id, who, _ = _describe(items[0].payload)
-            await self._dead_letter([(items[0].id, activity_id, who, message)])
+            await self._dead_letter([(items[0].id, activity_id, who, message)], held)
             return
         middle = len(items) // 2
         for half in (items[:middle], items[middle:]):
-            await self._send(half, bisecting=True)
+            await self._send(half, held, bisecting=True)
 
     def _note_bad_request(self) -> None:
         now = self._monotonic()
@@ -672,8 +685,9 @@ class Delivery:
                 extra={"data": {"seconds": self._circuit_pause}},
             )
 
-    async def _dead_letter(self, dead: list[tuple[int, str, str, str]]) -> None:
+    async def _dead_letter(self, dead: list[tuple[int, str, str, str]], held: set[int]) -> None:
         await self._spool.dead_letter(dead)
+        held.difference_update(item_id for item_id, *_ in dead)
         for item_id, activity_id, who, error in dead:
             self._unconfirmed.pop(item_id, None)
             self._metrics.count_activity(activity_id, "dead_lettered")

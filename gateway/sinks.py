@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +28,10 @@ REFUSED_ACTIVITY = "Ortto refused this activity; its reason is in the gateway's 
 REFUSED_REQUEST = "Ortto refused the activities; its reason is in the gateway's log"
 # Retry-After while the spool cannot be written: it tries a write every second.
 UNWRITABLE_RETRY_AFTER = 5.0
+# While the spool cannot be written every request is refused: at most one WARNING per this
+# many seconds, with the count of refusals since the last one, not one a request (on a
+# disk already full). The spool logs one ERROR when the state begins, one INFO when it ends.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -60,9 +65,24 @@ class Sink(Protocol):
 class SpoolSink:
     """`queue` mode: commit to the spool, answer 202 once it is durable."""
 
-    def __init__(self, spool: Spool, metrics: Metrics) -> None:
+    def __init__(
+        self, spool: Spool, metrics: Metrics, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self._spool = spool
         self._metrics = metrics
+        self._monotonic = monotonic
+        self._refusals = 0  # refused since the last WARNING
+        self._warned_at: float | None = None
+
+    def _refused(self, message: str, error: str) -> None:
+        """Count a request refused for want of a writable spool; WARN at most so often."""
+        self._refusals += 1
+        now = self._monotonic()
+        if self._warned_at is not None and now - self._warned_at < REFUSAL_LOG_INTERVAL:
+            return
+        log.warning(message, extra={"data": {"error": error, "refused": self._refusals}})
+        self._refusals = 0
+        self._warned_at = now
 
     def reserve(self, count: int, nbytes: int) -> bool:
         """Hold room in the spool (see `Spool.reserve`), before any limit is charged.
@@ -79,8 +99,7 @@ class SpoolSink:
                 "send fewer at a time"
             )
         if spool.write_error is not None:
-            error = {"data": {"error": spool.write_error}}
-            log.warning("request refused: the spool cannot be written", extra=error)
+            self._refused("requests refused: the spool cannot be written", spool.write_error)
             raise Unavailable(
                 "the gateway cannot store activities now; try again later",
                 retry_after=UNWRITABLE_RETRY_AFTER,
@@ -108,8 +127,8 @@ class SpoolSink:
         except SpoolClosed:
             raise Unavailable("the gateway is shutting down", retry_after=5.0) from None
         except SpoolError as exc:
-            # The spool logs one ERROR when writes begin to fail; each refusal warns.
-            log.warning("request refused: spool write failed", extra={"data": {"error": str(exc)}})
+            # The spool logs one ERROR when writes begin to fail.
+            self._refused("requests refused: spool write failed", str(exc))
             raise Unavailable(
                 "the gateway cannot store activities now; try again later",
                 retry_after=UNWRITABLE_RETRY_AFTER,

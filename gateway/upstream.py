@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import io
+import re
 import time
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,9 @@ MIN_SECRET_CHARS = 4
 MASKED = "****"
 # The per-activity statuses that mean Ortto took the activity (design: both do).
 DELIVERED_STATUSES = frozenset({"ingested", "queued"})
+# An email-like run (Ortto's messages may quote a field's value): its local part is masked,
+# its domain kept; quotes, brackets and separators around it stay.
+_EMAIL = re.compile(r"([^\s@\"<>()\[\]{},;:]+)@([^\s@\"'`<>()\[\]{},;:]+)")
 
 
 class UpstreamError(Exception):
@@ -48,18 +52,28 @@ def redact(text: str | bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_
     An upstream's text is not ours: a proxy may echo the request's headers, a buggy API
     its key. So every secret is masked (each whitespace-free run holding any
     `SECRET_WINDOW` characters of one becomes `****`), control and format characters
-    become spaces (no forged log lines, no terminal escapes), whitespace is collapsed and
-    the result is cut to `limit` characters. Masking comes before the cut, so a cut can
-    never leave the start of a secret showing.
+    become spaces (no forged log lines, no terminal escapes), an email-like word's local
+    part is masked (`****@example.com`: logs never hold an email), whitespace is collapsed
+    and the result is cut to `limit` characters. Masking comes before the cut, so a cut
+    can never leave the start of a secret showing.
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    # Bound the work: the cut comes later, and what lies past 4x the limit is never shown.
-    text = text[: limit * 4 + 64]
+    # Bound the work. What lies near 4x the limit still shows when whitespace collapses
+    # before it, and this cut may split a word: a secret's first characters, too few to
+    # be recognised. So the word it cut is dropped, unless too long for its end to show.
+    bound = limit * 4 + 64
+    cut = len(text) > bound
+    text = text[:bound]
     needles = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
     for secret in needles:
         text = text.replace(secret, MASKED)
     text = "".join(" " if unicodedata.category(c)[0] in "CZ" and c != " " else c for c in text)
+    if cut:
+        head, _, tail = text.rpartition(" ")
+        if len(tail) < limit + SECRET_WINDOW:
+            text = head + " \u2026"
+    text = _EMAIL.sub(_mask_email, text)
     if needles:
         windows = {
             secret[i : i + SECRET_WINDOW]
@@ -73,6 +87,12 @@ def redact(text: str | bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "\u2026"
     return text
+
+
+def _mask_email(match: re.Match[str]) -> str:
+    local = match[1]
+    quotes = local[: len(local) - len(local.lstrip("'`"))]
+    return f"{quotes}{MASKED}@{match[2]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.soak import Received, verdict
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -106,8 +108,42 @@ def test_a_short_soak_loses_nothing_and_leaks_no_descriptor(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["accepted"] > 0 and result["lost"] == 0
+    assert result["received_twice"] == 0 and result["received_twice_examples"] == []
     kinds = set(result["answers"])
     assert kinds == {"valid", "gzip", "invalid", "bomb", "truncated_deflate", "slow"}
     assert set(result["answers"]["bomb"]) == {"413"}
     assert result["idle_after"]["fds"] <= result["idle_before"]["fds"] + 8
     assert "verdict: pass" in proc.stdout
+
+
+def test_the_soak_fails_on_an_activity_received_twice_under_two_keys() -> None:
+    received = Received()
+    received.add(
+        {
+            "total": 3,
+            "duplicates": 2,  # same-key resends, merged: not listed, and fine
+            "activities": [
+                {"email": "soak-1@example.com", "key": "k1"},
+                {"email": "soak-2@example.com", "key": "k2"},
+                {"email": "soak-1@example.com", "key": "k3"},
+            ],
+        }
+    )
+    received.add({"total": 4, "duplicates": 2, "activities": [{"email": None, "key": "k4"}]})
+    assert received.twice() == ["soak-1@example.com"]
+    assert (received.index, received.duplicates) == (4, 2)
+    idle = {"fds": 10, "rss_kib": 1000}
+    result = {
+        "answers": {"valid": {"202": 2}},
+        "accepted": 2,
+        "lost": 0,
+        "received_twice": 1,
+        "received_twice_examples": received.twice(),
+        "idle_before": idle,
+        "idle_after": idle,
+        "plateau_rss_kib": 1000,
+    }
+    assert verdict(result) == [
+        "1 activities reached Ortto twice under two keys (e.g. soak-1@example.com)"
+    ]
+    assert verdict({**result, "received_twice": 0, "received_twice_examples": []}) == []

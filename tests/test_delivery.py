@@ -669,3 +669,74 @@ async def test_activities_go_to_ortto_grouped_by_their_merge_by(
         ["m3@example.com"],
     ]
     assert len(sandbox_state.activities) == 5
+
+
+class RaceClient(OrttoClient):
+    """A batch of A and B where A is given back (a 503) and then B's request fails.
+
+    B's failing request waits until another batch is sending A again, so what the failed
+    batch gives back decides whether A goes out twice at once. That second sending of A
+    waits for `gate`; every request is recorded with the emails it carried.
+    """
+
+    def __init__(self, first: int) -> None:
+        super().__init__(None, "http://127.0.0.1:9/", API_KEY, timeout=1.0)  # type: ignore[arg-type]
+        self.first = first  # the status of the first request (A and B together, or A)
+        self.posts: list[list[str]] = []
+        self.sending_a = 0
+        self.most_sending_a = 0
+        self.a_again = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def post(self, body: bytes) -> UpstreamResponse:
+        activities = orjson.loads(body)["activities"]
+        emails = [a["fields"]["str::email"] for a in activities]
+        self.posts.append(emails)
+        if len(self.posts) == 1:
+            return UpstreamResponse(self.first, b'{"error": "no"}', None, 0.001)
+        if emails == ["a@example.com"] and self.posts.count(emails) == 1:
+            return UpstreamResponse(503, b"", None, 0.001)
+        if emails == ["b@example.com"] and self.posts.count(emails) == 1:
+            await self.a_again.wait()
+            raise ValueError("a bug of the gateway's")
+        if "a@example.com" in emails:
+            self.sending_a += 1
+            self.most_sending_a = max(self.most_sending_a, self.sending_a)
+            self.a_again.set()
+            try:
+                await self.gate.wait()
+            finally:
+                self.sending_a -= 1
+        answer = {"activities": [{"status": "queued", "person_status": "queued"}] * len(emails)}
+        return UpstreamResponse(200, orjson.dumps(answer), None, 0.001)
+
+
+@pytest.mark.parametrize(
+    ("merge_by", "first"),
+    [(["str::email"], 503), (None, 400)],
+    ids=["a-later-merge_by-group-fails", "a-later-half-of-a-bisection-fails"],
+)
+async def test_a_failing_batch_never_gives_back_rows_it_gave_back_already(
+    rig: Rig, merge_by: list[str] | None, first: int
+) -> None:
+    # A batch whose later request fails (a bug, a cancellation) used to give back all its
+    # rows, those an earlier request had given back too: by then another batch's, which
+    # was sending them while a third one got them again.
+    def activity(email: str, merge_by: list[str] | None) -> bytes:
+        body: dict[str, Any] = {"activity_id": "act:cm:login", "fields": {"str::email": email}}
+        if merge_by:
+            body["merge_by"] = merge_by
+        return orjson.dumps(enrich(body, "192.0.2.1", time.time()))
+
+    client = rig.client = RaceClient(first)
+    await rig.spool.put([activity("a@example.com", None), activity("b@example.com", merge_by)])
+    clock = PauseClock()
+    rig.start(monotonic=clock, sleep=clock.sleep)
+    # B is sent again once the failed batch gave it back; A, if given back too, meanwhile.
+    await wait_for(lambda: client.posts.count(["b@example.com"]) == 2 or client.most_sending_a > 1)
+    assert client.most_sending_a == 1  # A is not sent twice at once
+    client.gate.set()
+    await wait_for(lambda: rig.spool.depth == 0)
+    assert delivered(rig) == 2
+    a_posts = [p for p in client.posts if "a@example.com" in p]
+    assert len(a_posts) == (3 if first == 400 else 2)

@@ -88,6 +88,42 @@ def test_redact_is_bounded_and_never_cuts_a_secret_open() -> None:
     assert KEY[:8] not in redact(KEY * 100, [KEY])
 
 
+def test_whitespace_never_brings_a_cut_secret_into_view() -> None:
+    # The work bound cuts the text before whitespace is collapsed: a secret it splits
+    # leaves its first characters, too few to be recognised, and the collapse would bring
+    # them into the excerpt.
+    assert "pk" not in redact("x" + " " * 1256 + KEY, [KEY])
+    for gap in range(EXCERPT_CHARS * 4, EXCERPT_CHARS * 4 + 80):
+        shown = redact("x" + " " * gap + KEY + " tail", [KEY])
+        assert not any(KEY[:n] in shown for n in range(2, len(KEY))), gap
+        assert shown.startswith("x")
+        assert len(shown) <= EXCERPT_CHARS
+
+
+def test_a_word_too_long_to_show_its_end_keeps_its_start() -> None:
+    shown = redact("x" * 5000, [KEY])
+    assert shown == "x" * (EXCERPT_CHARS - 1) + "\u2026"
+    assert redact("ok " + "x" * 5000, [KEY]).startswith("ok xxx")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("person jane.doe+1@example.com not found", "person ****@example.com not found"),
+        (
+            '{"error":"email \'jane@example.com\' taken"}',
+            '{"error":"email \'****@example.com\' taken"}',
+        ),
+        ("<j_o'brien@mail.example.org>, a@b.c", "<****@mail.example.org>, ****@b.c"),
+        ('"str::email":"x@y.io"', '"str::email":"****@y.io"'),
+        ("@handle and user@ and @", "@handle and user@ and @"),
+    ],
+)
+def test_redact_masks_emails_but_keeps_their_domain(text: str, expected: str) -> None:
+    assert redact(text, [KEY]) == expected
+    assert redact(text.encode()) == expected
+
+
 def test_a_client_redacts_with_its_key_and_the_other_secrets() -> None:
     client = OrttoClient(
         None,  # type: ignore[arg-type]  # never posts

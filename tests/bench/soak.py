@@ -3,8 +3,8 @@
 Minutes of mixed traffic against a real `serve` process, with the sandbox as Ortto
 throwing faults at it, then the two questions an operator asks after an incident:
 
-- was every activity the gateway answered 202 for delivered (nothing lost, nothing
-  sent twice under two keys)?
+- was every activity the gateway answered 202 for delivered (nothing lost), and once
+  only (nothing received twice under two keys)?
 - are the gateway's memory and open descriptors back at their plateau (no leak from
   bombs, broken bodies, slow uploads or upstream failures)?
 
@@ -16,9 +16,13 @@ gives up on them. Meanwhile the sandbox is told, every couple of seconds, to ans
 the next requests with a 503, a 429 with `try-in-seconds`, a slow answer, or a 200
 whose body is not Ortto's JSON (a captive portal's page).
 
+Each activity carries an email of its own, so an email the sandbox lists twice is one
+activity that reached Ortto twice without being merged: sent again under another `key`
+(the sandbox merges a same-key resend, counted in its `duplicates`, which is fine).
+
 Loopback only; every loop is bounded by `--duration`, and every process is stopped at
-the end whatever happens. Exit status 1 when an accepted activity was not delivered,
-or when descriptors or memory did not come back (see `verdict`).
+the end whatever happens. Exit status 1 when an accepted activity was not delivered or
+was received twice, or when descriptors or memory did not come back (see `verdict`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +92,34 @@ class Tally:
     def count(self, kind: str, status: int | str) -> None:
         per = self.answers.setdefault(kind, {})
         per[str(status)] = per.get(str(status), 0) + 1
+
+
+@dataclass
+class Received:
+    """What the sandbox received: how many times each email (one per activity) arrived,
+    read from `/_sandbox/received` a page at a time."""
+
+    times: Counter[str] = field(default_factory=Counter)
+    index: int = 0  # how much of the sandbox's list has been read
+    duplicates: int = 0  # same-key resends the sandbox merged
+
+    def add(self, data: dict[str, Any]) -> None:
+        """One page of `/_sandbox/received`."""
+        for item in data["activities"]:
+            email = item.get("email")
+            if email:
+                self.times[email] += 1
+        self.index = data["total"]
+        self.duplicates = data["duplicates"]
+
+    def poll(self, sandbox_url: str) -> None:
+        _, body = http(f"{sandbox_url}/_sandbox/received?since={self.index}")
+        self.add(json.loads(body))
+
+    def twice(self) -> list[str]:
+        """Emails received more than once: activities sent again under another `key` (the
+        sandbox lists a resend it merged by its key only in `duplicates`)."""
+        return sorted(email for email, n in self.times.items() if n > 1)
 
 
 def activity(email: str) -> dict[str, Any]:
@@ -223,6 +256,11 @@ def verdict(result: dict[str, Any], rss_slack: float = RSS_SLACK) -> list[str]:
                 problems.append(f"{n} {kind} requests answered {status}")
     if result["lost"]:
         problems.append(f"{result['lost']} accepted activities never reached Ortto")
+    if result["received_twice"]:
+        problems.append(
+            f"{result['received_twice']} activities reached Ortto twice under two keys"
+            f" (e.g. {', '.join(result['received_twice_examples'])})"
+        )
     if result["accepted"] == 0:
         problems.append("nothing was accepted: the traffic never reached the gateway")
     idle, end = result["idle_before"], result["idle_after"]
@@ -309,8 +347,11 @@ class Soak:
             await asyncio.gather(sampler(), faults(), *clients)
         http(f"{sandbox_url}/_sandbox/faults", method="DELETE")
         progress(f"soak: traffic done, {len(tally.accepted)} activities accepted")
-        delivered, duplicates = await self.delivered(sandbox_url, tally.accepted)
+        received = await self.delivered(sandbox_url, tally.accepted)
         idle_after = await idle(pid, metrics_url)
+        received.poll(sandbox_url)  # anything sent again meanwhile, the spool now empty
+        delivered = set(received.times)
+        twice = received.twice()
         half = [s["rss_kib"] for t, s in samples if t <= duration / 2]
         return {
             "duration_s": duration,
@@ -320,7 +361,9 @@ class Soak:
             "accepted": len(tally.accepted),
             "delivered": len(delivered & tally.accepted),
             "lost": len(tally.accepted - delivered),
-            "sandbox_duplicates": duplicates,
+            "received_twice": len(twice),
+            "received_twice_examples": twice[:5],
+            "sandbox_duplicates": received.duplicates,
             "idle_before": idle_before,
             "idle_after": idle_after,
             "plateau_rss_kib": max(half) if half else idle_before["rss_kib"],
@@ -329,24 +372,16 @@ class Soak:
             "samples": [{"t": round(t, 2), **s} for t, s in samples],
         }
 
-    async def delivered(self, sandbox_url: str, accepted: set[str]) -> tuple[set[str], int]:
-        """The emails the sandbox holds once it holds every accepted one (or 120 s passed)."""
-        seen: set[str] = set()
-        index = 0
-        duplicates = 0
+    async def delivered(self, sandbox_url: str, accepted: set[str]) -> Received:
+        """What the sandbox received once it holds every accepted email (or 120 s passed)."""
+        received = Received()
         deadline = time.monotonic() + 120.0
         while time.monotonic() < deadline:
-            _, body = http(f"{sandbox_url}/_sandbox/received?since={index}")
-            data = json.loads(body)
-            for item in data["activities"]:
-                if item.get("email"):
-                    seen.add(item["email"])
-            index = data["total"]
-            duplicates = data["duplicates"]
-            if accepted <= seen:
+            received.poll(sandbox_url)
+            if accepted <= received.times.keys():
                 break
             await asyncio.sleep(0.25)
-        return seen, duplicates
+        return received
 
 
 def client_session(connections: int) -> aiohttp.ClientSession:
@@ -410,7 +445,8 @@ def render(result: dict[str, Any], problems: list[str]) -> str:
         f"answers: {json.dumps(result['answers'], sort_keys=True)}",
         f"client errors: {json.dumps(result['client_errors'], sort_keys=True)}",
         f"accepted {result['accepted']}, delivered {result['delivered']}, lost {result['lost']}, "
-        f"sandbox duplicates {result['sandbox_duplicates']}",
+        f"received twice {result['received_twice']}, "
+        f"sandbox duplicates (merged) {result['sandbox_duplicates']}",
         f"idle before: RSS {result['idle_before']['rss_kib']} KiB, "
         f"{result['idle_before']['fds']} fds; after: RSS {result['idle_after']['rss_kib']} KiB, "
         f"{result['idle_after']['fds']} fds",
