@@ -20,38 +20,41 @@ from tests.bench.soak import Received, verdict
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench",
-            "--quick",
-            "--no-redis",
-            "--load-tool",
-            "builtin",  # the same run with or without wrk installed
-            "--duration",
-            "1",
-            "--warmup",
-            "0",
-            "--latency-duration",
-            "1",
-            "--limiter-keys",
-            "20000",
-            "--spool-commit",
-            "loop",  # `auto` times this disk's fsync: pinned, the report is exact
-            "--spool-dir",
-            str(tmp_path),
-            "--json",
-            str(out),
-        ],
+def run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> <args>` from the repository, its output kept; at most 5 min."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+    )
+
+
+@pytest.mark.slow
+def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = run_tool(
+        "tests.bench",
+        "--quick",
+        "--no-redis",
+        "--load-tool",
+        "builtin",  # the same run with or without wrk installed
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--latency-duration",
+        "1",
+        "--limiter-keys",
+        "20000",
+        "--spool-commit",
+        "loop",  # `auto` times this disk's fsync: pinned, the report is exact
+        "--spool-dir",
+        str(tmp_path),
+        "--json",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
@@ -85,25 +88,16 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_short_soak_loses_nothing_and_leaks_no_descriptor(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.soak",
-            "--duration",
-            "6",
-            "--connections",
-            "8",
-            "--rss-slack",
-            "4",  # a few seconds set no plateau: memory is the long run's verdict
-            "--json",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = run_tool(
+        "tests.bench.soak",
+        "--duration",
+        "6",
+        "--connections",
+        "8",
+        "--rss-slack",
+        "4",  # a few seconds set no plateau: memory is the long run's verdict
+        "--json",
+        str(out),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
