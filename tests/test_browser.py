@@ -708,6 +708,11 @@ async def test_debug_mode_explains_a_limit(make_stack: StackFactory) -> None:
     )
     assert dropped["accepted"] is True
     assert [w["field"] for w in dropped["warnings"]] == ["attributes.int:cm:seats"]
+    # Ortto's other page functions (its Magento connector's) are harmless and say so.
+    await page.evaluate("""() => ap3c.trackMagento("m@example.com", "", {"sku": "1"})""")
+    assert "console.info: ortto-relay: ap3c.trackMagento: nothing to do for activities" in (
+        log.messages
+    )
     assert any(
         m.startswith("console.warning: ortto-relay: act:cm:login: attributes.int:cm:seats must")
         for m in log.messages

@@ -254,12 +254,13 @@
     enqueue(fresh);
   };
 
-  // Ortto's init and track: this shim's until Ortto's own script sets its functions; then both
-  // run, and the calls made before it came are replayed to it in order.
+  // Ortto's init and track (and trackMagento, which Ortto's Magento connector calls): this
+  // shim's until Ortto's own script sets its functions, then theirs, with the calls made
+  // before it came replayed in order. Alone, the shim does nothing for them but say so.
   const theirs = {},
     early = [],
     define = (name, fn, set) => Object.defineProperty(ap3c, name, { configurable: true, enumerable: true, get: () => fn, set });
-  for (const name of ["init", "track"]) {
+  for (const name of ["init", "track", "trackMagento"]) {
     const prev = ap3c[name],
       fn = function (t) {
         const p = name == "track" && personOf(t);
