@@ -78,11 +78,19 @@ _TOKENS = re.compile(
 # After these (or at the start) a `/` begins a regular expression; elsewhere it divides.
 _BEFORE_REGEX = frozenset("(,=:[!&|?{};") | {"", "return", "typeof"}
 _WORDISH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_$")
+# A line break after these never ends a statement: an expression or list goes on. Not
+# `+ -` (`a++` ends one), `/` (a regular expression's end), `) ] }` (a call or block can
+# end a statement).
+_JOINS_AFTER = frozenset("{([,;:=&|?!<>*%^~")
+# ... nor before these, which cannot begin one (not `.`: `1\n.5` is two numbers).
+_JOINS_BEFORE = frozenset(")]},;?:")
 
 
 def minify(source: str) -> str:
     """The source without comments (but its `/*!` first line) and without the whitespace that
-    separates nothing; a line break stays one, so automatic semicolons are unchanged."""
+    separates nothing; a line break stays one, so automatic semicolons are unchanged, except
+    where none can be inserted: after a token that cannot end a statement (`_JOINS_AFTER`)
+    or before one that cannot begin one (`_JOINS_BEFORE`)."""
     out: list[str] = []
     space = ""  # the whitespace and comments since the last token kept
     last = ""  # the last token kept, to tell a regular expression from a division
@@ -104,7 +112,7 @@ def minify(source: str) -> str:
             continue
         if out and space:
             prev, first = out[-1][-1], text[0]
-            if "\n" in space:
+            if "\n" in space and not (prev in _JOINS_AFTER or first in _JOINS_BEFORE):
                 out.append("\n")
             elif (prev in _WORDISH and first in _WORDISH) or (prev in "+-" and first in "+-"):
                 out.append(" ")

@@ -14,7 +14,7 @@ from tests.conftest import GatewayFactory
 from tests.servers import ROOT
 
 # The budget for the shim as a browser downloads it.
-MAX_GZIPPED_BYTES = 4096
+MAX_GZIPPED_BYTES = 4000  # "under 4 KB" in either reading of a kilobyte
 
 
 def test_minify_drops_comments_and_spacing_only() -> None:
@@ -28,11 +28,30 @@ def test_minify_drops_comments_and_spacing_only() -> None:
     )
     assert minify(source) == (
         "/*! licence */\n"
-        "const a=1,b=a/2;\n"
-        "const re=/\\/+$/g,s='x  // not a comment',t=\"y /* no */\";\n"
-        "let c=a- -b+ +a;\n"
-        "return typeof/x/.exec(s)\n"
+        "const a=1,b=a/2;const re=/\\/+$/g,s='x  // not a comment',t=\"y /* no */\";"
+        "let c=a- -b+ +a;return typeof/x/.exec(s)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("source", "minified"),
+    [
+        # A line break that could end a statement stays: after a call, a regular
+        # expression, `++`, a word; before a word or `.`.
+        ("f()\nx = 1\n", "f()\nx=1\n"),
+        ("a = /x/\ng()\n", "a=/x/\ng()\n"),
+        ("i++\nj\n", "i++\nj\n"),
+        ("return\nx\n", "return\nx\n"),
+        ("a\n.5\n", "a\n.5\n"),
+        # One that cannot: after `{ ( [ , ; = && ?` and before `) ] } , ; ? :`.
+        ("f(\na,\nb\n)\n", "f(a,b)\n"),
+        ("if (x) {\ny = a &&\nb ?\nc\n: d\n}\n", "if(x){y=a&&b?c:d}\n"),
+    ],
+)
+def test_minify_keeps_a_line_break_only_where_it_can_end_a_statement(
+    source: str, minified: str
+) -> None:
+    assert minify(source) == minified
 
 
 def test_minify_refuses_template_literals() -> None:

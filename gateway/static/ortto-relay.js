@@ -1,4 +1,4 @@
-/*! ortto-relay.js: Ortto's ap3c API through ortto-gateway; see its docs/shim.md */
+/*! ortto-relay.js, Ortto's ap3c via ortto-gateway (docs/shim.md) */
 // What each part does and why: docs/shim.md. The gateway serves this file minified by
 // gateway/shim.py (comments and spacing dropped; so no template literals here), and a test
 // keeps that under 4 KB gzipped.
@@ -286,9 +286,9 @@
       }
     });
   }
-  define("activity", send, () => say("info", "ap3c.activity stays the gateway's"));
+  define("activity", send, () => say("info", "ap3c.activity stays ours"));
   ap3c.consent = (yes) => {
-    if (gpc) return say("info", "Global Privacy Control is on: nothing is sent or kept");
+    if (gpc) return say("info", "Global Privacy Control: nothing sent or kept");
     consent = !!yes;
     const now = held.splice(0);
     if (consent) {
@@ -306,9 +306,9 @@
     try {
       if (typeof fn == "function") fn.call(w);
     } catch (e) {
-      con.error("ortto-relay: an ap3c.cmd function threw; the others still run.", e);
+      con.error("ortto-relay: an ap3c.cmd function threw", e);
       const m = /ap3c\.(\w+) is not a function/.exec(e.message);
-      if (m) say("info", "ap3c." + m[1] + " is in Ortto's own tracking code, not in the shim");
+      if (m) say("info", "ap3c." + m[1] + " is Ortto's tracking code's, not the shim's");
     }
   }
   // An array whose push does at once what the queue waited for: Ortto's script, if it comes
