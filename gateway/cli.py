@@ -24,7 +24,9 @@ from gateway.logs import setup_logging
 from gateway.spool import SpoolError, SpoolInUse
 
 EXIT_CONFIG = 2
-EXIT_IN_USE = 3  # the spool file is held by another running gateway
+# The spool file is held by another running gateway: kept apart from EXIT_CONFIG (as
+# documented) because it is no bad setting: it clears when that gateway stops.
+EXIT_IN_USE = 3
 # The spool cannot be opened (full or read-only disk, a path that cannot be a file): as a
 # bad setting, the operator's to fix, and restarting will not help until then.
 EXIT_SPOOL = 2
@@ -147,7 +149,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"ortto-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except SpoolInUse as exc:  # another gateway drains this spool: never share one
-        print(f"ortto-gateway: {exc}", file=sys.stderr)
+        print(
+            f"ortto-gateway: GATEWAY_SPOOL_PATH {exc} (stop that gateway, or set "
+            "GATEWAY_SPOOL_PATH to another file)",
+            file=sys.stderr,
+        )
         return EXIT_IN_USE
     except SpoolError as exc:  # e.g. "cannot open the spool PATH: database or disk is full"
         print(f"ortto-gateway: {exc}", file=sys.stderr)
@@ -197,6 +203,7 @@ def _sandbox(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from gateway.sandbox import SandboxState, create_sandbox_app
+    from gateway.server import bind_socket
 
     try:
         where = parse_host_port(args.listen)
@@ -208,15 +215,12 @@ def _sandbox(args: argparse.Namespace) -> int:
         state = SandboxState(api_key=key, person_fields=custom, answers=args.answers)
     except ValueError as exc:
         raise ConfigError(f"--person-fields: {exc}") from None
+    # Bound here, not by run_app: a port in use is then one line naming --listen.
+    sock = bind_socket(where, "--listen", "give --listen another port")
     setup_logging("INFO")
     print(f"sandbox upstream on http://{where}/v1/activities/create", flush=True)
-    web.run_app(
-        create_sandbox_app(state),
-        host=where.host,
-        port=where.port,
-        print=None,
-        access_log=None,
-    )
+    with sock:
+        web.run_app(create_sandbox_app(state), sock=sock, print=None, access_log=None)
     return 0
 
 

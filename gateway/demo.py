@@ -16,6 +16,8 @@ from gateway.server import bound_port, serve
 DEMO_ACTIVITIES = "act:cm:login,act:cm:plan-viewed"
 DEMO_KEY = "demo-sandbox-key"
 PAGE = Path(__file__).parent / "static" / "demo.html"
+# How to move the demo off a port in use, said in the one-line error.
+DEMO_LISTEN_FIX = "give --listen another port, e.g. make demo PORT=8090"
 DEMO_STATE = web.AppKey("demo_sandbox_state", SandboxState)
 
 
@@ -98,6 +100,8 @@ async def run_demo(where: HostPort, *, stop: asyncio.Event | None = None) -> Non
                 stop=stop,
                 on_ready=ready,
                 extra_apps={"/demo": create_demo_app(state)},
+                listen_setting="--listen",
+                listen_fix=DEMO_LISTEN_FIX,
             )
     finally:
         await sandbox_runner.cleanup()

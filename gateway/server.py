@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -14,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.app import DELIVERY, create_app, create_metrics_app
-from gateway.config import HostPort, Settings
+from gateway.config import ConfigError, HostPort, Settings
 from gateway.keys import LIFECYCLE
 from gateway.metrics import Metrics
 
@@ -42,10 +44,36 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+# Why a listener cannot bind, and what to do: the usual causes a newcomer meets.
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there",
+    errno.EACCES: "ports below 1024 need privileges",
+    errno.EADDRNOTAVAIL: "this machine has no such address",
+}
+
+
+def listen_error(setting: str, where: HostPort, exc: OSError, fix: str = "") -> ConfigError:
+    """One line naming the setting (or flag), the address, the cause and how to change it.
+
+    `fix` says how to change the setting; by default, "set SETTING to another port".
+    """
+    # asyncio's strerror is a sentence quoting the address; the errno's text is enough.
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    hint = _BIND_HINTS.get(exc.errno or 0)
+    advice = fix or f"set {setting} to another port"
+    detail = f"{hint}; {advice}" if hint else advice
+    return ConfigError(f"{setting} {where}: {reason} ({detail})")
+
+
 async def start_site(
-    runner: web.AppRunner, where: HostPort, *, reuse_port: bool = False
+    runner: web.AppRunner,
+    where: HostPort,
+    *,
+    setting: str,
+    fix: str = "",
+    reuse_port: bool = False,
 ) -> web.TCPSite:
-    """Bind one listener."""
+    """Bind one listener; a port in use (or any bind error) is a ConfigError naming `setting`."""
     site = web.TCPSite(
         runner,
         where.host,
@@ -53,8 +81,51 @@ async def start_site(
         reuse_port=reuse_port or None,
         backlog=1024,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        raise listen_error(setting, where, exc, fix) from None
     return site
+
+
+def bind_socket(where: HostPort, setting: str, fix: str = "") -> socket.socket:
+    """A socket bound to `where` (its first address) for `web.run_app(sock=...)`."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            where.host, where.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise listen_error(setting, where, exc, fix) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(setting, where, exc, fix) from None
+    return sock
+
+
+def check_bindable(
+    where: HostPort, setting: str, fix: str = "", *, reuse_port: bool = False
+) -> None:
+    """Bind `where` (without listening) and let go: a port in use is one clear error
+    before anything starts. Not listening: no connection is ever routed to this socket.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            where.host, where.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:  # as `--workers` bind: they share the port
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as exc:
+        raise listen_error(setting, where, exc, fix) from None
 
 
 def bound_port(runner: web.AppRunner) -> int:
@@ -74,13 +145,22 @@ async def serve(
     on_ready: Callable[[int, int], Awaitable[None] | None] | None = None,
     extra_apps: dict[str, web.Application] | None = None,
     worker: int | None = None,
+    listen_setting: str = "GATEWAY_LISTEN",
+    listen_fix: str = "",
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop`), then drain and exit.
+
+    A listener that cannot bind raises ConfigError naming its setting (`listen_setting`
+    and `listen_fix` for the public one: the demo's is a flag).
 
     As one of `--workers N` (`worker` set), the public port is shared with SO_REUSEPORT
     and the metrics listener is left to the supervisor, which reads every worker's
     metrics from the multiprocess directory.
     """
+    # Checked before the app opens its spool and logs: a port in use is then the only line.
+    check_bindable(settings.listen, listen_setting, listen_fix, reuse_port=worker is not None)
+    if worker is None:
+        check_bindable(settings.metrics_listen, "GATEWAY_METRICS_LISTEN")
     registry = CollectorRegistry()
     metrics = Metrics(registry, settings.activities, process_metrics=worker is None)
     app = create_app(settings, metrics=metrics)
@@ -97,10 +177,18 @@ async def serve(
     await runner.setup()
     try:
         await metrics_runner.setup()
-        await start_site(runner, settings.listen, reuse_port=worker is not None)
+        await start_site(
+            runner,
+            settings.listen,
+            setting=listen_setting,
+            fix=listen_fix,
+            reuse_port=worker is not None,
+        )
         metrics_port = 0
         if worker is None:
-            await start_site(metrics_runner, settings.metrics_listen)
+            await start_site(
+                metrics_runner, settings.metrics_listen, setting="GATEWAY_METRICS_LISTEN"
+            )
             metrics_port = bound_port(metrics_runner)
         public_port = bound_port(runner)
         log.info(

@@ -29,7 +29,8 @@ from gateway.config import ConfigError, Settings
 log = logging.getLogger("gateway.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# Exit codes of a worker that a restart would not fix (cli.EXIT_SPOOL, cli.EXIT_IN_USE).
+# Exit codes of a worker that a restart would not fix (cli.EXIT_SPOOL and EXIT_CONFIG, 2;
+# cli.EXIT_IN_USE, 3).
 FATAL_EXITS = frozenset({2, 3})
 # A worker that keeps dying is restarted at most this often.
 RESTART_DELAY = 1.0
@@ -78,7 +79,7 @@ def check_workers(settings: Settings, workers: int) -> None:
 
 def _worker_main(settings: Settings, index: int, supervisor: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
-    from gateway.cli import EXIT_IN_USE, EXIT_SPOOL, run_loop
+    from gateway.cli import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop
     from gateway.logs import setup_logging
     from gateway.spool import SpoolInUse, SpoolOpenError
 
@@ -91,6 +92,9 @@ def _worker_main(settings: Settings, index: int, supervisor: int) -> None:
     except SpoolOpenError as exc:  # a full or read-only disk: a restart would not help
         log.error("cannot start worker", extra={"data": {"worker": index, "error": str(exc)}})
         raise SystemExit(EXIT_SPOOL) from None
+    except ConfigError as exc:  # the public port taken since the supervisor checked it
+        log.error("cannot start worker", extra={"data": {"worker": index, "error": str(exc)}})
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 async def _run_worker(settings: Settings, index: int, supervisor: int) -> None:
@@ -161,15 +165,21 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     from gateway.app import create_metrics_app
-    from gateway.server import bound_port, start_site
+    from gateway.server import bound_port, check_bindable, start_site
 
+    check_bindable(settings.listen, "GATEWAY_LISTEN", reuse_port=True)
+    check_bindable(settings.metrics_listen, "GATEWAY_METRICS_LISTEN")
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
     # The workers' process metrics are not summable; the supervisor reports its own.
     ProcessCollector(namespace="ortto_gateway", registry=registry)
     runner = web.AppRunner(create_metrics_app(registry), access_log=None)
     await runner.setup()
-    await start_site(runner, settings.metrics_listen)
+    try:
+        await start_site(runner, settings.metrics_listen, setting="GATEWAY_METRICS_LISTEN")
+    except ConfigError:
+        await runner.cleanup()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

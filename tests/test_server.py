@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,90 @@ def test_a_spool_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path: Path) ->
     code, out, err = gw.run_to_exit()
     assert (code, out) == (2, "")
     assert err == f"ortto-gateway: cannot open the spool {spool}: {blocker} is not a directory\n"
+
+
+@pytest.fixture
+def taken() -> Iterator[str]:
+    """A loopback address another process (this test) listens on: `127.0.0.1:PORT`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _run(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "args", "env"),
+    [
+        ("GATEWAY_LISTEN", (), {}),
+        ("GATEWAY_METRICS_LISTEN", (), {}),
+        # The Redis URL is only checked for presence before the workers start.
+        ("GATEWAY_LISTEN", ("--workers", "2"), {"GATEWAY_REDIS_URL": "redis://127.0.0.1:9"}),
+        (
+            "GATEWAY_METRICS_LISTEN",
+            ("--workers", "2"),
+            {"GATEWAY_REDIS_URL": "redis://127.0.0.1:9"},
+        ),
+    ],
+)
+def test_serve_on_a_port_in_use_is_one_line_naming_the_setting_exit_2(
+    tmp_path: Path, taken: str, setting: str, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    gw = GatewayProcess(
+        "http://127.0.0.1:9",
+        tmp_path / "spool.sqlite3",
+        tmp_path / "gw.log",
+        args=args,
+        env={**env, setting: taken},
+    )
+    code, out, err = gw.run_to_exit()
+    assert (code, out) == (2, "")
+    assert err == (
+        f"ortto-gateway: {setting} {taken}: address already in use "
+        f"(another process listens there; set {setting} to another port)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "fix"),
+    [
+        ("demo", "give --listen another port, e.g. make demo PORT=8090"),
+        ("sandbox", "give --listen another port"),
+    ],
+)
+def test_demo_and_sandbox_on_a_port_in_use_are_one_line_naming_listen_exit_2(
+    taken: str, command: str, fix: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    code, out, err = _run([command, "--listen", taken], env)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"ortto-gateway: --listen {taken}: address already in use "
+        f"(another process listens there; {fix})\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "cause"), [("missing", "No such file or directory"), (".", "Is a directory")]
+)
+def test_an_unreadable_key_file_is_one_line_naming_the_setting_exit_2(
+    tmp_path: Path, name: str, cause: str
+) -> None:
+    # Tests run as root, who reads any file: a missing file and a directory stand in.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"GATEWAY_API_KEY_FILE": str(tmp_path / name), "GATEWAY_ACTIVITIES": ACTIVITIES})
+    code, out, err = _run(["serve"], env)
+    assert (code, out) == (2, "")
+    assert err == f"ortto-gateway: GATEWAY_API_KEY_FILE: cannot read the file it names: {cause}\n"

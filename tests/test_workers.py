@@ -260,7 +260,10 @@ async def test_a_second_gateway_on_the_same_spool_is_refused(
     second = GatewayProcess(upstream, spool, tmp_path / "second.log")
     code, _, err = await asyncio.to_thread(second.run_to_exit)
     assert code == 3
-    assert "in use by another gateway process" in err
+    assert err.splitlines()[-1] == (
+        f"ortto-gateway: GATEWAY_SPOOL_PATH {spool} is in use by another gateway process "
+        "(stop that gateway, or set GATEWAY_SPOOL_PATH to another file)"
+    )
     assert await first.stop_async(signal.SIGTERM) == 0
 
 
