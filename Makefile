@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# `make demo PORT=8090` when 8080 is taken.
 demo: $(STAMP)
-	$(BIN)/ortto-gateway demo
+	$(BIN)/ortto-gateway demo --listen 127.0.0.1:$(or $(PORT),8080)
 
 run: $(STAMP)
 	$(BIN)/ortto-gateway serve $(if $(CONFIG),--config $(CONFIG),)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import struct
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -135,3 +137,16 @@ async def test_demo_command_prints_urls_and_stops_on_sigint() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.communicate()
+
+
+@pytest.mark.parametrize(
+    ("args", "listen"), [([], "127.0.0.1:8080"), (["PORT=8090"], "127.0.0.1:8090")]
+)
+def test_make_demo_takes_a_port(args: list[str], listen: str) -> None:
+    """`make demo PORT=8090` passes the port to the demo (shown with -n, not run)."""
+    make = need_binary("make")
+    env = {k: v for k, v in os.environ.items() if k not in {"PORT", "MAKEFLAGS", "MAKELEVEL"}}
+    done = subprocess.run(
+        [make, "-n", "demo", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert f"ortto-gateway demo --listen {listen}\n" in done.stdout
