@@ -143,6 +143,7 @@ def create_app(
     )
     shim = handlers.ShimAsset(ShimFile.load())
     app.router.add_get(handlers.SHIM_ROUTE, shim.handle, name="shim")
+    app.router.add_get("/", handlers.index, name="index")
     app.router.add_get("/healthz", handlers.healthz, name="healthz")
     app.router.add_get("/readyz", handlers.readyz, name="readyz")
     return app

@@ -167,6 +167,23 @@ async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
+# What `/` answers: where to post and where the shim is. Nothing from the settings, so
+# nothing secret (nor the upstream or allowed origins) can ever appear in it.
+INDEX_TEXT = """ortto-gateway: relays Ortto custom activities from browsers, the key kept here.
+
+  POST /v1/activities/create   the activities endpoint (Ortto's request shape)
+  GET  /ortto-relay.js         the browser shim (ap3c.track and ap3c.activity)
+  GET  /healthz, /readyz       health checks
+
+See the README of ortto-gateway for settings and the shim's snippet.
+"""
+
+
+async def index(request: web.Request) -> web.Response:
+    """A short text for whoever opens the gateway's root in a browser."""
+    return web.Response(text=INDEX_TEXT, content_type="text/plain", charset="utf-8")
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the event loop answers."""
     return json_response(200, {"status": "ok"})

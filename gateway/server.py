@@ -165,8 +165,9 @@ async def serve(
     metrics = Metrics(registry, settings.activities, process_metrics=worker is None)
     app = create_app(settings, metrics=metrics)
     for prefix, sub in (extra_apps or {}).items():
-        app.add_subapp(prefix, sub)
+        # Before the sub-app: its resource would take the bare prefix too, and 404 it.
         app.router.add_get(prefix, _redirect_to(prefix + "/"))
+        app.add_subapp(prefix, sub)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
     metrics_runner = web.AppRunner(create_metrics_app(registry), access_log=None)
     stop = stop or asyncio.Event()
@@ -229,7 +230,7 @@ async def serve(
 
 def _redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def redirect(request: web.Request) -> web.StreamResponse:
-        raise web.HTTPFound(location)
+        raise web.HTTPMovedPermanently(location)
 
     return redirect
 

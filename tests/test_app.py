@@ -13,7 +13,7 @@ import pytest
 
 from gateway.app import METRICS
 from gateway.config import parse_rate
-from gateway.keys import SPOOL
+from gateway.keys import SETTINGS, SPOOL
 from gateway.logs import JsonFormatter
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.sinks import REFUSED_ACTIVITY
@@ -310,3 +310,16 @@ async def test_a_spool_that_cannot_be_written_is_503_and_not_ready_until_it_can(
     assert (await client.post(PATH, json=one)).status == 202
     await wait_for(lambda: len(sandbox_state.activities) == 2)
     await wait_for(lambda: registry.get_sample_value("ortto_gateway_spool_writable") == 1)
+
+
+async def test_the_root_names_the_endpoint_and_the_shim(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway()
+    resp = await client.get("/")
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    text = await resp.text()
+    assert "POST /v1/activities/create" in text
+    assert "/ortto-relay.js" in text
+    assert "README" in text
+    settings = client.app[SETTINGS]
+    assert settings.api_key not in text and settings.upstream_base not in text

@@ -150,3 +150,12 @@ def test_make_demo_takes_a_port(args: list[str], listen: str) -> None:
         [make, "-n", "demo", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     assert f"ortto-gateway demo --listen {listen}\n" in done.stdout
+
+
+async def test_demo_without_its_slash_redirects_there(demo_url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(demo_url.rstrip("/"), allow_redirects=False) as resp:
+            assert resp.status in (301, 308)
+            assert resp.headers["Location"] == "/demo/"
+        async with session.get(demo_url.rstrip("/")) as resp:
+            assert resp.status == 200 and str(resp.url) == demo_url
