@@ -6,6 +6,7 @@ import asyncio
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -60,6 +61,8 @@ def create_demo_app(state: SandboxState) -> web.Application:
                 "source_ip": a.source_ip,
                 "created": a.created,
                 "key": a.key,
+                "name": _name(a.activity),
+                "attributes": a.activity.get("attributes") or {},
             }
             for i, a in enumerate(state.activities[since : since + 200], start=since)
         ]
@@ -68,6 +71,15 @@ def create_demo_app(state: SandboxState) -> web.Application:
     app.router.add_get("/", index, name="demo")
     app.router.add_get("/received", received, name="demo-received")
     return app
+
+
+def _name(activity: dict[str, Any]) -> str:
+    """The person's first and last name as sent (`str::first`, `str::last`), or ""."""
+    fields = activity.get("fields")
+    if not isinstance(fields, dict):
+        return ""
+    parts = (fields.get("str::first"), fields.get("str::last"))
+    return " ".join(p for p in parts if isinstance(p, str) and p)
 
 
 async def run_demo(where: HostPort, *, stop: asyncio.Event | None = None) -> None:

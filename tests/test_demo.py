@@ -75,15 +75,24 @@ async def test_demo_page_shows_deliveries_and_the_limit(demo_url: str, tmp_path:
         await expect(page.locator("#answers tr.s202")).to_have_count(10)
         await expect(page.locator("#answers tr.s429")).to_have_count(1)
         await expect(page.locator("#answers tr.s429")).to_contain_text("limit per person")
+        # Retry times in hours and minutes, not tens of thousands of seconds.
+        await expect(page.locator("#answers tr.s429")).to_contain_text(
+            re.compile(r"retry in \d+ h( \d+ min)?\b")
+        )
+        assert not re.search(r"\d{3,} s\b", await page.locator("#answers").inner_text())
         await expect(received).to_have_count(10, timeout=DEADLINE * 1000)
         await expect(page.locator("#count")).to_have_text("(10)")
         rows = await received.evaluate_all(
             "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
         )
         assert sorted(int(r[0]) for r in rows) == list(range(1, 11))
-        assert {(r[1], r[2], r[3]) for r in rows} == {
-            ("act:cm:login", "ada@example.com", "127.0.0.1")
+        assert {(r[1], r[2], r[3], r[5]) for r in rows} == {
+            ("act:cm:login", "ada@example.com", "Ada", "127.0.0.1")
         }
+        # The attributes as sent, and each activity's key in full: ten different keys.
+        assert all(r[4].startswith('str:cm:web-browser="Mozilla/5.0') for r in rows), rows
+        keys = {r[7] for r in rows}
+        assert len(keys) == 10 and all(len(k) > 12 for k in keys), keys
 
         shot = tmp_path / "demo.png"
         await page.screenshot(path=str(shot), full_page=True)
