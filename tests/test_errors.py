@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -88,3 +89,10 @@ def test_the_reason_set_is_closed_and_each_code_has_a_meaning() -> None:
     # Every code is a refusal, a warning, or both (strict mode refuses what would warn).
     assert set(REFUSAL_REASONS) | set(WARNING_REASONS) == set(ALL_REASONS)
     assert set(REFUSAL_REASONS) & set(WARNING_REASONS) == {"invalid_field", "unknown_key"}
+
+
+def test_the_readme_documents_each_reason_with_its_status() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for code, (status, _) in REASONS.items():
+        shown = "warning" if status is None else str(status)
+        assert f"| `{code}` | {shown} |" in readme, code
