@@ -58,6 +58,7 @@ class Admission:
             raise Unavailable(
                 "too many slow uploads in progress; try again shortly",
                 retry_after=BUSY_RETRY_AFTER,
+                reason="busy",
             )
         self._set_readers(self.readers + 1)
         self.in_flight -= 1
@@ -68,7 +69,9 @@ class Admission:
             self._set_readers(self.readers - 1)
         if self.in_flight > self.max_concurrent:
             raise Unavailable(
-                "the gateway is busy; try again shortly", retry_after=BUSY_RETRY_AFTER
+                "the gateway is busy; try again shortly",
+                retry_after=BUSY_RETRY_AFTER,
+                reason="busy",
             )
 
     def _set_readers(self, value: int) -> None:

@@ -71,7 +71,10 @@ class BodyDecoder:
         while chunk:
             if self._inflater is None:
                 if self._members and self.coding != "gzip":
-                    raise BadRequest(f"the request body has data after its {self.coding} stream")
+                    raise BadRequest(
+                        f"the request body has data after its {self.coding} stream",
+                        reason="malformed_body",
+                    )
                 if self.coding == "deflate" and len(chunk) < 2:
                     self._pending = chunk
                     return
@@ -105,13 +108,18 @@ class BodyDecoder:
         return _ZLIB if is_zlib else _RAW_DEFLATE
 
     def _broken(self) -> BadRequest:
-        return BadRequest(f"the request body could not be read as {self.coding}")
+        return BadRequest(
+            f"the request body could not be read as {self.coding}", reason="malformed_body"
+        )
 
     def body(self) -> bytes:
         """The decoded body; `BadRequest` when a compressed stream stopped before its end."""
         if self._pending or self._inflater is not None:
             self._inflater = None
-            raise BadRequest(f"the request body ends before its {self.coding} stream does")
+            raise BadRequest(
+                f"the request body ends before its {self.coding} stream does",
+                reason="malformed_body",
+            )
         return bytes(self._out)
 
 

@@ -94,12 +94,16 @@ async def create_activities(request: web.Request) -> web.Response:
         )
     except (web.RequestPayloadError, ConnectionResetError) as exc:  # a bad chunk, a hang-up
         # Client-made: an INFO request line with its 4xx, not an unexpected-error ERROR.
-        raise BadRequest(f"the request body could not be read: {exc}") from None
+        raise BadRequest(
+            f"the request body could not be read: {exc}", reason="malformed_body"
+        ) from None
     finally:
         if decoder.inflated:
             request.app[METRICS].body_inflated_bytes.inc(decoder.inflated)
     data = decode_body(body, request.headers.get("Content-Type", ""), limit)
-    result = await request.app[RELAY].submit(data, request[CLIENT_IP], request[REQUEST_ID])
+    result = await request.app[RELAY].submit(
+        data, request[CLIENT_IP], request[REQUEST_ID], request[LOG_DATA]
+    )
     if result.log:
         request[LOG_DATA].update(result.log)
     headers = {"Retry-After": str(result.retry_after)} if result.retry_after else None
@@ -163,7 +167,9 @@ async def preflight(request: web.Request) -> web.Response:
         request.headers.get("Access-Control-Request-Headers"),
     )
     if headers is None:
-        raise Forbidden("preflight refused: method or headers not allowed")
+        raise Forbidden(
+            "preflight refused: method or headers not allowed", reason="preflight_not_allowed"
+        )
     return web.Response(status=204, headers=headers)
 
 

@@ -121,13 +121,17 @@ def verify_identity(token: object, activity: Activity, secrets: Sequence[str], n
         what = "the email"
     parts = token.split(".") if len(token) <= MAX_TOKEN_CHARS else []
     if len(parts) != 3 or parts[0] != TOKEN_VERSION or not is_ascii_digits(parts[1]):
-        raise Unauthorized("malformed identity token", field="identity")
+        raise Unauthorized("malformed identity token", field="identity", reason="identity_invalid")
     expires = int(parts[1])
     matched = False
     for secret in secrets:
         # Every secret is tried, so the time taken does not tell which one matched.
         matched |= hmac.compare_digest(_mac(secret, expires, subject), parts[2])
     if not matched:
-        raise Unauthorized(f"identity token does not match {what}", field="identity")
+        raise Unauthorized(
+            f"identity token does not match {what}", field="identity", reason="identity_invalid"
+        )
     if expires <= now:
-        raise Unauthorized("identity token has expired", field="identity")
+        raise Unauthorized(
+            "identity token has expired", field="identity", reason="identity_invalid"
+        )

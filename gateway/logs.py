@@ -42,6 +42,18 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+# A field path in a log line: at most this long (a browser chooses unknown keys' names).
+MAX_LOGGED_FIELD = 80
+
+
+def log_field(path: str) -> str:
+    """A field path fit for a log line: cut short, and hidden if it could hold an email
+    (a browser chooses the names of unknown keys, and could send one as a key)."""
+    if "@" in path:
+        return "<redacted>"
+    return path[:MAX_LOGGED_FIELD]
+
+
 def _error_text(record: logging.LogRecord) -> str | None:
     # The exception type and message only: tracebacks can carry local values.
     if record.exc_info and record.exc_info[0] is not None:

@@ -1,7 +1,8 @@
 """Prometheus metrics of every step, on an injected registry (no module globals).
 
-A sink: it imports no gateway module. Label values are bounded: activity ids come
-from the catalogue (anything else is counted as `other`), statuses are grouped.
+A sink: it imports no gateway module but the leaf `reasons` (the closed set of reason
+codes). Label values are bounded: activity ids come from the catalogue (anything else is
+counted as `other`), statuses are grouped, reasons are the fixed codes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway import __version__
+from gateway.reasons import REFUSAL_REASONS, WARNING_REASONS
 
 PREFIX = "ortto_gateway"
 OUTCOMES = (
@@ -73,6 +75,19 @@ class Metrics:
             f"{PREFIX}_activities",
             "Activities by outcome at each step of the flow.",
             ["activity_id", "outcome"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            f"{PREFIX}_refusals",
+            "Refused activities by reason code (whole requests refused before their "
+            "activities are known count as activity_id `other`).",
+            ["activity_id", "reason"],
+            registry=r,
+        )
+        self.warnings = Counter(
+            f"{PREFIX}_warnings",
+            "Parts of accepted activities normalised or left out, by reason code.",
+            ["activity_id", "reason"],
             registry=r,
         )
         self.http_requests = Counter(
@@ -216,6 +231,8 @@ class Metrics:
         # Label lookups cost more than the increment: children are kept once bound.
         self._activity_children: dict[tuple[str, str], Any] = {}
         self._request_children: dict[tuple[str, str], Any] = {}
+        self._refusal_children: dict[tuple[str, str], Any] = {}
+        self._warning_children: dict[tuple[str, str], Any] = {}
         self._latency_children: dict[str, Any] = {}
         if process_metrics:
             ProcessCollector(namespace=PREFIX, registry=r)
@@ -227,6 +244,10 @@ class Metrics:
         for activity_id in (*self.activity_ids, OTHER_ACTIVITY):
             for outcome in OUTCOMES:
                 self.activities.labels(activity_id, outcome)
+            for code in REFUSAL_REASONS:
+                self.refusals.labels(activity_id, code)
+            for code in WARNING_REASONS:
+                self.warnings.labels(activity_id, code)
         for reason in ("auth", "circuit", "rate_limit"):
             self.delivery_paused.labels(reason).set(0)
         for reason in RETRY_REASONS:
@@ -257,6 +278,22 @@ class Metrics:
         if child is None:
             child = self._activity_children[key] = self.activities.labels(*key)
         child.inc(n)
+
+    def count_refusal(self, activity_id: object, reason: str) -> None:
+        """Count one refused activity (or request) with its reason code."""
+        key = (self.activity_label(activity_id), reason)
+        child = self._refusal_children.get(key)
+        if child is None:
+            child = self._refusal_children[key] = self.refusals.labels(*key)
+        child.inc()
+
+    def count_warning(self, activity_id: object, reason: str) -> None:
+        """Count one warning of an activity (or of the body) with its reason code."""
+        key = (self.activity_label(activity_id), reason)
+        child = self._warning_children.get(key)
+        if child is None:
+            child = self._warning_children[key] = self.warnings.labels(*key)
+        child.inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """Count and time one public request."""

@@ -21,8 +21,9 @@ from gateway.errors import (
     retry_after_header,
 )
 from gateway.keys import LIFECYCLE
-from gateway.logs import log_line
+from gateway.logs import log_field, log_line
 from gateway.metrics import Metrics
+from gateway.reasons import Reason
 
 log = logging.getLogger("gateway.http")
 
@@ -67,6 +68,12 @@ _HTTP_MESSAGES = {
     405: "method not allowed",
     413: "request body too large",
 }
+# aiohttp's own refusals (routing, its body limit) by reason code; any other is malformed.
+_HTTP_REASONS: dict[int, Reason] = {
+    404: "no_route",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
 
 
 def make_middlewares(
@@ -98,13 +105,17 @@ def make_middlewares(
         try:
             if not within_budget and request.path not in ALWAYS_ANSWER:
                 raise Unavailable(
-                    "the gateway is busy; try again shortly", retry_after=BUSY_RETRY_AFTER
+                    "the gateway is busy; try again shortly",
+                    retry_after=BUSY_RETRY_AFTER,
+                    reason="busy",
                 )
             if check == "refused":
                 raise Forbidden(f"origin {origin[:200] if origin else ''!r} is not allowed")
             lifecycle = request.app[LIFECYCLE]
             if lifecycle.draining and request.path not in ALWAYS_ANSWER:
-                raise Unavailable("the gateway is shutting down", retry_after=5.0)
+                raise Unavailable(
+                    "the gateway is shutting down", retry_after=5.0, reason="shutting_down"
+                )
             ip = resolve_client_ip(
                 peer[0] if peer else None,
                 request.headers.getall("X-Forwarded-For", ()),
@@ -117,22 +128,37 @@ def make_middlewares(
             response = error_response(err, request_id)
             if isinstance(err, Forbidden):
                 metrics.count_activity(None, "forbidden")
+            _refused(request, metrics, err.reason, err.field, counted=err.counted)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 message = _HTTP_MESSAGES.get(exc.status, exc.reason.lower())
+                reason = _HTTP_REASONS.get(exc.status, "malformed_body")
                 response = json_response(
                     exc.status,
-                    {"request_id": request_id, "code": exc.status, "error": message},
+                    {
+                        "request_id": request_id,
+                        "code": exc.status,
+                        "error": message,
+                        "reason": reason,
+                    },
                 )
                 if exc.status == 405:
                     response.headers["Allow"] = exc.headers.get("Allow", "")
+                _refused(request, metrics, reason, None)
             else:
                 raise
         except Exception:
             log.exception("unexpected error", extra={"data": {"request_id": request_id}})
             response = json_response(
-                500, {"request_id": request_id, "code": 500, "error": "internal error"}
+                500,
+                {
+                    "request_id": request_id,
+                    "code": 500,
+                    "error": "internal error",
+                    "reason": "internal_error",
+                },
             )
+            _refused(request, metrics, "internal_error", None)
         finally:
             admission.leave()
         if not request.content.is_eof():
@@ -165,6 +191,24 @@ def make_middlewares(
         return response
 
     return [shell]
+
+
+def _refused(
+    request: web.Request,
+    metrics: Metrics,
+    reason: Reason,
+    field: str | None,
+    *,
+    counted: bool = False,
+) -> None:
+    """A refused request's reason code (and field path, never a value) on its log line,
+    and counted unless the relay already counted its activities one by one."""
+    data = request[LOG_DATA]
+    data["reason"] = reason
+    if field:
+        data["field"] = log_field(field)
+    if not counted:
+        metrics.count_refusal(None, reason)
 
 
 def referer_origin(referer: str | None) -> str | None:

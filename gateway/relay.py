@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,9 @@ from gateway.errors import (
 from gateway.identity import person_hash, person_key, verify_identity
 from gateway.limits import Check, Limiter, LimiterUnavailable
 from gateway.limits.limiter import IN_FLIGHT_RETRY
+from gateway.logs import log_field
 from gateway.metrics import Metrics
+from gateway.reasons import Reason
 from gateway.sinks import QUEUED, Sink
 from gateway.validation import (
     Activity,
@@ -38,10 +41,13 @@ from gateway.validation import (
     is_batch,
     merge_by_problem,
     parse_request,
+    warning,
 )
 
 # The limiter's key count is a gauge: once a second is fresh enough.
 KEYS_REPORT_INTERVAL = 1.0
+# The request log line names at most this many distinct field paths of refusals.
+MAX_LOGGED_FIELDS = 10
 # The request log line (middlewares.py) is where a request's summary goes.
 REQUEST_LOG = logging.getLogger("gateway.http")
 log = logging.getLogger("gateway.relay")
@@ -69,11 +75,12 @@ def _keep_signed_identifier(item: Activity, warnings: list[FieldWarning]) -> Non
         if name in fields:
             del fields[name]
             warnings.append(
-                {
-                    "field": f"fields.{name}",
-                    "reason": "dropped",
-                    "message": f"{name} is not the identifier the signed identity covers",
-                }
+                warning(
+                    f"fields.{name}",
+                    "dropped",
+                    "not_signed",
+                    f"{name} is not the identifier the signed identity covers",
+                )
             )
     if not fields:
         del item["fields"]
@@ -93,7 +100,7 @@ def _settle_merge_by(
         item["merge_by"] = merge_by
         return
     item.pop("merge_by", None)
-    warnings.append({"field": "merge_by", "reason": "dropped", "message": problem})
+    warnings.append(warning("merge_by", "dropped", "merge_by_not_allowed", problem))
 
 
 class Relay:
@@ -115,15 +122,84 @@ class Relay:
         self._clock = clock
         self._keys_reported = 0.0
 
-    async def submit(self, data: Any, client_ip: str | None, request_id: str) -> RelayResult:
-        """Run one decoded request body through the flow; raise GatewayError to refuse it whole."""
-        settings = self.settings
-        parsed: ParsedRequest = parse_request(data, settings)
-        items = parsed.items
+    async def submit(
+        self,
+        data: Any,
+        client_ip: str | None,
+        request_id: str,
+        log_data: dict[str, Any] | None = None,
+    ) -> RelayResult:
+        """Run one decoded request body through the flow; raise GatewayError to refuse it whole.
+
+        Each refused activity is counted by its reason code, and `log_data` (the request's
+        log line) gets the codes and field paths, never a value. A refusal of the body as
+        a whole, before its activities are known, is left to the shell to count."""
+        parsed: ParsedRequest = parse_request(data, self.settings)
         raw = data["activities"] if is_batch(data) else [data]
+        entries: list[dict[str, Any] | None] = [None] * len(parsed.items)
+        refusal: GatewayError | None = None
+        try:
+            result = await self._submit(parsed, raw, entries, client_ip, request_id)
+            if result.status >= 400 and log_data is not None:  # e.g. 429: refused, with entries
+                log_data["reason"] = result.body.get("reason")
+            return result
+        except GatewayError as exc:
+            refusal = exc
+            exc.counted = True
+            raise
+        finally:
+            self._account(raw, entries, refusal, parsed, log_data)
+
+    def _account(
+        self,
+        raw: list[Any],
+        entries: list[dict[str, Any] | None],
+        refusal: GatewayError | None,
+        parsed: ParsedRequest,
+        log_data: dict[str, Any] | None,
+    ) -> None:
+        """Count each refused activity by reason (those left without an entry by a refusal
+        of the whole request get its reason) and summarise reasons, field paths and
+        warning codes for the request's log line."""
+        reasons: Counter[str] = Counter()
+        fields: set[str] = set()
+        for activity, entry in zip(raw, entries, strict=True):
+            activity_id = activity.get("activity_id") if isinstance(activity, dict) else None
+            if entry is None:
+                if refusal is None:
+                    continue
+                reason, field = refusal.reason, refusal.field
+            elif "reason" in entry:
+                reason, field = entry["reason"], entry.get("field")
+            else:
+                continue
+            self.metrics.count_refusal(activity_id, reason)
+            reasons[reason] += 1
+            if field:
+                fields.add(log_field(field))
+        if log_data is None or not REQUEST_LOG.isEnabledFor(logging.INFO):
+            return
+        if len(raw) > 1:  # one activity's reason and field are the request's (the shell's)
+            if reasons:
+                log_data["reasons"] = dict(reasons)
+            if fields:
+                log_data["fields"] = sorted(fields)[:MAX_LOGGED_FIELDS]
+        codes = Counter(w["code"] for ws in (parsed.request_warnings, *parsed.warnings) for w in ws)
+        if codes:
+            log_data["warnings"] = dict(codes)
+
+    async def _submit(
+        self,
+        parsed: ParsedRequest,
+        raw: list[Any],
+        entries: list[dict[str, Any] | None],
+        client_ip: str | None,
+        request_id: str,
+    ) -> RelayResult:
+        settings = self.settings
+        items = parsed.items
         now = self._clock()
         ip_key = limit_key(parse_ip(client_ip)) if client_ip else ""
-        entries: list[dict[str, Any] | None] = [None] * len(items)
         checks: list[Check] = []
         positions: list[int] = []
         errors: list[GatewayError] = []
@@ -139,7 +215,7 @@ class Relay:
                 except GatewayError as exc:
                     item = items[i] = exc
             if isinstance(item, GatewayError):
-                entries[i] = {"status": "invalid", "error": item.message}
+                entries[i] = item.entry()
                 errors.append(item)
                 activity_id = raw[i].get("activity_id") if isinstance(raw[i], dict) else None
                 self.metrics.count_activity(activity_id, "invalid")
@@ -167,7 +243,11 @@ class Relay:
         held_rows, held_bytes = len(encoded), sum(map(len, encoded))
         if not self.sink.reserve(held_rows, held_bytes):
             self.metrics.spool_full.inc()
-            raise Unavailable("the gateway's queue is full; try again later", retry_after=5.0)
+            raise Unavailable(
+                "the gateway's queue is full; try again later",
+                retry_after=5.0,
+                reason="spool_full",
+            )
         started = time.perf_counter()
         try:
             results = await self.limiter.check_many(checks)
@@ -175,7 +255,9 @@ class Relay:
             self.sink.unreserve(held_rows, held_bytes)
             if isinstance(exc, LimiterUnavailable):  # Redis down, LIMITER_ON_ERROR=closed
                 raise Unavailable(
-                    "rate limiting is unavailable; try again later", retry_after=5.0
+                    "rate limiting is unavailable; try again later",
+                    retry_after=5.0,
+                    reason="limiter_unavailable",
                 ) from None
             raise
         self.metrics.limiter_seconds.observe(time.perf_counter() - started)
@@ -189,6 +271,7 @@ class Relay:
         summarize = REQUEST_LOG.isEnabledFor(logging.INFO)
         people: list[str] = []
         limited_after: list[float] = []
+        limited_by: list[Reason] = []
         duplicates = in_flight = 0
         for pos, check, result, payload in zip(positions, checks, results, encoded, strict=True):
             if result.verdict == "duplicate":  # stored before under the browser's key
@@ -201,17 +284,21 @@ class Relay:
                     "status": "rate_limited",
                     "error": "the same activity (its key) is being stored now; "
                     f"retry in {retry_after_header(result.retry_after)} s",
+                    "reason": "in_flight",
                 }
                 in_flight += 1
                 continue
             if result.verdict != "accepted":
-                which = "person" if result.verdict == "rate_limited_person" else "IP"
+                by_person = result.verdict == "rate_limited_person"
+                reason: Reason = "person_limit" if by_person else "ip_limit"
                 entries[pos] = {
                     "status": "rate_limited",
-                    "error": f"limit per {which} reached for {check.activity_id}; "
-                    f"retry in {retry_after_header(result.retry_after)} s",
+                    "error": f"limit per {'person' if by_person else 'IP'} reached for "
+                    f"{check.activity_id}; retry in {retry_after_header(result.retry_after)} s",
+                    "reason": reason,
                 }
                 limited_after.append(result.retry_after)
+                limited_by.append(reason)
                 self.metrics.count_activity(check.activity_id, result.verdict)
                 continue
             accepted.append(payload)
@@ -231,7 +318,9 @@ class Relay:
                     else f"no activity accepted: {len(limited_after)} over a rate limit, "
                     f"{len(errors)} invalid (see activities)"
                 )
-                err = RateLimited(f"{what}; retry in {first} s", retry_after=first)
+                err = RateLimited(
+                    f"{what}; retry in {first} s", retry_after=first, reason=limited_by[0]
+                )
                 body = err.body(request_id)
                 body["activities"] = entries
                 return RelayResult(429, body, first)
@@ -239,9 +328,10 @@ class Relay:
                 raise Unavailable(
                     "the same activity (its key) is being stored now; try again",
                     retry_after=IN_FLIGHT_RETRY,
+                    reason="in_flight",
                 )
             if duplicates:  # nothing new: every accepted one was a repeat
-                return RelayResult(202, self._answer(entries, parsed, duplicate=True))
+                return RelayResult(202, self._answer(entries, parsed, self.metrics, duplicate=True))
             raise first_error(parsed) or errors[0]
 
         try:
@@ -274,7 +364,7 @@ class Relay:
                 entries[pos] = outcome.entries[check_pos]
         if outcome.body is not None:
             return RelayResult(outcome.status, outcome.body)
-        body = self._answer(entries, parsed)
+        body = self._answer(entries, parsed, self.metrics)
         if not summarize:
             return RelayResult(outcome.status, body)
         summary = {
@@ -300,11 +390,12 @@ class Relay:
                 ) from None
             del item["person_id"]
             parsed.warnings[i].append(
-                {
-                    "field": "person_id",
-                    "reason": "dropped",
-                    "message": f"person_id needs a signed identity for it ({exc.message})",
-                }
+                warning(
+                    "person_id",
+                    "dropped",
+                    "not_signed",
+                    f"person_id needs a signed identity for it ({exc.message})",
+                )
             )
 
     async def _settle_keys(self, checks: list[Check], *, stored: bool) -> None:
@@ -325,14 +416,24 @@ class Relay:
 
     @staticmethod
     def _answer(
-        entries: list[dict[str, Any] | None], parsed: ParsedRequest, *, duplicate: bool = False
+        entries: list[dict[str, Any] | None],
+        parsed: ParsedRequest,
+        metrics: Metrics,
+        *,
+        duplicate: bool = False,
     ) -> dict[str, Any]:
         """The answer's body; what validation normalised or dropped is told per activity
-        (`warnings` in its entry) and for the body's own keys (top-level `warnings`); a
-        request whose every accepted activity was a repeat says `duplicate: true`."""
-        for entry, warnings in zip(entries, parsed.warnings, strict=True):
+        (`warnings` in its entry) and for the body's own keys (top-level `warnings`), and
+        counted by code as told; a request whose every accepted activity was a repeat says
+        `duplicate: true`."""
+        for entry, warnings, item in zip(entries, parsed.warnings, parsed.items, strict=True):
             if warnings and entry is not None:
                 entry["warnings"] = warnings
+                activity_id = item.get("activity_id") if isinstance(item, dict) else None
+                for w in warnings:
+                    metrics.count_warning(activity_id, w["code"])
+        for w in parsed.request_warnings:
+            metrics.count_warning(None, w["code"])
         body: dict[str, Any] = {"activities": entries}
         if duplicate:
             body["duplicate"] = True

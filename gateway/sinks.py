@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from gateway.errors import GatewayError, PayloadTooLarge, Unavailable
 from gateway.metrics import Metrics, status_group
+from gateway.reasons import Reason
 from gateway.spool import Spool, SpoolClosed, SpoolError, SpoolFull
 from gateway.upstream import (
     OrttoClient,
@@ -103,6 +104,7 @@ class SpoolSink:
             raise Unavailable(
                 "the gateway cannot store activities now; try again later",
                 retry_after=UNWRITABLE_RETRY_AFTER,
+                reason="spool_unwritable",
             )
         return spool.reserve(count, nbytes)
 
@@ -125,13 +127,16 @@ class SpoolSink:
                 "the gateway's queue is full; try again later", retry_after=exc.retry_after
             ) from None
         except SpoolClosed:
-            raise Unavailable("the gateway is shutting down", retry_after=5.0) from None
+            raise Unavailable(
+                "the gateway is shutting down", retry_after=5.0, reason="shutting_down"
+            ) from None
         except SpoolError as exc:
             # The spool logs one ERROR when writes begin to fail.
             self._refused("requests refused: spool write failed", str(exc))
             raise Unavailable(
                 "the gateway cannot store activities now; try again later",
                 retry_after=UNWRITABLE_RETRY_AFTER,
+                reason="spool_unwritable",
             ) from None
         return SinkResult(202, [dict(QUEUED) for _ in activities])
 
@@ -184,7 +189,11 @@ class ForwardSink:
                 [
                     {"status": e.status}
                     if e.delivered
-                    else {"status": "invalid", "error": REFUSED_ACTIVITY}
+                    else {
+                        "status": "invalid",
+                        "error": REFUSED_ACTIVITY,
+                        "reason": "upstream_refused",
+                    }
                     for e in entries
                 ],
                 delivered=True,
@@ -214,15 +223,18 @@ class UpstreamUnavailable(GatewayError):
     """Ortto did not answer usefully (sync mode)."""
 
     status = 502
+    reason: Reason = "upstream_unavailable"
 
 
 class UpstreamRefused(GatewayError):
     """Ortto refused the request's activities (sync mode); its reason is in the log."""
 
     status = 400
+    reason: Reason = "upstream_refused"
 
 
 class UpstreamRateLimited(GatewayError):
     """Ortto's own rate limit (sync mode)."""
 
     status = 429
+    reason: Reason = "upstream_rate_limited"

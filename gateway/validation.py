@@ -53,9 +53,11 @@ from gateway.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from gateway.reasons import Reason
 
 Activity = dict[str, Any]  # one activity in Ortto's shape
-# What was changed or dropped: `{"field", "reason": "dropped" | "normalised", "message"}`.
+# What was changed or dropped: `{"field", "reason": "dropped" | "normalised", "code",
+# "message"}`; `code` is one of `reasons.WARNING_REASONS`.
 FieldWarning = dict[str, str]
 
 # Ortto's shape needs 5 levels (body, list, activity, attributes, an `obj` value);
@@ -179,11 +181,11 @@ class Notes:
         if not self._more:
             return self._items
         more = f"and {self._more} more parts left out or normalised"
-        return [*self._items, {"field": "", "reason": "dropped", "message": more}]
+        return [*self._items, warning("", "dropped", "more_warnings", more)]
 
-    def _add(self, where: str, reason: str, message: str) -> None:
+    def _add(self, where: str, reason: str, code: Reason, message: str) -> None:
         if len(self._items) < MAX_WARNINGS:
-            self._items.append({"field": where, "reason": reason, "message": message})
+            self._items.append(warning(where, reason, code, message))
         else:
             self._more += 1
 
@@ -191,14 +193,19 @@ class Notes:
         """Leave out the part `error` names, or refuse with it in strict mode."""
         if self.strict:
             raise error
-        self._add(error.field or "", "dropped", error.message)
+        self._add(error.field or "", "dropped", error.reason, error.message)
 
     def normalised(self, where: str, message: str) -> None:
-        self._add(where, "normalised", message)
+        self._add(where, "normalised", "normalised", message)
 
-    def ignored(self, where: str, message: str) -> None:
-        """A part the gateway always sets itself: left out in strict mode too."""
-        self._add(where, "dropped", message)
+    def ignored(self, where: str, message: str, code: Reason) -> None:
+        """A part never taken from the browser: left out in strict mode too."""
+        self._add(where, "dropped", code, message)
+
+
+def warning(field: str, reason: str, code: Reason, message: str) -> FieldWarning:
+    """One warning: the field path, dropped or normalised, its reason code, a message."""
+    return {"field": field, "reason": reason, "code": code, "message": message}
 
 
 def decode_body(body: bytes, content_type: str, max_body_bytes: int) -> Any:
@@ -226,14 +233,18 @@ def decode_body(body: bytes, content_type: str, max_body_bytes: int) -> Any:
     if len(body) > max_body_bytes:
         raise PayloadTooLarge(f"request body over {max_body_bytes} bytes")
     if not body or body.isspace():
-        raise BadRequest("empty body: send a JSON object")
+        raise BadRequest("empty body: send a JSON object", reason="malformed_body")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc.msg} at byte {exc.pos}") from None
+        raise BadRequest(
+            f"malformed JSON: {exc.msg} at byte {exc.pos}", reason="malformed_body"
+        ) from None
     # Nesting needs an open bracket per level: with few in the body, skip the walk.
     if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(data, MAX_JSON_DEPTH):
-        raise BadRequest(f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        raise BadRequest(
+            f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels", reason="malformed_body"
+        )
     return data
 
 
@@ -254,13 +265,20 @@ def parse_request(data: Any, settings: Settings) -> ParsedRequest:
         )
     if "activities" not in data:
         if "activity_id" not in data:
-            raise BadRequest('body must be {"activities": [...]} or one activity with activity_id')
+            raise BadRequest(
+                'body must be {"activities": [...]} or one activity with activity_id',
+                reason="malformed_body",
+            )
         item, notes, key = _item(data, settings)
         return ParsedRequest([item], False, None, [_token(data, None)], [notes], [], [key])
 
     body_notes = Notes(settings.strict)
     for unknown in _unknowns(data, BATCH_KEYS):
-        body_notes.drop(BadRequest(f"unknown key {unknown} in the request body", field=unknown))
+        body_notes.drop(
+            BadRequest(
+                f"unknown key {unknown} in the request body", field=unknown, reason="unknown_key"
+            )
+        )
     activities = data["activities"]
     if not isinstance(activities, list):
         raise BadRequest(f"activities must be a list, got {_kind(activities)}", field="activities")
@@ -353,7 +371,7 @@ def _item(
         try:
             key = _browser_key(key)
         except BadRequest as exc:  # never forwarded anyway: left out in strict mode too
-            notes.ignored("key", exc.message)
+            notes.ignored("key", exc.message, "invalid_field")
             key = None
     return activity, notes.items, key
 
@@ -386,9 +404,17 @@ def _activity(raw: Any, settings: Settings, notes: Notes) -> Activity:
         raise NotFound(f"activity {shown} is not enabled", field="activity_id")
     notes.strict = settings.is_strict(spec)
     for unknown in _unknowns(raw, ACTIVITY_KEYS):
-        notes.drop(BadRequest(f"unknown key {unknown} in the activity", field=unknown))
+        notes.drop(
+            BadRequest(
+                f"unknown key {unknown} in the activity", field=unknown, reason="unknown_key"
+            )
+        )
     if "created" in raw:
-        notes.ignored("created", "created is set by the gateway: when it accepted the activity")
+        notes.ignored(
+            "created",
+            "created is set by the gateway: when it accepted the activity",
+            "set_by_gateway",
+        )
 
     fields = _optional_object(raw.get("fields"), "fields", notes)
     attributes = _optional_object(raw.get("attributes"), "attributes", notes)
@@ -439,6 +465,7 @@ def _activity(raw: Any, settings: Settings, notes: Notes) -> Activity:
             BadRequest(
                 "merge_strategy is not taken from the browser: Ortto's default applies",
                 field="merge_strategy",
+                reason="set_by_gateway",
             )
         )
 
@@ -503,6 +530,7 @@ def _attributes(
                 BadRequest(
                     f"attribute {name} is not declared for {activity_id}",
                     field=f"attributes.{name}",
+                    reason="not_declared",
                 )
             )
             continue
@@ -607,11 +635,17 @@ def _location(value: Any, notes: Notes) -> dict[str, Any]:
     for key in location:
         if key in CLIENT_SET_IP_KEYS:
             notes.ignored(
-                f"location.{key}", "the gateway sets location.source_ip to the client's address"
+                f"location.{key}",
+                "the gateway sets location.source_ip to the client's address",
+                "set_by_gateway",
             )
         elif key not in LOCATION_KEYS:
             where = f"location.{_show(key, quote=False)}"
-            notes.drop(BadRequest(f"unknown key {_show(key)} in location", field=where))
+            notes.drop(
+                BadRequest(
+                    f"unknown key {_show(key)} in location", field=where, reason="unknown_key"
+                )
+            )
     custom = _optional_object(location.get("custom"), "location.custom", notes)
     if custom:
         custom = _custom_location(custom, notes)
@@ -639,7 +673,11 @@ def _custom_location(custom: dict[str, Any], notes: Notes) -> dict[str, Any]:
             elif key in CUSTOM_LOCATION_BOUNDS:
                 out[key] = _coordinate(value, CUSTOM_LOCATION_BOUNDS[key], where)
             else:
-                raise BadRequest(f"unknown key {_show(given)} in location.custom", field=where)
+                raise BadRequest(
+                    f"unknown key {_show(given)} in location.custom",
+                    field=where,
+                    reason="unknown_key",
+                )
         except BadRequest as exc:
             notes.drop(exc)
             continue

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
+from gateway.keys import METRICS
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, create_sandbox_app
 from gateway.server import runner_options
@@ -121,3 +122,25 @@ def reaper() -> Iterator[list[Any]]:
     yield spawned
     for item in spawned:
         item.kill()
+
+
+def request_line(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    """The data of the last request line of the activities route (caplog at INFO)."""
+    lines = [
+        data
+        for record in caplog.records
+        if record.getMessage() == "request"
+        and (data := getattr(record, "data", {})).get("route") == "activities"
+    ]
+    assert lines, "no request line: is caplog at INFO for gateway.http?"
+    result: dict[str, Any] = lines[-1]
+    return result
+
+
+def refusals(
+    client: TestClient[web.Request, web.Application], activity_id: str, reason: str
+) -> float:
+    """`ortto_gateway_refusals_total` for one activity id and reason."""
+    labels = {"activity_id": activity_id, "reason": reason}
+    value = client.app[METRICS].registry.get_sample_value("ortto_gateway_refusals_total", labels)
+    return value or 0.0

@@ -99,9 +99,9 @@ async def test_subscription_fields_refused_by_default(
     resp = await client.post(PATH, data=example("05-subscription.json"), headers=JSON)
     assert resp.status == 400
     body = await resp.json()
-    assert set(body) == {"request_id", "code", "error"}
-    assert body["code"] == 400
-    assert "bol::p" in body["error"]
+    assert set(body) == {"request_id", "code", "error", "reason", "field"}
+    assert body["code"] == 400 and body["reason"] == "invalid_field"
+    assert "bol::p" in body["error"] and "bol::p" in body["field"]
     assert sandbox_state.requests == []
 
 
@@ -244,7 +244,8 @@ async def test_sync_mode_answers_in_the_gateways_words(
     text = await resp.text()
     assert resp.status == status, text
     body = json.loads(text)
-    assert set(body) == {"request_id", "code", "error"} and body["code"] == status
+    assert set(body) == {"request_id", "code", "error", "reason"} and body["code"] == status
+    assert body["reason"].startswith("upstream_")
     assert API_KEY not in text and "not allowed here" not in text and "<" not in text
     assert delivered_count(client) == 0
     assert API_KEY not in logged(caplog)
@@ -261,7 +262,11 @@ async def test_sync_mode_refused_entries_carry_the_gateways_message(
     assert resp.status == 200
     entries = (await resp.json())["activities"]
     assert entries[:50] == [{"status": "ingested"}] * 50  # nothing Ortto knows of the person
-    assert entries[50] == {"status": "invalid", "error": REFUSED_ACTIVITY}
+    assert entries[50] == {
+        "status": "invalid",
+        "error": REFUSED_ACTIVITY,
+        "reason": "upstream_refused",
+    }
     assert delivered_count(client) == 50
 
 
@@ -286,7 +291,8 @@ async def test_a_spool_that_cannot_be_written_is_503_and_not_ready_until_it_can(
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "5"
         body = await resp.json()
-        assert set(body) == {"request_id", "code", "error"} and body["code"] == 503
+        assert set(body) == {"request_id", "code", "error", "reason"} and body["code"] == 503
+        assert body["reason"] == "spool_unwritable"
         assert "cannot store activities" in body["error"]
     resp = await client.get("/readyz")
     assert resp.status == 503

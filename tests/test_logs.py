@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 
-from gateway.logs import JsonFormatter, flush_logs, setup_logging, stop_logging
+from gateway.logs import JsonFormatter, flush_logs, log_field, setup_logging, stop_logging
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import API_KEY, EXAMPLES, GatewayFactory, example
 
@@ -178,3 +178,29 @@ async def test_request_line_follows_the_logger_level(
         assert resp.headers["X-Request-Id"] not in ids
     finally:
         logging.getLogger("gateway.http").setLevel(logging.NOTSET)
+
+
+def test_a_field_path_in_a_log_line_is_short_and_never_an_email() -> None:
+    assert log_field("attributes.int:cm:n") == "attributes.int:cm:n"
+    assert log_field("chris@example.com") == "<redacted>"
+    assert len(log_field("k" * 500)) == 80
+
+
+async def test_a_refusal_is_on_the_request_line_by_reason_and_field_never_by_value(
+    make_gateway: GatewayFactory, log_stream: io.StringIO
+) -> None:
+    client = await make_gateway(strict=True)
+    body = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": "hidden.person@example.com"},
+        "victim@example.com": "x",
+    }
+    resp = await client.post(PATH, json=body)
+    assert resp.status == 400
+    assert (await resp.json())["reason"] == "unknown_key"
+    flush_logs()
+    text = log_stream.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    (line,) = [x for x in lines if x["msg"] == "request" and x.get("route") == "activities"]
+    assert line["reason"] == "unknown_key" and line["field"] == "<redacted>"
+    assert "victim@example.com" not in text and "hidden.person" not in text

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.app import METRICS, create_metrics_app
 from gateway.metrics import OTHER_ACTIVITY, Metrics, status_group
+from gateway.reasons import REFUSAL_REASONS, WARNING_REASONS
 from gateway.sandbox import SandboxState, wait_for
 from tests.conftest import GatewayFactory
 
@@ -90,3 +91,31 @@ async def test_flow_is_counted(
     metrics_client = await aiohttp_client(create_metrics_app(metrics.registry))
     text = await (await metrics_client.get("/metrics")).text()
     assert 'outcome="delivered"} 10.0' in text
+
+
+def test_refusals_and_warnings_are_counted_by_reason_with_bounded_labels() -> None:
+    metrics = Metrics(CollectorRegistry(), ["act:cm:a"], process_metrics=False)
+    text = generate_latest(metrics.registry).decode()
+    for activity_id in ("act:cm:a", OTHER_ACTIVITY):
+        for code in REFUSAL_REASONS:
+            line = (
+                f'ortto_gateway_refusals_total{{activity_id="{activity_id}",reason="{code}"}} 0.0'
+            )
+            assert line in text
+        for code in WARNING_REASONS:
+            line = (
+                f'ortto_gateway_warnings_total{{activity_id="{activity_id}",reason="{code}"}} 0.0'
+            )
+            assert line in text
+    metrics.count_refusal("act:cm:a", "person_limit")
+    metrics.count_refusal("act:cm:attacker-chosen", "unknown_activity")
+    metrics.count_warning(None, "unknown_key")
+    get = metrics.registry.get_sample_value
+    assert (
+        get("ortto_gateway_refusals_total", {"activity_id": "act:cm:a", "reason": "person_limit"})
+        == 1
+    )
+    labels = {"activity_id": OTHER_ACTIVITY, "reason": "unknown_activity"}
+    assert get("ortto_gateway_refusals_total", labels) == 1
+    labels = {"activity_id": OTHER_ACTIVITY, "reason": "unknown_key"}
+    assert get("ortto_gateway_warnings_total", labels) == 1

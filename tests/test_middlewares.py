@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import zlib
 from typing import Any
 
@@ -11,9 +12,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.keys import LIFECYCLE
+from gateway.keys import LIFECYCLE, METRICS
 from gateway.sandbox import SandboxState, wait_for
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, refusals, request_line
 
 PATH = "/v1/activities/create"
 ACT = {"activity_id": "act:cm:login", "fields": {"str::email": "ip@example.com"}}
@@ -386,3 +387,95 @@ async def test_request_id_header(make_gateway: GatewayFactory) -> None:
     client = await make_gateway()
     resp = await client.post(PATH, data=b"{", headers={"Content-Type": "application/json"})
     assert resp.headers["X-Request-Id"] == (await resp.json())["request_id"]
+
+
+async def test_a_refused_origin_says_origin_not_allowed(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway(allowed_origins=(SITE,))
+    resp = await client.post(PATH, json=ACT, headers={"Origin": "https://evil.example"})
+    assert resp.status == 403
+    assert (await resp.json())["reason"] == "origin_not_allowed"
+    assert request_line(caplog)["reason"] == "origin_not_allowed"
+    assert refusals(client, "other", "origin_not_allowed") == 1
+    resp = await client.options(
+        PATH, headers={"Origin": SITE, "Access-Control-Request-Method": "DELETE"}
+    )
+    assert (await resp.json())["reason"] == "preflight_not_allowed"
+    assert refusals(client, "other", "preflight_not_allowed") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason", "field"),
+    [
+        (b"{not json", 400, "malformed_body", None),
+        (b'{"activity_id": "act:cm:nope", "fields": {}}', 404, "unknown_activity", "activity_id"),
+        (
+            b'{"activity_id": "act:cm:login", "fields": {"str::email": "a@b.c"},'
+            b' "attributes": {"int:cm:n": true}}',
+            400,
+            "invalid_field",
+            "attributes.int:cm:n",
+        ),
+        (
+            b'{"activity_id": "act:cm:login", "x" : 1' + b" " * 2000 + b"}",
+            413,
+            "body_too_large",
+            None,
+        ),
+    ],
+)
+async def test_a_refused_request_says_why_in_the_answer_the_log_and_the_counter(
+    make_gateway: GatewayFactory,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    status: int,
+    reason: str,
+    field: str | None,
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway(strict=True, max_body_bytes=1024)
+    resp = await client.post(PATH, data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == status, await resp.text()
+    answer = await resp.json()
+    assert answer["reason"] == reason and answer.get("field") == field
+    line = request_line(caplog)
+    assert line["reason"] == reason and line.get("field") == field
+    assert "a@b.c" not in orjson.dumps(line).decode()
+    # Counted once: per activity when the activity is known, else as `other`.
+    activity_id = "act:cm:login" if reason == "invalid_field" else "other"
+    assert refusals(client, activity_id, reason) == 1
+
+
+async def test_a_dropped_value_is_a_warning_with_its_code(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway()
+    body = {**ACT, "attributes": {"int:cm:n": True}}
+    resp = await client.post(PATH, json=body)
+    assert resp.status == 202
+    (entry,) = (await resp.json())["activities"]
+    assert [w["code"] for w in entry["warnings"]] == ["invalid_field"]
+    line = request_line(caplog)
+    assert line["warnings"] == {"invalid_field": 1} and "reason" not in line
+    assert refusals(client, "act:cm:login", "invalid_field") == 0
+    labels = {"activity_id": "act:cm:login", "reason": "invalid_field"}
+    registry = client.app[METRICS].registry
+    assert registry.get_sample_value("ortto_gateway_warnings_total", labels) == 1
+
+
+async def test_shutting_down_and_unknown_paths_say_why(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway()
+    resp = await client.get("/nowhere")
+    assert (resp.status, (await resp.json())["reason"]) == (404, "no_route")
+    assert refusals(client, "other", "no_route") == 1
+    client.app[LIFECYCLE].draining = True
+    resp = await client.post(PATH, json=ACT)
+    assert (await resp.json())["reason"] == "shutting_down"
+    assert request_line(caplog)["reason"] == "shutting_down"
+    assert refusals(client, "other", "shutting_down") == 1

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import orjson
+import pytest
 
 from gateway.config import ActivitySpec, parse_rate
 from gateway.errors import Unavailable
 from gateway.identity import sign_identity, sign_person_id
 from gateway.keys import RELAY
 from gateway.sandbox import Fault, SandboxState, wait_for
-from tests.conftest import FakeClock, GatewayFactory
+from tests.conftest import FakeClock, GatewayFactory, refusals, request_line
 
 PATH = "/v1/activities/create"
 
@@ -339,3 +341,118 @@ async def test_a_signed_identity_sends_only_the_identifier_it_signs(
     assert got[0]["fields"] == {"str::email": "me@example.com"}
     assert got[1]["fields"] == {"str::first": "Me"} and got[1]["person_id"] == "006a0f"
     assert "merge_by" not in got[1]
+
+
+async def test_a_person_limit_says_its_reason_in_the_answer_the_log_and_the_counter(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway(person_limit=parse_rate("1/1d"))
+    assert (await client.post(PATH, json=activity("limit@example.com"))).status == 202
+    resp = await client.post(PATH, json=activity("limit@example.com"))
+    assert resp.status == 429
+    body = await resp.json()
+    assert body["reason"] == "person_limit"
+    assert body["activities"][0]["reason"] == "person_limit"
+    line = request_line(caplog)
+    assert line["reason"] == "person_limit"
+    assert "limit@example.com" not in orjson.dumps(line).decode()
+    assert refusals(client, "act:cm:login", "person_limit") == 1
+    assert refusals(client, "act:cm:login", "ip_limit") == 0
+
+
+async def test_an_ip_limit_says_its_reason(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway(ip_limit=parse_rate("1/1h"))
+    assert (await client.post(PATH, json=activity("one@example.com"))).status == 202
+    resp = await client.post(PATH, json=activity("two@example.com"))
+    assert resp.status == 429
+    body = await resp.json()
+    assert body["reason"] == "ip_limit" and body["activities"][0]["reason"] == "ip_limit"
+    assert request_line(caplog)["reason"] == "ip_limit"
+    assert refusals(client, "act:cm:login", "ip_limit") == 1
+
+
+async def test_a_batch_counts_each_refused_activity_by_reason(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway(person_limit=parse_rate("1/1d"))
+    invalid = {"activity_id": "act:cm:login", "fields": {"str::first": "no identifier"}}
+    unknown = {"activity_id": "act:cm:nope", "fields": {"str::email": "x@example.com"}}
+    batch = [activity("b@example.com")] * 3 + [invalid, unknown]
+    resp = await client.post(PATH, json={"activities": batch})
+    assert resp.status == 202
+    entries = (await resp.json())["activities"]
+    assert [e.get("reason") for e in entries] == [
+        None,
+        "person_limit",
+        "person_limit",
+        "invalid_field",
+        "unknown_activity",
+    ]
+    assert entries[3]["field"] == "fields" and entries[4]["field"] == "activity_id"
+    line = request_line(caplog)
+    assert line["reasons"] == {"person_limit": 2, "invalid_field": 1, "unknown_activity": 1}
+    assert line["fields"] == ["activity_id", "fields"]
+    assert "reason" not in line  # the request as a whole was not refused
+    assert "@" not in orjson.dumps(line).decode()
+    assert refusals(client, "act:cm:login", "person_limit") == 2
+    assert refusals(client, "act:cm:login", "invalid_field") == 1
+    assert refusals(client, "other", "unknown_activity") == 1
+
+
+async def test_a_warning_is_counted_by_code_and_told_in_the_log(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway()
+    body = {**activity("w@example.com"), "created": "2020-01-01T00:00:00Z", "merge_by": ["str::ei"]}
+    resp = await client.post(PATH, json=body)
+    assert resp.status == 202, await resp.text()
+    (entry,) = (await resp.json())["activities"]
+    assert [(w["field"], w["code"]) for w in entry["warnings"]] == [
+        ("created", "set_by_gateway"),
+        ("merge_by", "merge_by_not_allowed"),
+    ]
+    assert request_line(caplog)["warnings"] == {"set_by_gateway": 1, "merge_by_not_allowed": 1}
+    registry = client.app[RELAY].metrics.registry
+    labels = {"activity_id": "act:cm:login", "reason": "merge_by_not_allowed"}
+    assert registry.get_sample_value("ortto_gateway_warnings_total", labels) == 1
+
+
+async def test_a_full_spool_is_refused_as_spool_full_per_activity(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    sandbox_state.add_fault(Fault(status=503, count=10**6))  # nothing drains
+    client = await make_gateway(spool_max_rows=2)
+    batch = {"activities": [activity("s1@example.com"), activity("s2@example.com")]}
+    assert (await client.post(PATH, json=batch)).status == 202
+    resp = await client.post(PATH, json=batch)
+    assert resp.status == 503
+    assert (await resp.json())["reason"] == "spool_full"
+    line = request_line(caplog)
+    assert line["reason"] == "spool_full" and line["reasons"] == {"spool_full": 2}
+    assert refusals(client, "act:cm:login", "spool_full") == 2
+    assert refusals(client, "other", "spool_full") == 0  # not counted twice
+
+
+async def test_a_person_id_without_a_signed_identity_is_identity_required(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.http")
+    client = await make_gateway(identity_secrets=(SECRET,))
+    resp = await client.post(PATH, json={"activity_id": "act:cm:login", "person_id": "006a0f"})
+    assert resp.status == 401
+    body = await resp.json()
+    assert (body["reason"], body["field"]) == ("identity_required", "person_id")
+    line = request_line(caplog)
+    assert (line["reason"], line["field"]) == ("identity_required", "person_id")
+    assert "006a0f" not in orjson.dumps(line).decode()
+    assert refusals(client, "act:cm:login", "identity_required") == 1
+    resp = await client.post(PATH, json={**activity("p@example.com"), "person_id": "006a0f"})
+    (entry,) = (await resp.json())["activities"]
+    assert [w["code"] for w in entry["warnings"]] == ["not_signed"]

@@ -1036,3 +1036,45 @@ def test_warnings_are_bounded_whatever_the_body() -> None:
     assert out["fields"]["str::email"] == EMAIL
     assert len(warnings) == MAX_WARNINGS + 1
     assert warnings[-1]["message"] == "and 480 more parts left out or normalised"
+
+
+def test_each_warning_has_a_reason_code() -> None:
+    activity = {
+        **with_("attributes/int:cm:n", "1530"),  # normalised
+        "created": "2020-01-01T00:00:00Z",  # set by the gateway
+        "colour": "red",  # unknown key
+        "location": {"source_ip": "8.8.8.8"},  # set by the gateway
+    }
+    activity["attributes"]["bol:cm:b"] = "maybe"  # invalid, dropped
+    _, warnings = lenient(activity)
+    codes = {w["field"]: w["code"] for w in warnings}
+    assert codes == {
+        "attributes.int:cm:n": "normalised",
+        "attributes.bol:cm:b": "invalid_field",
+        "created": "set_by_gateway",
+        "colour": "unknown_key",
+        "location.source_ip": "set_by_gateway",
+    }
+    assert all(set(w) == {"field", "reason", "code", "message"} for w in warnings)
+
+
+def test_an_undeclared_attribute_and_the_warnings_past_the_bound_have_codes() -> None:
+    declared = Settings(
+        activities={a: ActivitySpec(a, attributes=frozenset({"str:cm:plan"})) for a in ENABLED}
+    )
+    _, warnings = lenient(with_("attributes/str:cm:other", "x"), declared)
+    assert {w["field"]: w["code"] for w in warnings} == {
+        "attributes.str:cm:payment-plan": "not_declared",
+        "attributes.int::v": "not_declared",
+        "attributes.str:cm:other": "not_declared",
+    }
+    many = {**good(), **{f"k{i}": 1 for i in range(MAX_WARNINGS + 3)}}
+    _, warnings = lenient(many)
+    assert warnings[-1]["code"] == "more_warnings"
+    assert {w["code"] for w in warnings[:-1]} == {"unknown_key"}
+
+
+def test_strict_mode_refuses_with_the_warnings_code() -> None:
+    item = parse_one({**good(), "colour": "red"})
+    assert isinstance(item, BadRequest)
+    assert (item.reason, item.field) == ("unknown_key", "colour")

@@ -20,7 +20,11 @@ QUEUED = {"status": "queued", "person_status": "queued"}
 
 
 async def _accept_all(
-    self: relay.Relay, data: Any, client_ip: str | None, request_id: str
+    self: relay.Relay,
+    data: Any,
+    client_ip: str | None,
+    request_id: str,
+    log_data: dict[str, Any] | None = None,
 ) -> relay.RelayResult:
     count = len(data["activities"]) if is_batch(data) else 1
     return relay.RelayResult(202, {"activities": [QUEUED] * count})
