@@ -30,7 +30,7 @@ OUTCOMES = (
     "dead_lettered",
 )
 OTHER_ACTIVITY = "other"
-ROUTES = ("activities", "preflight", "shim", "health", "ready", "demo", "other")
+ROUTES = ("activities", "preflight", "shim", "health", "ready", "demo", "index", "other")
 # Latency buckets in seconds: the gateway answers in well under a millisecond to ~a second.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

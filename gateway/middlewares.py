@@ -39,6 +39,7 @@ ROUTE_NAMES = {
     "healthz": "health",
     "readyz": "ready",
     "demo": "demo",
+    "index": "index",
 }
 PROBES = frozenset({"health", "ready"})
 PROBE_LEVEL = logging.DEBUG
