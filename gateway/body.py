@@ -135,6 +135,9 @@ async def read_body(
         # aiohttp's parser inflated it already, unbounded: a server built without
         # server.runner_options. Loud, rather than decoding twice or serving a bomb.
         raise RuntimeError("the HTTP server decompresses bodies: run it with auto_decompress=False")
+    if content.is_eof():  # the whole body came with the headers: no wait, no timer
+        decoder.feed(await content.read())
+        return decoder.body()
     started = asyncio.get_running_loop().time()
     if not await _read_until(content, decoder, started + min(BODY_GRACE, read_timeout)):
         with admission.reading():
