@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -32,7 +32,7 @@ from gateway.limits.limiter import IN_FLIGHT_RETRY
 from gateway.logs import log_field
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
-from gateway.sinks import QUEUED, Sink
+from gateway.sinks import QUEUED, Sink, SinkResult
 from gateway.validation import (
     Activity,
     FieldWarning,
@@ -310,6 +310,8 @@ class Relay:
             self.sink.unreserve(held_rows - len(accepted), held_bytes - sum(map(len, accepted)))
 
         if not accepted:
+            if in_flight:  # a repeat of what another request is storing: ask again
+                self._in_flight()
             if limited_after:
                 first = retry_after_header(min(limited_after))
                 what = (
@@ -324,37 +326,23 @@ class Relay:
                 body = err.body(request_id)
                 body["activities"] = entries
                 return RelayResult(429, body, first)
-            if in_flight:  # a repeat of what another request is storing: ask again
-                raise Unavailable(
-                    "the same activity (its key) is being stored now; try again",
-                    retry_after=IN_FLIGHT_RETRY,
-                    reason="in_flight",
-                )
             if duplicates:  # nothing new: every accepted one was a repeat
                 return RelayResult(202, self._answer(entries, parsed, self.metrics, duplicate=True))
             raise first_error(parsed) or errors[0]
 
-        try:
-            outcome = await self.sink.submit(
-                accepted, async_=parsed.async_, merge_by=parsed.merge_by
-            )
-        except asyncio.CancelledError:
-            # Stored or not is unknown (a queued write still commits): the keys stay
-            # pending until their window ends, then a retry is taken as new.
-            raise
-        except Exception:
-            # Not stored (or, in sync mode, not known to have reached Ortto): the browser's
-            # retry under the same key is taken as new; nothing accepted may be lost.
-            await self._settle_keys(accepted_checks, stored=False)
-            raise
-        # Keys of what was stored (sync mode: what Ortto took) mark repeats from now on.
-        answered = outcome.entries or [{}] * len(accepted)
-        stored: list[Check] = []
-        refused: list[Check] = []
-        for check, entry in zip(accepted_checks, answered, strict=True):
-            (refused if entry.get("status") == "invalid" else stored).append(check)
-        await self._settle_keys(stored, stored=True)
-        await self._settle_keys(refused, stored=False)
+        # The request's merge_by as each accepted activity settled it (`_settle_merge_by`):
+        # sent as the request's only when they all agree (sync mode; queue mode's delivery
+        # groups by each activity's own).
+        merge_bys = {tuple(items[pos].get("merge_by") or ()) for pos in accepted_at}  # type: ignore[union-attr]
+        merge_by = list(merge_bys.pop()) or None if len(merge_bys) == 1 else None
+        # Shielded: a request cancelled meanwhile (a client gone at shutdown) still has its
+        # write finish and its keys settled, so a retry is neither lost nor sent twice.
+        store = asyncio.ensure_future(
+            self._store(accepted, accepted_checks, async_=parsed.async_, merge_by=merge_by)
+        )
+        # Its outcome is read here, or (cancelled meanwhile) by nobody: never logged as lost.
+        store.add_done_callback(lambda task: task.cancelled() or task.exception())
+        outcome = await asyncio.shield(store)
         for pos, check_pos in zip(accepted_at, range(len(accepted)), strict=True):
             activity_id = items[pos]["activity_id"]  # type: ignore[index]
             self.metrics.count_activity(activity_id, "accepted")
@@ -362,6 +350,11 @@ class Relay:
                 self.metrics.count_activity(activity_id, "delivered")
             if outcome.entries:
                 entries[pos] = outcome.entries[check_pos]
+        if in_flight:
+            # Stored what it could; a final answer would end the browser's attempts at the
+            # one still in flight, whose first copy may fail. On the retry the stored ones
+            # are duplicates.
+            self._in_flight()
         if outcome.body is not None:
             return RelayResult(outcome.status, outcome.body)
         body = self._answer(entries, parsed, self.metrics)
@@ -397,6 +390,42 @@ class Relay:
                     f"person_id needs a signed identity for it ({exc.message})",
                 )
             )
+
+    async def _store(
+        self,
+        accepted: list[bytes],
+        checks: list[Check],
+        *,
+        async_: bool,
+        merge_by: list[str] | None,
+    ) -> SinkResult:
+        """Hand the accepted activities to the sink, then settle their keys."""
+        try:
+            outcome = await self.sink.submit(accepted, async_=async_, merge_by=merge_by)
+        except Exception:
+            # Not stored (or, in sync mode, not known to have reached Ortto): the browser's
+            # retry under the same key is taken as new; nothing accepted may be lost.
+            await self._settle_keys(checks, stored=False)
+            raise
+        # Keys of what was stored (sync mode: what Ortto took) mark repeats from now on.
+        answered = outcome.entries or [{}] * len(accepted)
+        stored: list[Check] = []
+        refused: list[Check] = []
+        for check, entry in zip(checks, answered, strict=True):
+            (refused if entry.get("status") == "invalid" else stored).append(check)
+        await self._settle_keys(stored, stored=True)
+        await self._settle_keys(refused, stored=False)
+        return outcome
+
+    @staticmethod
+    def _in_flight() -> NoReturn:
+        """A 503 for a request with an activity whose key's first copy is being stored:
+        the browser tries again in a second, and nothing it sent is answered as final."""
+        raise Unavailable(
+            "the same activity (its key) is being stored now; try again",
+            retry_after=IN_FLIGHT_RETRY,
+            reason="in_flight",
+        )
 
     async def _settle_keys(self, checks: list[Check], *, stored: bool) -> None:
         """Confirm the keys of stored activities (repeats are duplicates from now on), or

@@ -456,3 +456,84 @@ async def test_a_person_id_without_a_signed_identity_is_identity_required(
     resp = await client.post(PATH, json={**activity("p@example.com"), "person_id": "006a0f"})
     (entry,) = (await resp.json())["activities"]
     assert [w["code"] for w in entry["warnings"]] == ["not_signed"]
+
+
+async def test_sync_mode_sends_only_the_merge_by_the_activities_kept(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(delivery="sync")
+    takeover = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": "attacker@example.com", "str::ei": "victim-ei-42"},
+    }
+    resp = await client.post(PATH, json={"activities": [takeover], "merge_by": ["str::ei"]})
+    assert resp.status == 200, await resp.text()
+    (entry,) = (await resp.json())["activities"]
+    assert [w["field"] for w in entry["warnings"]] == ["merge_by"]
+    ok = {"activity_id": "act:cm:login", "fields": {"str::email": "a@example.com"}}
+    resp = await client.post(PATH, json={"activities": [ok], "merge_by": ["str::email"]})
+    assert resp.status == 200, await resp.text()
+    sent = [orjson.loads(r.body).get("merge_by") for r in sandbox_state.requests]
+    assert sent == [None, ["str::email"]]
+
+
+async def test_a_batch_with_an_activity_in_flight_is_not_answered_as_final(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    """The page's next request re-sends X (its first copy still being stored) with a new
+    Y: a 202 would end the browser's attempts at X, which its first copy may still lose."""
+    client = await make_gateway()
+    relay = client.app[RELAY]
+    submit = relay.sink.submit
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held_then_fails(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        raise Unavailable("the gateway cannot store activities now", retry_after=5.0)
+
+    relay.sink.submit = held_then_fails  # type: ignore[method-assign]
+    x = {**activity("x@example.com"), "key": "x-1"}
+    y = {**activity("y@example.com"), "key": "y-1"}
+    first = asyncio.create_task(client.post(PATH, json=x))
+    await asyncio.wait_for(entered.wait(), 10)
+    relay.sink.submit = submit  # type: ignore[method-assign]
+    both = await client.post(PATH, json={"activities": [x, y]})
+    assert both.status == 503 and both.headers["Retry-After"] == "1"
+    release.set()
+    assert (await first).status == 503  # X's first copy failed
+    again = await client.post(PATH, json={"activities": [x, y]})
+    assert again.status == 202
+    entries = (await again.json())["activities"]
+    assert "duplicate" not in entries[0]  # X is new now: stored
+    assert entries[1]["duplicate"] is True  # Y was stored by the 503'd request
+    await wait_for(lambda: len(sandbox_state.activities) == 2)
+
+
+async def test_a_request_cancelled_while_storing_still_settles_its_key(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    """A handler cancelled mid-write (a client gone at shutdown): the write still
+    finishes and the key is marked stored, so the retry is a duplicate, not a second copy."""
+    client = await make_gateway()
+    relay = client.app[RELAY]
+    submit = relay.sink.submit
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await submit(*args, **kwargs)
+
+    relay.sink.submit = held  # type: ignore[method-assign]
+    thanks = {**activity("lead@example.com"), "key": "form-3"}
+    task = asyncio.create_task(relay.submit(thanks, "127.0.0.1", "rid-1"))
+    await asyncio.wait_for(entered.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    relay.sink.submit = submit  # type: ignore[method-assign]
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    retry = await client.post(PATH, json=thanks)
+    assert (await retry.json())["duplicate"] is True
