@@ -248,30 +248,45 @@ async def test_a_person_id_needs_a_signed_identity_unless_the_activity_opts_in(
     assert sorted(got, key=str) == ["006a0f", "0077bb", None]
 
 
+class HeldSink:
+    """The next write waits until `release`, then fails (`fails`) or goes on; later
+    writes go straight through. `entered` is set once the held write has begun."""
+
+    def __init__(self, relay: Any, *, fails: bool) -> None:
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        self._submit = relay.sink.submit
+        self._fails = fails
+        self._held = False
+        relay.sink.submit = self.submit
+
+    async def submit(self, *args: Any, **kwargs: Any) -> Any:
+        if self._held:
+            return await self._submit(*args, **kwargs)
+        self._held = True
+        self.entered.set()
+        await self.release.wait()
+        if self._fails:
+            raise Unavailable("the gateway cannot store activities now", retry_after=5.0)
+        return await self._submit(*args, **kwargs)
+
+    async def started(self) -> None:
+        await asyncio.wait_for(self.entered.wait(), 10)
+
+
 async def test_a_repeat_while_the_first_copy_is_being_stored_is_asked_to_retry(
     make_gateway: GatewayFactory, sandbox_state: SandboxState
 ) -> None:
     """Not a duplicate yet: the first copy may still fail (here it does), and a repeat
     answered "duplicate" would then be lost."""
     client = await make_gateway()
-    relay = client.app[RELAY]
-    submit = relay.sink.submit
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    async def held_then_fails(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        await release.wait()
-        raise Unavailable("the gateway cannot store activities now", retry_after=5.0)
-
-    relay.sink.submit = held_then_fails  # type: ignore[method-assign]
+    held = HeldSink(client.app[RELAY], fails=True)
     thanks = {**activity("lead@example.com"), "key": "form-2"}
     first = asyncio.create_task(client.post(PATH, json=thanks))
-    await asyncio.wait_for(entered.wait(), 10)
-    relay.sink.submit = submit  # type: ignore[method-assign]
+    await held.started()
     repeat = await client.post(PATH, json=thanks)
     assert repeat.status == 503
     assert repeat.headers["Retry-After"] == "1"
-    release.set()
+    held.release.set()
     assert (await first).status == 503
     retry = await client.post(PATH, json=thanks)  # the browser's retry: new, stored
     assert retry.status == 202 and "duplicate" not in await retry.json()
@@ -483,24 +498,14 @@ async def test_a_batch_with_an_activity_in_flight_is_not_answered_as_final(
     """The page's next request re-sends X (its first copy still being stored) with a new
     Y: a 202 would end the browser's attempts at X, which its first copy may still lose."""
     client = await make_gateway()
-    relay = client.app[RELAY]
-    submit = relay.sink.submit
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    async def held_then_fails(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        await release.wait()
-        raise Unavailable("the gateway cannot store activities now", retry_after=5.0)
-
-    relay.sink.submit = held_then_fails  # type: ignore[method-assign]
+    held = HeldSink(client.app[RELAY], fails=True)
     x = {**activity("x@example.com"), "key": "x-1"}
     y = {**activity("y@example.com"), "key": "y-1"}
     first = asyncio.create_task(client.post(PATH, json=x))
-    await asyncio.wait_for(entered.wait(), 10)
-    relay.sink.submit = submit  # type: ignore[method-assign]
+    await held.started()
     both = await client.post(PATH, json={"activities": [x, y]})
     assert both.status == 503 and both.headers["Retry-After"] == "1"
-    release.set()
+    held.release.set()
     assert (await first).status == 503  # X's first copy failed
     again = await client.post(PATH, json={"activities": [x, y]})
     assert again.status == 202
@@ -517,23 +522,14 @@ async def test_a_request_cancelled_while_storing_still_settles_its_key(
     finishes and the key is marked stored, so the retry is a duplicate, not a second copy."""
     client = await make_gateway()
     relay = client.app[RELAY]
-    submit = relay.sink.submit
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    async def held(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        await release.wait()
-        return await submit(*args, **kwargs)
-
-    relay.sink.submit = held  # type: ignore[method-assign]
+    held = HeldSink(relay, fails=False)
     thanks = {**activity("lead@example.com"), "key": "form-3"}
     task = asyncio.create_task(relay.submit(thanks, "127.0.0.1", "rid-1"))
-    await asyncio.wait_for(entered.wait(), 10)
+    await held.started()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    release.set()
-    relay.sink.submit = submit  # type: ignore[method-assign]
+    held.release.set()
     await wait_for(lambda: len(sandbox_state.activities) == 1)
     retry = await client.post(PATH, json=thanks)
     assert (await retry.json())["duplicate"] is True
