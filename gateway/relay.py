@@ -348,15 +348,12 @@ class Relay:
             self.metrics.count_activity(activity_id, "accepted")
             if outcome.delivered and outcome.entries[check_pos].get("status") != "invalid":
                 self.metrics.count_activity(activity_id, "delivered")
-            if outcome.entries:
-                entries[pos] = outcome.entries[check_pos]
+            entries[pos] = outcome.entries[check_pos]
         if in_flight:
             # Stored what it could; a final answer would end the browser's attempts at the
             # one still in flight, whose first copy may fail. On the retry the stored ones
             # are duplicates.
             self._in_flight()
-        if outcome.body is not None:
-            return RelayResult(outcome.status, outcome.body)
         body = self._answer(entries, parsed, self.metrics)
         if not summarize:
             return RelayResult(outcome.status, body)
@@ -408,10 +405,9 @@ class Relay:
             await self._settle_keys(checks, stored=False)
             raise
         # Keys of what was stored (sync mode: what Ortto took) mark repeats from now on.
-        answered = outcome.entries or [{}] * len(accepted)
         stored: list[Check] = []
         refused: list[Check] = []
-        for check, entry in zip(checks, answered, strict=True):
+        for check, entry in zip(checks, outcome.entries, strict=True):
             (refused if entry.get("status") == "invalid" else stored).append(check)
         await self._settle_keys(stored, stored=True)
         await self._settle_keys(refused, stored=False)

@@ -41,8 +41,6 @@ class SinkResult:
 
     status: int
     entries: list[dict[str, Any]]
-    body: dict[str, Any] | None = None  # a whole-request answer
-    retry_after: float | None = None
     delivered: bool = False  # True when Ortto answered for each (sync mode): see entries
 
 
