@@ -108,7 +108,12 @@ ACK_RETRY_CAP = 5.0
 
 def full_jitter(attempt: int, rng: Callable[[], float] = random.random) -> float:
     """AWS's "full jitter": uniform in [0, min(cap, base * 2**attempt)]."""
-    return rng() * min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(attempt, 30))
+    return rng() * exponential(attempt, BACKOFF_BASE, BACKOFF_CAP)
+
+
+def exponential(attempt: int, base: float, cap: float) -> float:
+    """base * 2**attempt, at most `cap` (the exponent bounded so it cannot overflow)."""
+    return min(cap, base * 2.0 ** min(attempt, 30))
 
 
 def _created_at(created: str) -> float | None:
@@ -320,7 +325,7 @@ class Delivery:
             except Exception as exc:
                 if self._monotonic() - started >= RESTART_RESET:
                     restarts = 0
-                delay = min(RESTART_CAP, RESTART_BASE * 2.0 ** min(restarts, 30))
+                delay = exponential(restarts, RESTART_BASE, RESTART_CAP)
                 restarts += 1
                 self._metrics.delivery_restarts.inc()
                 log.error(
@@ -402,7 +407,7 @@ class Delivery:
             except SpoolClosed:
                 raise  # nothing to retry on; the supervisor says so
             except SpoolError as exc:
-                delay = min(ACK_RETRY_CAP, ACK_RETRY_BASE * 2.0 ** min(self._ack_failures, 30))
+                delay = exponential(self._ack_failures, ACK_RETRY_BASE, ACK_RETRY_CAP)
                 self._ack_failures += 1
                 self._ack_not_before = self._monotonic() + delay
                 log.warning(
