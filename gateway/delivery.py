@@ -373,6 +373,11 @@ class Delivery:
             self._inflight.add(task)
             task.add_done_callback(self._batch_done)
 
+    @property
+    def idle(self) -> bool:
+        """No batch is being delivered now (each one sent so far has been settled)."""
+        return not self._inflight
+
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         """A batch task ended: forget it, and say so if it failed (its rows were given
         back, or stay leased in a spool that is closing)."""
@@ -612,11 +617,11 @@ class Delivery:
                 delivered.append(_activity_id(item.payload))
         if done:
             held.difference_update(done)  # delivered: never given back, acknowledged or not
-            await self._ack(done)
             for item_id in done:
                 self._unconfirmed.pop(item_id, None)
-            for activity_id in delivered:
+            for activity_id in delivered:  # Ortto has them, whether or not the ack is written
                 self._metrics.count_activity(activity_id, "delivered")
+            await self._ack(done)
         if dead:
             await self._dead_letter(dead, held)
 

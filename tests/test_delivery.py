@@ -90,6 +90,14 @@ class Rig:
             await self.delivery.stop(2.0)
             self.delivery = None
 
+    async def settled(self, timeout: float = 15.0) -> None:
+        """Wait until the spool is empty and no batch is still being settled (its
+        metrics, logs and dead letters written)."""
+        await wait_for(
+            lambda: self.spool.depth == 0 and (self.delivery is None or self.delivery.idle),
+            timeout=timeout,
+        )
+
     def value(self, name: str, **labels: str) -> float:
         got = self.metrics.registry.get_sample_value(name, labels)
         return 0.0 if got is None else got
@@ -132,7 +140,7 @@ async def test_full_batches_under_load(rig: Rig, sandbox_state: SandboxState) ->
     sizes = [r.n_activities for r in sandbox_state.requests]
     assert sizes == [100, 100, 50]
     assert all(len(r.body) < 2 * 1024 * 1024 for r in sandbox_state.requests)
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     assert (
         rig.value("ortto_gateway_activities_total", activity_id="act:cm:login", outcome="delivered")
         == 250
@@ -188,7 +196,7 @@ async def test_retries_until_delivered_each_key_once(
     await rig.spool.put([payload(i) for i in range(30)])
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 30, timeout=10)
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     seen = sandbox_state.keys_seen()
     assert len(seen) == 30
     assert len({a.key for a in sandbox_state.activities}) == 30
@@ -217,7 +225,7 @@ async def test_ambiguous_failure_merges_instead_of_duplicating(
     sandbox_state.add_fault(Fault(status=503, count=1, process=True))
     await rig.spool.put([payload(i) for i in range(10)])
     rig.start()
-    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    await rig.settled()
     assert len(sandbox_state.activities) == 10
     assert sandbox_state.duplicates == 10
     assert rig.value("ortto_gateway_upstream_retries_total", reason="server_error") >= 1
@@ -233,7 +241,7 @@ async def test_timeout_is_retried(
         sandbox_state.add_fault(Fault(status=200, count=1, process=True, delay=1.0))
         await rig.spool.put([payload(i) for i in range(5)])
         rig.start()
-        await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+        await rig.settled()
         await rig.stop()
     assert len(sandbox_state.activities) == 5
     assert rig.value("ortto_gateway_upstream_requests_total", status="error") >= 1
@@ -247,7 +255,7 @@ async def test_per_activity_refusal_in_200_is_dead_lettered_then_replayed(
     await rig.spool.put([*good[:2], bad, *good[2:]])
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 4)
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     letters = await rig.spool.list_dead_letters()
     assert len(letters) == 1
     assert "str:cm:nickname" in letters[0].error
@@ -277,7 +285,7 @@ async def test_batch_400_is_bisected_to_the_refused_activity(
     await rig.spool.put([*others[:7], old, *others[7:]])
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 20)
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     letters = await rig.spool.list_dead_letters()
     assert [d.error for d in letters] == ["Created date is more than 90 days ago"]
     bad_requests = sum(r.status == 400 for r in sandbox_state.requests)
@@ -291,7 +299,7 @@ async def test_activities_older_than_90_days_are_dead_lettered_locally(
     await rig.spool.put([payload(1, created=time.time() - 91 * DAY), payload(2)])
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 1)
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     letters = await rig.spool.list_dead_letters()
     assert len(letters) == 1
     assert "90 days" in letters[0].error
@@ -304,7 +312,7 @@ async def test_refusals_named_in_details_need_no_bisection(
     # Every activity carries an unknown person field: Ortto's 400 lists each one.
     await rig.spool.put([payload(i, **{"str:cm:nope": "x"}) for i in range(40)])
     rig.start()
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     assert len(sandbox_state.requests) == 1
     assert len(await rig.spool.list_dead_letters(limit=100)) == 40
     assert sandbox_state.bans == 0
@@ -318,7 +326,7 @@ async def test_a_storm_of_refusals_opens_the_circuit_not_the_ban(
     await rig.spool.put([payload(i) for i in range(64)])
     rig.start(concurrency=1)
     await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="circuit") == 1)
-    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    await rig.settled()
     assert sandbox_state.bans == 0
     bad = sum(r.status == 400 for r in sandbox_state.requests)
     assert bad == BAD_REQUEST_BUDGET + 2
@@ -468,7 +476,7 @@ async def test_a_2xx_that_does_not_account_for_each_activity_is_retried_with_bac
     await rig.spool.put([payload(i) for i in range(10)])
     clock = PauseClock()
     rig.start(rng=lambda: 1.0, monotonic=clock, sleep=clock.sleep)
-    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    await rig.settled()
     assert [r.status for r in sandbox_state.requests] == [fault.status] * 3 + [200]
     assert clock.slept == [0.5, 1.0, 2.0]  # backoff, as after a 5xx
     assert rig.value("ortto_gateway_upstream_retries_total", reason="bad_answer") == 3
@@ -490,7 +498,7 @@ async def test_an_activity_never_confirmed_is_dead_lettered_with_the_reason(
     await rig.spool.put([payload(i) for i in range(5)])
     clock = PauseClock()
     rig.start(monotonic=clock, sleep=clock.sleep)
-    await wait_for(lambda: rig.spool.depth == 0, timeout=10)
+    await rig.settled()
     assert len(sandbox_state.requests) == BAD_ANSWER_ATTEMPTS
     assert len(clock.slept) == BAD_ANSWER_ATTEMPTS - 1  # waited before each retry
     letters = await rig.spool.list_dead_letters()
@@ -542,7 +550,7 @@ async def test_an_entry_reporting_an_error_is_never_counted_delivered(
     )
     await rig.spool.put([payload(i) for i in range(3)])
     rig.start()
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     assert delivered(rig) == 1
     letters = await rig.spool.list_dead_letters()
     assert sorted(d.error for d in letters) == [
@@ -558,7 +566,7 @@ async def test_a_refusal_echoing_the_key_is_dead_lettered_masked(
     sandbox_state.add_fault(Fault(status=400, count=1, answer="echo_key"))
     await rig.spool.put([payload(1)])
     rig.start()
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     (letter,) = await rig.spool.list_dead_letters()
     assert letter.error == "the API key '****' is not allowed here"
     no_secret_logged(caplog)
@@ -632,7 +640,7 @@ async def test_a_failed_ack_is_retried_first_and_nothing_is_sent_twice(
     assert (rig.spool.depth, rig.spool.leased) == (10, 10)  # kept, and not sent again
     assert len(sandbox_state.requests) == 1
     disk.full = False  # space again: the spool drains by itself, no restart
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     assert sandbox_state.duplicates == 0 and len(sandbox_state.requests) == 1
     steps = [ACK_RETRY_BASE, ACK_RETRY_BASE * 2, ACK_RETRY_BASE * 4]
     assert clock.slept[:3] == pytest.approx(steps)
@@ -640,7 +648,7 @@ async def test_a_failed_ack_is_retried_first_and_nothing_is_sent_twice(
     assert rig.value("ortto_gateway_delivery_restarts_total") == 0
     await rig.spool.put([payload(i) for i in range(10, 15)])  # and delivery goes on
     await wait_for(lambda: len(sandbox_state.activities) == 15)
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
 
 
 async def test_activities_go_to_ortto_grouped_by_their_merge_by(
@@ -658,7 +666,7 @@ async def test_activities_go_to_ortto_grouped_by_their_merge_by(
     mixed = [None, ["str::email"], None, ["str::ei", "str::email"], ["str::email"]]
     await rig.spool.put([keyed(i, m) for i, m in enumerate(mixed)])
     rig.start()
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     bodies = [orjson.loads(r.body) for r in sandbox_state.requests]
     # One request per merge_by, in the order of each one's first activity, nothing lost.
     assert [b.get("merge_by") for b in bodies] == [None, ["str::email"], ["str::ei", "str::email"]]
@@ -736,7 +744,7 @@ async def test_a_failing_batch_never_gives_back_rows_it_gave_back_already(
     await wait_for(lambda: client.posts.count(["b@example.com"]) == 2 or client.most_sending_a > 1)
     assert client.most_sending_a == 1  # A is not sent twice at once
     client.gate.set()
-    await wait_for(lambda: rig.spool.depth == 0)
+    await rig.settled()
     assert delivered(rig) == 2
     a_posts = [p for p in client.posts if "a@example.com" in p]
     assert len(a_posts) == (3 if first == 400 else 2)
