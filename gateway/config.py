@@ -213,6 +213,9 @@ class Settings:
     read_timeout: float = 15.0
     max_concurrent: int = 1024
     max_body_readers: int = 256
+    console: bool = True  # the operator console at /console on the metrics listener
+    console_token: str | None = field(default=None, repr=False)
+    console_personal: bool = False  # True: the console shows full emails, not hashes
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -221,6 +224,8 @@ class Settings:
         What `check-config` masks and what is masked in any text that may echo one.
         """
         found = [self.api_key, *self.identity_secrets]
+        if self.console_token:
+            found.append(self.console_token)
         if self.redis_url:
             found += redis_passwords(self.redis_url)
         return tuple(dict.fromkeys(s for s in found if s))
@@ -442,6 +447,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "read_timeout": parse_seconds,
     "max_concurrent": _positive_int,
     "max_body_readers": _positive_int,
+    "console": parse_bool,
+    "console_token": str,
+    "console_personal": parse_bool,
 }
 _LIST_SETTINGS = {"allowed_origins", "trusted_proxies", "person_fields"}
 _SPECIAL = {"api_key", "api_key_file", "activities", "identity_secret"}
@@ -560,7 +568,7 @@ def load_settings(
 def _given_secrets(environ: Mapping[str, str], data: Mapping[str, Any]) -> set[str]:
     """Every secret the environ and the file give, as written, before any validation."""
     found: list[str] = []
-    for name in ("api_key", "identity_secret"):
+    for name in ("api_key", "identity_secret", "console_token"):
         for raw in (environ.get(env_name(name)), data.get(name)):
             if isinstance(raw, str):
                 found += [raw, *raw.split(","), *raw.split()]
@@ -762,8 +770,8 @@ def describe(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
-        if f.name == "api_key":
-            value = mask(value)
+        if f.name in ("api_key", "console_token"):
+            value = mask(value or "")
         elif f.name == "identity_secrets":
             value = [mask(v) for v in value]
         elif f.name == "redis_url" and value:
