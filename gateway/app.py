@@ -18,7 +18,8 @@ from gateway.client_ip import TrustedProxies, parse_networks
 from gateway.config import ACTIVITIES_PATH, Settings
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
-from gateway.keys import ADMISSION, LIFECYCLE, RELAY, SETTINGS, SPOOL
+from gateway.feed import Feed, MemoryFeed
+from gateway.keys import ADMISSION, FEED, LIFECYCLE, RELAY, SETTINGS, SPOOL
 from gateway.keys import METRICS as METRICS  # re-exported: tests and tools use app.METRICS
 from gateway.limits import FallbackStore, Limiter, LimitStore, MemoryStore
 from gateway.metrics import Metrics
@@ -45,8 +46,12 @@ def create_app(
     registry: CollectorRegistry | None = None,
     metrics: Metrics | None = None,
     clock: Callable[[], float] = time.time,
+    feed: Feed | None = None,
 ) -> web.Application:
-    """The public application; resources open in `cleanup_ctx` in the order of the flow."""
+    """The public application; resources open in `cleanup_ctx` in the order of the flow.
+
+    `feed` is where the console's events go (`gateway.feed.open_feed`); by default an
+    in-process ring that nothing reads."""
     metrics = metrics or Metrics(registry, settings.activities)
     cors = CorsPolicy(settings.allowed_origins)
     trusted = TrustedProxies(parse_networks(settings.trusted_proxies))
@@ -61,6 +66,7 @@ def create_app(
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
     app[ADMISSION] = admission
+    app[FEED] = feed if feed is not None else MemoryFeed()
     app[handlers.CORS] = cors
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -139,3 +139,12 @@ class MemoryFeed:
 
     async def close(self) -> None:
         return None
+
+
+def open_feed(settings: Any, *, worker: int | None = None) -> Feed:
+    """The feed a gateway process (or the `--workers` supervisor) publishes to and reads.
+
+    In-process for now; with `GATEWAY_REDIS_URL` a Redis stream shared by every worker
+    and host (so the supervisor's console sees every worker's events)."""
+    del settings
+    return MemoryFeed(worker=worker)

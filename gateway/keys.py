@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.admission import Admission
 from gateway.config import Settings
+from gateway.feed import Feed
 from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.spool import Spool
@@ -17,3 +18,4 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 SPOOL = web.AppKey("spool", Spool)  # queue mode only
 METRICS = web.AppKey("metrics", Metrics)
 ADMISSION = web.AppKey("admission", Admission)
+FEED = web.AppKey("feed", Feed)
