@@ -3,6 +3,10 @@
 No other module reads `os.environ`; the environ mapping is injected so tests and
 the command line build settings the same way. An environment variable wins over
 the file. A bad value raises `ConfigError` whose message names the setting.
+
+Each setting is declared once, on its field (`setting`): name, parser, default, help text
+and whether it is a secret. Reading, `describe` (check-config) and the documentation
+(`gateway.settings_docs`: the README's table, `--help`) all come from `DECLARATIONS`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote_plus, urlsplit
 
 ENV_PREFIX = "GATEWAY_"
@@ -170,98 +174,6 @@ class ActivitySpec:
     person_id: bool = False
 
 
-Delivery = Literal["queue", "sync"]
-LimiterOnError = Literal["local", "open", "closed"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every setting of the gateway; defaults are safe for one machine."""
-
-    listen: HostPort = HostPort("127.0.0.1", 8080)
-    metrics_listen: HostPort = HostPort("127.0.0.1", 9108)
-    api_key: str = field(default="", repr=False)
-    region: str = "default"
-    upstream_url: str | None = None
-    allowed_origins: tuple[str, ...] = ()
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
-    activities: Mapping[str, ActivitySpec] = field(default_factory=dict)
-    person_limit: Rate = Rate(10, 86400.0, "10/1d")
-    ip_limit: Rate = Rate(100, 3600.0, "100/1h")
-    person_fields: frozenset[str] = frozenset(DEFAULT_PERSON_FIELDS)
-    max_body_bytes: int = 64 * 1024
-    spool_path: str = "./data/spool.sqlite3"
-    spool_max_rows: int = 1_000_000
-    spool_max_bytes: int = 1024**3
-    spool_commit: str = "auto"
-    redis_url: str | None = field(default=None, repr=False)
-    redis_prefix: str = "ortto-gw"
-    limiter_on_error: LimiterOnError = "local"
-    limiter_max_keys: int = 1_000_000
-    limiter_timeout: float = 0.5
-    upstream_rate: float = 10.0
-    upstream_concurrency: int = 4
-    upstream_timeout: float = 10.0
-    delivery: Delivery = "queue"
-    batch_max_wait: float = 0.25
-    drain_timeout: float = 10.0
-    log_level: str = "INFO"
-    strict: bool = False  # True: a 400 for any part the gateway would otherwise drop
-    identity_secrets: tuple[str, ...] = field(default=(), repr=False)
-    identity_required: bool = False
-    ip_anonymize: bool = False
-    read_timeout: float = 15.0
-    max_concurrent: int = 1024
-    max_body_readers: int = 256
-    console: bool = True  # the operator console at /console on the metrics listener
-    console_token: str | None = field(default=None, repr=False)
-    console_personal: bool = False  # True: the console shows full emails, not hashes
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        """Every secret value: the key, the identity secrets, the Redis URL's passwords.
-
-        What `check-config` masks and what is masked in any text that may echo one.
-        """
-        found = [self.api_key, *self.identity_secrets]
-        if self.console_token:
-            found.append(self.console_token)
-        if self.redis_url:
-            found += redis_passwords(self.redis_url)
-        return tuple(dict.fromkeys(s for s in found if s))
-
-    @property
-    def upstream_base(self) -> str:
-        """The base URL requests go to: the override, else the region's."""
-        return (self.upstream_url or REGION_BASES[self.region]).rstrip("/")
-
-    @property
-    def upstream_endpoint(self) -> str:
-        """`{base}/v1/activities/create`."""
-        return self.upstream_base + ACTIVITIES_PATH
-
-    def person_rate(self, spec: ActivitySpec) -> Rate:
-        """The per-person limit that applies to an activity."""
-        return spec.person_limit or self.person_limit
-
-    def ip_rate(self, spec: ActivitySpec) -> Rate:
-        """The per-IP limit that applies to an activity."""
-        return spec.ip_limit or self.ip_limit
-
-    def is_strict(self, spec: ActivitySpec) -> bool:
-        """Whether undeclared attributes are refused (else dropped) for an activity."""
-        return self.strict if spec.strict is None else spec.strict
-
-    def needs_identity(self, spec: ActivitySpec) -> bool:
-        """Whether an activity must carry a signed identity token."""
-        return self.identity_required if spec.signed_identity is None else spec.signed_identity
-
-    def allowed_person_fields(self, spec: ActivitySpec) -> frozenset[str]:
-        """The person fields an activity may carry: its own list (even an empty one), else
-        the global allowlist."""
-        return self.person_fields if spec.person_fields is None else spec.person_fields
-
-
 # -- parsers: each takes the raw value and returns the typed one or raises ValueError
 
 
@@ -413,48 +325,347 @@ def _activity_id(text: str) -> str:
     return text
 
 
+Delivery = Literal["queue", "sync"]
+LimiterOnError = Literal["local", "open", "closed"]
+# How a setting holds a secret, so check-config, errors and logs mask it: "value" is one
+# (each item of a list is one); "url" holds passwords in its userinfo or query.
+Masked = Literal["value", "url"]
+T = TypeVar("T")
+
+# -- declarations: each setting is declared once, on its Settings field, with how it is
+# read and documented; the parsing tables, check-config, the README's table and `--help`
+# all come from `DECLARATIONS`.
+
+_DECLARED = "gateway.declaration"
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """One setting as operators see it: its name, how it is read, how it is documented."""
+
+    name: str  # the file key; in the environment GATEWAY_ and the name in upper case
+    help: str  # one line of markdown: the README's table and `--help` show it
+    default: str  # the default as documented (markdown); "" until derived from the field
+    parser: Callable[[Any], Any] | None = None  # None: read by its own function in `_load`
+    field: str | None = None  # the Settings field it sets; None for `config`
+    takes_list: bool = False  # a TOML array is read as well as a comma list
+    masked: Masked | None = None
+    also: tuple[str, ...] = ()  # other names read into the same field, documented with it
+    env_only: bool = False  # names the file, so it is read only from the environment
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name it is read under: its own and `also`."""
+        return (self.name, *self.also)
+
+
+def declared(
+    help: str,
+    parser: Callable[[Any], Any] | None = None,
+    *,
+    name: str = "",
+    shown: str = "",
+    takes_list: bool = False,
+    masked: Masked | None = None,
+    also: tuple[str, ...] = (),
+) -> dict[str, Declaration]:
+    """A field's metadata declaring the setting; the name defaults to the field's, the
+    documented default (`shown`) to the field's default written as an operator would."""
+    declaration = Declaration(name, help, shown, parser, None, takes_list, masked, also)
+    return {_DECLARED: declaration}
+
+
+def setting(
+    default: T,
+    help: str,
+    parser: Callable[[Any], Any] | None = None,
+    *,
+    name: str = "",
+    shown: str = "",
+    takes_list: bool = False,
+    masked: Masked | None = None,
+    also: tuple[str, ...] = (),
+) -> T:
+    """A Settings field with its default and its declaration (see `declared`); a secret
+    is left out of `repr`."""
+    metadata = declared(
+        help, parser, name=name, shown=shown, takes_list=takes_list, masked=masked, also=also
+    )
+    return field(default=default, repr=masked is None, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the gateway; defaults are safe for one machine."""
+
+    listen: HostPort = setting(
+        HostPort("127.0.0.1", 8080), "public listener `host:port`", parse_host_port
+    )
+    metrics_listen: HostPort = setting(
+        HostPort("127.0.0.1", 9108),
+        "Prometheus `/metrics` listener (never the public one)",
+        parse_host_port,
+    )
+    api_key: str = setting(
+        "",
+        "Ortto private key (the file form for container secrets)",
+        shown="required for `serve`",
+        masked="value",
+        also=("api_key_file",),
+    )
+    region: str = setting("default", "`default`, `au` or `eu`", _region)
+    upstream_url: str | None = setting(
+        None, "base URL that replaces the region's (sandbox, staging)", _url
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        "comma list of origins allowed by CORS (`https://www.example.com`)",
+        _origins,
+        shown="empty: same-origin only",
+        takes_list=True,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        ("127.0.0.1/32", "::1/128"),
+        "comma list of CIDRs whose forwarding headers are believed",
+        _cidrs,
+        takes_list=True,
+    )
+    activities: Mapping[str, ActivitySpec] = field(
+        default_factory=dict,
+        metadata=declared(
+            "comma list of activity ids browsers may send", shown="empty: refuse all"
+        ),
+    )
+    person_limit: Rate = setting(
+        Rate(10, 86400.0, "10/1d"), "per person per activity, `N/DURATION`", parse_rate
+    )
+    ip_limit: Rate = setting(
+        Rate(100, 3600.0, "100/1h"), "per client IP per activity, `N/DURATION`", parse_rate
+    )
+    person_fields: frozenset[str] = setting(
+        frozenset(DEFAULT_PERSON_FIELDS),
+        "person fields a browser may set",
+        _field_names,
+        takes_list=True,
+    )
+    max_body_bytes: int = setting(
+        64 * 1024, "largest request body (never above Ortto's 2 MB)", parse_size
+    )
+    spool_path: str = setting("./data/spool.sqlite3", "durable queue file (SQLite)", str)
+    spool_max_rows: int = setting(
+        1_000_000, "spool bound in rows; when full, new requests get 503", _positive_int
+    )
+    spool_max_bytes: int = setting(
+        1024**3, "spool bound in bytes; when full, new requests get 503", parse_size
+    )
+    spool_commit: str = setting(
+        "auto",
+        "where spool commits run: `auto`, `loop` or `thread` (see Delivery)",
+        _choice("auto", "loop", "thread"),
+    )
+    redis_url: str | None = setting(
+        None,
+        "shared limiter state for several workers or hosts",
+        _redis_url,
+        shown="unset: in-process",
+        masked="url",
+    )
+    redis_prefix: str = setting(
+        "ortto-gw", "key prefix in Redis, so several sites can share one", str
+    )
+    limiter_on_error: LimiterOnError = setting(
+        "local",
+        "when Redis fails: `local`, `open` or `closed` (see Scaling out)",
+        _choice("local", "open", "closed"),
+    )
+    limiter_max_keys: int = setting(
+        1_000_000,
+        "bound of the in-process limiter (least recently used keys are evicted)",
+        _positive_int,
+    )
+    limiter_timeout: float = setting(
+        0.5, "longest wait for Redis before the on-error policy applies", parse_seconds
+    )
+    upstream_rate: float = setting(
+        10.0, "requests per second to Ortto (10 Professional, 30 Business)", _positive_float
+    )
+    upstream_concurrency: int = setting(4, "batches in flight to Ortto at once", _positive_int)
+    upstream_timeout: float = setting(10.0, "time to wait for Ortto's answer", parse_seconds)
+    delivery: Delivery = setting(
+        "queue",
+        "`queue` (202 after a durable write) or `sync` (wait for Ortto, relay its answer)",
+        _choice("queue", "sync"),
+    )
+    batch_max_wait: float = setting(
+        0.25, "how long a batch may wait to fill before it is sent", parse_seconds
+    )
+    drain_timeout: float = setting(
+        10.0, "on SIGTERM, how long to keep delivering before exiting", parse_seconds
+    )
+    log_level: str = setting(
+        "INFO",
+        "`DEBUG`, `INFO`, `WARNING`, `ERROR`",
+        _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+    strict: bool = setting(
+        False,
+        "`true`: a 400 for any part of an activity the gateway would otherwise drop with a "
+        "warning (see What browsers may send)",
+        parse_bool,
+    )
+    identity_secrets: tuple[str, ...] = setting(
+        (),
+        "comma list of HMAC secrets (≥ 32 chars) for signed identities; the first signs, "
+        "all verify",
+        name="identity_secret",
+        shown="unset",
+        takes_list=True,
+        masked="value",
+    )
+    identity_required: bool = setting(
+        False,
+        "every activity needs a signed identity (else per activity: `signed_identity = true`)",
+        parse_bool,
+    )
+    ip_anonymize: bool = setting(
+        False,
+        "forward the client address truncated to /24 (IPv4) or /48 (IPv6)",
+        parse_bool,
+    )
+    read_timeout: float = setting(
+        15.0,
+        "a request's headers and its body must each arrive within this (slow clients are cut "
+        "off); also the idle keep-alive timeout",
+        parse_seconds,
+    )
+    max_concurrent: int = setting(
+        1024, "requests handled at once; more get 503 with `Retry-After`", _positive_int
+    )
+    max_body_readers: int = setting(
+        256,
+        "requests whose body is still arriving 1 s after their headers, waiting apart from "
+        "`GATEWAY_MAX_CONCURRENT`; more get 503 with `Retry-After`",
+        _positive_int,
+    )
+    console: bool = setting(
+        True,
+        "serve the operator console at `/console` on the metrics listener "
+        "([docs/console.md](docs/console.md))",
+        parse_bool,
+    )
+    console_token: str | None = setting(
+        None,
+        "a token the console asks for (needed when the metrics listener is not on loopback; "
+        "without it the console is off there)",
+        str,
+        masked="value",
+    )
+    console_personal: bool = setting(
+        False,
+        "show full emails and person ids in the console instead of short hashes",
+        parse_bool,
+    )
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value: each declared secret, the passwords of a declared URL.
+
+        What `check-config` masks and what is masked in any text that may echo one.
+        """
+        found: list[str] = []
+        for d in FIELD_DECLARATIONS:
+            value = getattr(self, d.field or "")
+            if d.masked == "value":
+                found += value if isinstance(value, tuple) else [value]
+            elif d.masked == "url" and value:
+                found += redis_passwords(value)
+        return tuple(dict.fromkeys(s for s in found if s))
+
+    @property
+    def upstream_base(self) -> str:
+        """The base URL requests go to: the override, else the region's."""
+        return (self.upstream_url or REGION_BASES[self.region]).rstrip("/")
+
+    @property
+    def upstream_endpoint(self) -> str:
+        """`{base}/v1/activities/create`."""
+        return self.upstream_base + ACTIVITIES_PATH
+
+    def person_rate(self, spec: ActivitySpec) -> Rate:
+        """The per-person limit that applies to an activity."""
+        return spec.person_limit or self.person_limit
+
+    def ip_rate(self, spec: ActivitySpec) -> Rate:
+        """The per-IP limit that applies to an activity."""
+        return spec.ip_limit or self.ip_limit
+
+    def is_strict(self, spec: ActivitySpec) -> bool:
+        """Whether undeclared attributes are refused (else dropped) for an activity."""
+        return self.strict if spec.strict is None else spec.strict
+
+    def needs_identity(self, spec: ActivitySpec) -> bool:
+        """Whether an activity must carry a signed identity token."""
+        return self.identity_required if spec.signed_identity is None else spec.signed_identity
+
+    def allowed_person_fields(self, spec: ActivitySpec) -> frozenset[str]:
+        """The person fields an activity may carry: its own list (even an empty one), else
+        the global allowlist."""
+        return self.person_fields if spec.person_fields is None else spec.person_fields
+
+
+def _documented(value: Any, parser: Callable[[Any], Any] | None) -> str:
+    """A default as the README writes it: in the units an operator would type."""
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple | frozenset) and not value:
+        return "empty"
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif parser is parse_size:
+        text = next(
+            f"{value // n}{unit}"
+            for unit, n in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024), ("", 1))
+            if value % n == 0
+        )
+    elif parser is parse_seconds:
+        text = f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+    elif isinstance(value, frozenset):
+        text = ",".join(sorted(value))
+    elif isinstance(value, tuple):
+        text = ",".join(value)
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return f"`{text}`"
+
+
+def _field_declarations() -> tuple[Declaration, ...]:
+    out = []
+    for f in dataclasses.fields(Settings):
+        d = f.metadata[_DECLARED]
+        default = d.default or _documented(f.default, d.parser)
+        out.append(dataclasses.replace(d, name=d.name or f.name, field=f.name, default=default))
+    return tuple(out)
+
+
+# Every setting, in the order documented: the file first, then Settings' fields.
+FIELD_DECLARATIONS = _field_declarations()
+DECLARATIONS = (
+    Declaration(
+        "config",
+        "TOML settings file (`--config FILE` on the command line); a variable only",
+        "unset",
+        env_only=True,
+    ),
+    *FIELD_DECLARATIONS,
+)
 # Setting name -> parser for string values (from env or TOML strings).
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "listen": parse_host_port,
-    "metrics_listen": parse_host_port,
-    "region": _region,
-    "upstream_url": _url,
-    "allowed_origins": _origins,
-    "trusted_proxies": _cidrs,
-    "person_limit": parse_rate,
-    "ip_limit": parse_rate,
-    "person_fields": _field_names,
-    "max_body_bytes": parse_size,
-    "spool_path": str,
-    "spool_max_rows": _positive_int,
-    "spool_max_bytes": parse_size,
-    "spool_commit": _choice("auto", "loop", "thread"),
-    "redis_url": _redis_url,
-    "redis_prefix": str,
-    "limiter_on_error": _choice("local", "open", "closed"),
-    "limiter_max_keys": _positive_int,
-    "limiter_timeout": parse_seconds,
-    "upstream_rate": _positive_float,
-    "upstream_concurrency": _positive_int,
-    "upstream_timeout": parse_seconds,
-    "delivery": _choice("queue", "sync"),
-    "batch_max_wait": parse_seconds,
-    "drain_timeout": parse_seconds,
-    "log_level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
-    "strict": parse_bool,
-    "identity_required": parse_bool,
-    "ip_anonymize": parse_bool,
-    "read_timeout": parse_seconds,
-    "max_concurrent": _positive_int,
-    "max_body_readers": _positive_int,
-    "console": parse_bool,
-    "console_token": str,
-    "console_personal": parse_bool,
-}
-_LIST_SETTINGS = {"allowed_origins", "trusted_proxies", "person_fields"}
-_SPECIAL = {"api_key", "api_key_file", "activities", "identity_secret"}
-# Names the file, so it is meaningful only in the environment: in the file it is unknown.
-_ENV_ONLY = {"config"}
+_PARSERS = {d.name: d.parser for d in DECLARATIONS if d.parser}
+_LIST_SETTINGS = {d.name for d in DECLARATIONS if d.takes_list}
+# Names read in the file; a variable may name `config` too, which names the file.
+_FILE_KEYS = {n for d in DECLARATIONS if not d.env_only for n in d.names}
+_ENV_KEYS = {n for d in DECLARATIONS for n in d.names}
 # Secrets shorter than this are refused: an HMAC key must not be guessable.
 MIN_IDENTITY_SECRET_CHARS = 32
 
@@ -568,12 +779,14 @@ def load_settings(
 def _given_secrets(environ: Mapping[str, str], data: Mapping[str, Any]) -> set[str]:
     """Every secret the environ and the file give, as written, before any validation."""
     found: list[str] = []
-    for name in ("api_key", "identity_secret", "console_token"):
-        for raw in (environ.get(env_name(name)), data.get(name)):
-            if isinstance(raw, str):
+    for d in DECLARATIONS:
+        for raw in (environ.get(env_name(d.name)), data.get(d.name)):
+            if d.masked == "value" and isinstance(raw, str):
                 found += [raw, *raw.split(","), *raw.split()]
-            elif isinstance(raw, list):
+            elif d.masked == "value" and isinstance(raw, list):
                 found += [v for v in raw if isinstance(v, str)]
+            elif d.masked == "url" and isinstance(raw, str):
+                found += redis_passwords(raw.strip())
     key_file = environ.get(env_name("api_key_file")) or data.get("api_key_file")
     if isinstance(key_file, str):
         try:
@@ -581,9 +794,6 @@ def _given_secrets(environ: Mapping[str, str], data: Mapping[str, Any]) -> set[s
         except (OSError, ValueError):
             content = ""
         found += [content, *content.split()]
-    for raw in (environ.get(env_name("redis_url")), data.get("redis_url")):
-        if isinstance(raw, str):
-            found += redis_passwords(raw.strip())
     return {s for v in found if len(s := v.strip()) >= MIN_MASKED_CHARS}
 
 
@@ -591,13 +801,11 @@ def _load(
     environ: Mapping[str, str], data: dict[str, Any], path: str | None, require_api_key: bool
 ) -> Settings:
     file_label = f"{path}" if path else ""
-    known = set(_PARSERS) | _SPECIAL
     for key in data:
-        if key not in known:
+        if key not in _FILE_KEYS:
             raise ConfigError(f"{file_label}: unknown setting {_shown(key)}")
-    known_env = known | _ENV_ONLY
     for key in environ:
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in known_env:
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in _ENV_KEYS:
             raise ConfigError(f"{key}: unknown setting (check the spelling)")
 
     values: dict[str, Any] = {}
@@ -768,15 +976,16 @@ def _mask_query_item(item: str) -> str:
 def describe(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain values, secrets masked (for `check-config`)."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if f.name in ("api_key", "console_token"):
-            value = mask(value or "")
-        elif f.name == "identity_secrets":
+    for d in FIELD_DECLARATIONS:
+        name = d.field or ""
+        value = getattr(settings, name)
+        if d.masked == "value" and isinstance(value, tuple):
             value = [mask(v) for v in value]
-        elif f.name == "redis_url" and value:
+        elif d.masked == "value":
+            value = mask(value or "")
+        elif d.masked == "url" and value:
             value = _mask_url(value)
-        elif f.name == "activities":
+        elif name == "activities":
             value = {
                 k: {
                     "attributes": sorted(s.attributes) if s.attributes is not None else "any",
@@ -795,7 +1004,7 @@ def describe(settings: Settings) -> dict[str, Any]:
             value = list(value)
         elif isinstance(value, Rate | HostPort):
             value = str(value)
-        out[f.name] = value
+        out[name] = value
     out["upstream_endpoint"] = settings.upstream_endpoint
     # A secret given in the wrong setting as well (a key as the Redis prefix) stays masked.
     secrets = [s for s in settings.secrets if len(s) >= MIN_MASKED_CHARS]
