@@ -37,3 +37,8 @@ soak: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Regenerates the settings table (README.md or docs/*.md) from gateway/config.py.
+.PHONY: settings-table
+settings-table: $(STAMP)
+	$(BIN)/python -m gateway.settings_docs --write

@@ -21,6 +21,7 @@ from gateway.config import (
     read_key_file,
 )
 from gateway.logs import setup_logging
+from gateway.settings_docs import settings_help
 from gateway.spool import SpoolError, SpoolInUse
 
 EXIT_CONFIG = 2
@@ -40,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the gateway")
+    # The settings, generated from their declarations, close the help of both commands.
+    settings = settings_help()
+    raw = argparse.RawDescriptionHelpFormatter
+    serve = sub.add_parser("serve", help="run the gateway", epilog=settings, formatter_class=raw)
     serve.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
     serve.add_argument(
         "--workers",
@@ -64,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         "--answers", choices=("ingested", "queued"), default="ingested", help="answer mode"
     )
 
-    check = sub.add_parser("check-config", help="validate and print the effective settings")
+    check = sub.add_parser(
+        "check-config",
+        help="validate and print the effective settings",
+        epilog=settings,
+        formatter_class=raw,
+    )
     check.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
 
     sign = sub.add_parser(

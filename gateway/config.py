@@ -654,7 +654,7 @@ FIELD_DECLARATIONS = _field_declarations()
 DECLARATIONS = (
     Declaration(
         "config",
-        "TOML settings file (`--config FILE` on the command line); a variable only",
+        "the TOML settings file (or `--config FILE`); a variable only, never a key in the file",
         "unset",
         env_only=True,
     ),
