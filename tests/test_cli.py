@@ -13,10 +13,13 @@ import orjson
 import pytest
 
 from gateway.cli import main
+from gateway.config import DECLARATIONS, env_name
+from gateway.settings_docs import documents, settings_help, table_in
 from gateway.spool import Spool, claim
 from tests.conftest import API_KEY
 
 ENV = {"GATEWAY_API_KEY": API_KEY, "GATEWAY_ACTIVITIES": "act:cm:login"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_check_config_prints_masked_settings(capsys: pytest.CaptureFixture[str]) -> None:
@@ -271,3 +274,28 @@ def test_sandbox_refuses_a_bad_person_field_name(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.startswith("ortto-gateway: --person-fields:")
     assert "'tier'" in err
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_help_lists_every_setting(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"], {})
+    assert info.value.code == 0
+    assert settings_help() in capsys.readouterr().out
+
+
+def test_every_setting_is_in_the_table_check_config_and_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check-config"], ENV) == 0
+    shown = json.loads(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"], {})
+    help_text = capsys.readouterr().out
+    tables = [table_in(p.read_text(encoding="utf-8")) or "" for p in documents(ROOT)]
+    assert tables
+    for d in DECLARATIONS:
+        for name in (env_name(n) for n in d.names):
+            assert all(f"`{name}`" in table for table in tables), name
+            assert name in help_text, name
+        assert d.field in shown or d.env_only, d.name

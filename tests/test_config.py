@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from gateway.config import (
+    DECLARATIONS,
+    FIELD_DECLARATIONS,
     REGION_BASES,
     ConfigError,
+    Declaration,
     Settings,
     describe,
     load_settings,
@@ -389,3 +393,51 @@ def test_settings_list_their_secrets() -> None:
 def test_describe_masks_a_secret_given_in_another_setting() -> None:
     s = load_settings(env(redis_prefix=KEY, spool_path=f"/tmp/{KEY}.sqlite3"))
     assert KEY not in repr(describe(s))
+
+
+# Read by their own functions in `_load`, so declared without a parser.
+SPECIAL = {"api_key", "activities", "identity_secret"}
+
+
+def test_every_field_is_declared_with_a_help_text_and_a_parser() -> None:
+    fields = [f.name for f in dataclasses.fields(Settings)]
+    assert [d.field for d in FIELD_DECLARATIONS] == fields
+    assert [d.name for d in DECLARATIONS] == ["config", *(d.name for d in FIELD_DECLARATIONS)]
+    for d in DECLARATIONS:
+        assert d.help and "\n" not in d.help and "|" not in d.help, d.name
+        assert d.default and "|" not in d.default, d.name
+        assert (d.parser is None) == (d.name in SPECIAL or d.env_only), d.name
+    names = [n for d in DECLARATIONS for n in d.names]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("d", FIELD_DECLARATIONS, ids=lambda d: d.name)
+def test_a_documented_default_is_the_default(d: Declaration) -> None:
+    default = getattr(Settings(), d.field or "")
+    if not d.default.startswith("`"):  # a phrase: "unset", "empty: refuse all"
+        assert not default, d.default
+        return
+    value = d.default.strip("`")
+    assert getattr(load_settings(env(**{d.name: value})), d.field or "") == default
+
+
+def test_secrets_are_declared_so() -> None:
+    secret = "s" * 40
+    s = Settings(
+        api_key=KEY,
+        identity_secrets=(secret,),
+        console_token="console-token-1234",
+        redis_url="redis://:redis-pw-1234@h:6379/0",
+    )
+    masked = {d.field for d in FIELD_DECLARATIONS if d.masked}
+    assert masked == {"api_key", "identity_secrets", "console_token", "redis_url"}
+    assert set(s.secrets) == {KEY, secret, "console-token-1234", "redis-pw-1234"}
+    text = repr(s) + repr(describe(s))
+    assert not [v for v in s.secrets if v in text]
+
+
+def test_describe_shows_every_field() -> None:
+    shown = describe(Settings())
+    assert list(shown) == [*(d.field for d in FIELD_DECLARATIONS), "upstream_endpoint"]
+    assert shown["console_token"] == "(unset)"
+    assert shown["identity_secrets"] == []
