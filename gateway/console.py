@@ -202,7 +202,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
     given = form.get("token")
     if not isinstance(given, str) or not same(given, token):
         return _login_page(401, "Wrong token.")
-    response = web.HTTPSeeOther("/console")
+    response = web.Response(status=303, headers={"Location": "/console"})
     response.set_cookie(
         AUTH_COOKIE,
         derive(console.secret, "login", token),
