@@ -223,7 +223,7 @@ function showDelivery(state) {
   if (lastRequests) rate = ((total - lastRequests.total) / (now - lastRequests.at)).toFixed(2) + " req/s now, ";
   lastRequests = { total, at: now };
   fact(list, "Upstream rate", rate + "limit " + state.upstream_rate + " req/s");
-  const statuses = Object.entries(d.upstream_requests_total || {}).map(([k, v]) => k + ": " + v).join(", ");
+  const statuses = Object.entries(d.upstream_requests_total || {}).filter(([, v]) => v > 0).map(([k, v]) => k + ": " + v).join(", ");
   fact(list, "Ortto answers (total)", statuses || "none yet");
   const retries = Object.entries(d.upstream_retries_total || {}).filter(([, v]) => v > 0)
     .map(([k, v]) => k + ": " + v).join(", ");
