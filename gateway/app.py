@@ -16,6 +16,7 @@ from gateway import handlers
 from gateway.admission import Admission
 from gateway.client_ip import TrustedProxies, parse_networks
 from gateway.config import ACTIVITIES_PATH, Settings
+from gateway.console import Console, mount_console
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
 from gateway.feed import Feed, MemoryFeed
@@ -179,8 +180,13 @@ async def _start_draining(app: web.Application) -> None:
     app[LIFECYCLE].draining = True
 
 
-def create_metrics_app(registry: CollectorRegistry) -> web.Application:
-    """The metrics listener's app: `GET /metrics` only, never on the public listener."""
+def create_metrics_app(
+    registry: CollectorRegistry, *, console: Console | None = None
+) -> web.Application:
+    """The metrics listener's app: `GET /metrics` and the operator console (when given and
+    on, see `gateway.console`), never on the public listener."""
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    if console is not None:
+        mount_console(app, console)
     return app

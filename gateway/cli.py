@@ -317,60 +317,44 @@ def _dead_letters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 async def _dead_letters_async(
     args: argparse.Namespace, files: list[str], ids: list[int] | None, secrets: Sequence[str]
 ) -> int:
-    from gateway.spool import Spool, in_use
+    from gateway import deadletters
+    from gateway.spool import in_use
 
     total = 0
-    for path in files:
-        spool = Spool(path)
-        await spool.open()
-        replayed = 0
-        try:
-            if args.action == "list":
-                letters = await spool.list_dead_letters(limit=args.limit, error_contains=args.error)
-                total += len(letters)
-                for letter in letters:
-                    _print_letter(args, path, letter, secrets, several=len(files) > 1)
-            elif args.action == "replay":
-                replayed = await spool.replay_dead_letters(ids=ids, error_contains=args.error)
-                total += replayed
-            elif args.action == "purge":
-                total += await spool.purge_dead_letters(ids=ids, error_contains=args.error)
-        finally:
-            await spool.close()
-        if replayed and not in_use(path):  # checked with the file closed (see spool.claim)
-            print(
-                f"ortto-gateway: warning: no running gateway drains {path}: its {replayed} "
-                "re-queued activities go out when the gateway next starts",
-                file=sys.stderr,
-            )
-    if args.action == "list" and not args.json:
-        print(f"{total} dead letter(s)", file=sys.stderr)
+    if args.action == "list":
+        letters = await deadletters.list_letters(
+            files, limit=args.limit, error_contains=args.error, secrets=secrets
+        )
+        total = len(letters)
+        for letter in letters:
+            _print_letter(args, letter, several=len(files) > 1)
+        if not args.json:
+            print(f"{total} dead letter(s)", file=sys.stderr)
     elif args.action == "replay":
+        replayed = await deadletters.replay(files, ids=ids, error_contains=args.error)
+        for path, count in replayed.items():
+            if count and not in_use(path):  # checked with the file closed (see spool.claim)
+                print(
+                    f"ortto-gateway: warning: no running gateway drains {path}: its {count} "
+                    "re-queued activities go out when the gateway next starts",
+                    file=sys.stderr,
+                )
+        total = sum(replayed.values())
         print(f"re-queued {total} activit{'y' if total == 1 else 'ies'}")
     elif args.action == "purge":
+        total = sum((await deadletters.purge(files, ids=ids, error_contains=args.error)).values())
         print(f"deleted {total} dead letter(s)")
     return 0
 
 
-def _print_letter(
-    args: argparse.Namespace, path: str, letter: Any, secrets: Sequence[str], *, several: bool
-) -> None:
-    from gateway.upstream import redact
-
-    row = {
-        "id": letter.id,
-        "activity_id": letter.activity_id,
-        "person": letter.person_hash,
-        # Stored as Ortto wrote it by earlier versions: shown bounded, on one line, masked.
-        "error": redact(letter.error, secrets),
-        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.failed_at)),
-    }
+def _print_letter(args: argparse.Namespace, letter: Any, *, several: bool) -> None:
+    row = letter.row()
     if several:
-        row["spool"] = path
+        row["spool"] = letter.spool
     if args.json:
         print(json.dumps(row))
     else:
-        where = f"  {path}" if several else ""
+        where = f"  {letter.spool}" if several else ""
         print(
             f"{row['id']:>8}  {row['failed_at']}  {row['activity_id']:<32} "
             f"{row['person']:<14} {row['error']}{where}"

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import DELIVERY, create_app, create_metrics_app
 from gateway.config import ConfigError, HostPort, Settings
+from gateway.console import Console, PublicAddress
+from gateway.feed import open_feed
 from gateway.keys import LIFECYCLE
 from gateway.metrics import Metrics
 
@@ -163,13 +165,17 @@ async def serve(
         check_bindable(settings.metrics_listen, "GATEWAY_METRICS_LISTEN")
     registry = CollectorRegistry()
     metrics = Metrics(registry, settings.activities, process_metrics=worker is None)
-    app = create_app(settings, metrics=metrics)
+    feed = open_feed(settings, worker=worker)
+    app = create_app(settings, metrics=metrics, feed=feed)
     for prefix, sub in (extra_apps or {}).items():
         # Before the sub-app: its resource would take the bare prefix too, and 404 it.
         app.router.add_get(prefix, _redirect_to(prefix + "/"))
         app.add_subapp(prefix, sub)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
-    metrics_runner = web.AppRunner(create_metrics_app(registry), access_log=None)
+    # The console's test button posts to the public listener: its port is known once bound.
+    public = PublicAddress(settings.listen.host)
+    console = None if worker is not None else Console(settings, feed, registry, public)
+    metrics_runner = web.AppRunner(create_metrics_app(registry, console=console), access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -191,7 +197,7 @@ async def serve(
                 metrics_runner, settings.metrics_listen, setting="GATEWAY_METRICS_LISTEN"
             )
             metrics_port = bound_port(metrics_runner)
-        public_port = bound_port(runner)
+        public_port = public.port = bound_port(runner)
         log.info(
             "listening",
             extra={
@@ -222,6 +228,7 @@ async def serve(
     finally:
         await runner.cleanup()
         await metrics_runner.cleanup()
+        await feed.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)

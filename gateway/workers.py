@@ -165,6 +165,8 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     from gateway.app import create_metrics_app
+    from gateway.console import Console, PublicAddress
+    from gateway.feed import open_feed
     from gateway.server import bound_port, check_bindable, start_site
 
     check_bindable(settings.listen, "GATEWAY_LISTEN", reuse_port=True)
@@ -173,12 +175,17 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
     # The workers' process metrics are not summable; the supervisor reports its own.
     ProcessCollector(namespace="ortto_gateway", registry=registry)
-    runner = web.AppRunner(create_metrics_app(registry), access_log=None)
+    # The supervisor's console reads every worker's events (the feed merges them).
+    feed = open_feed(settings)
+    public = PublicAddress(settings.listen.host, settings.listen.port)
+    console = Console(settings, feed, registry, public)
+    runner = web.AppRunner(create_metrics_app(registry, console=console), access_log=None)
     await runner.setup()
     try:
         await start_site(runner, settings.metrics_listen, setting="GATEWAY_METRICS_LISTEN")
     except ConfigError:
         await runner.cleanup()
+        await feed.close()
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -229,6 +236,7 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+        await feed.close()
     log.info("stopped")
     return exit_code
 
