@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo run test lint bench soak clean
+.PHONY: demo run test lint bench soak screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+# The console and demo screenshots the README links (docs/screenshots/).
+screenshots: $(STAMP)
+	GATEWAY_SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest -q tests/test_console_browser.py -k "dead_letter or demo or reasons"
 
 soak: $(STAMP)
 	$(BIN)/python -m tests.bench.soak $(SOAK_ARGS)

@@ -1,7 +1,9 @@
 """The operator console in headless Chromium, against a real gateway and the sandbox.
 
-Also writes docs/screenshots/console.png and demo.png (linked from the README): a run only
-(over)writes them, it never checks their pixels.
+Also takes screenshots of the console and the demo: into the test's tmp directory, or,
+with `GATEWAY_SCREENSHOTS_DIR` set (`make screenshots`), into that directory; the README
+links docs/screenshots/console.png and demo.png, written that way. A run only (over)writes
+them, it never checks their pixels.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,6 @@ from tests.test_console import running
 pytestmark = pytest.mark.chromium
 
 PATH = "/v1/activities/create"
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 # Generous: conditions that normally hold within milliseconds.
 DEADLINE = 15.0
 TIMEOUT_MS = 15_000
@@ -54,6 +56,20 @@ async def browser() -> AsyncIterator[Browser]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where screenshots go: `GATEWAY_SCREENSHOTS_DIR` (`make screenshots`), else tmp."""
+    where = os.environ.get("GATEWAY_SCREENSHOTS_DIR")
+    path = Path(where) if where else tmp_path / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def take_screenshot(page: Page, path: Path) -> None:
+    await page.screenshot(path=str(path), full_page=True)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
 
 
 def settings_for(sandbox: TestServer, tmp_path: Path, **overrides: Any) -> Settings:
@@ -136,6 +152,7 @@ async def test_dead_letter_replayed_from_the_page(
     browser: Browser,
     session: aiohttp.ClientSession,
     tmp_path: Path,
+    shots: Path,
 ) -> None:
     """A 400 for a single-activity batch: dead-lettered, replayed from the page, delivered.
     Also the test button's answer, and the console's screenshot."""
@@ -170,8 +187,7 @@ async def test_dead_letter_replayed_from_the_page(
         await expect(page.locator("#dl-payload")).to_contain_text("****@example.com")
         await page.locator("#delivery").wait_for(timeout=TIMEOUT_MS)
         await expect(page.locator("#delivery")).to_contain_text("Dead letters")
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        await page.screenshot(path=str(SCREENSHOTS / "console.png"), full_page=True)
+        await take_screenshot(page, shots / "console.png")
         await dead.locator("button.replay").click()
         await expect(page.locator("#dl-note")).to_have_text("re-queued 1", timeout=TIMEOUT_MS)
         await expect(dead).to_have_count(0, timeout=TIMEOUT_MS)
@@ -182,7 +198,7 @@ async def test_dead_letter_replayed_from_the_page(
         await page.close()
 
 
-async def test_demo_screenshot(browser: Browser) -> None:
+async def test_demo_screenshot(browser: Browser, shots: Path) -> None:
     """The demo page after one activity, for the README."""
     port = free_port()
     stop = asyncio.Event()
@@ -203,8 +219,7 @@ async def test_demo_screenshot(browser: Browser) -> None:
         await page.locator("#send-login").click()
         await page.locator("#send-plan").click()
         await expect(page.locator("#received tr").first).to_be_visible(timeout=TIMEOUT_MS)
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        await page.screenshot(path=str(SCREENSHOTS / "demo.png"), full_page=True)
+        await take_screenshot(page, shots / "demo.png")
         await page.close()
     finally:
         stop.set()
