@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo run test lint bench soak clean
+.PHONY: demo run test lint bench soak docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,9 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m tests.bench.soak $(SOAK_ARGS)
 
+# The docs/ pages as a static site in site/ (strict: a broken link or anchor fails).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

@@ -1,4 +1,4 @@
-"""The README's table (what the browser sends, what the gateway does, why) and the corpus
+"""docs/http-interface.md's table (what the browser sends, what the gateway does, why) and the corpus
 say the same: every case is cited by a row, every cited case exists, and a row that
 refuses cites only cases the gateway refuses (and the other rows none)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conformance.corpus import load_cases
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "http-interface.md"
 HEADER = "| what the browser sends | what the gateway does | why | corpus cases |"
 
 
