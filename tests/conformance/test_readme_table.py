@@ -1,6 +1,6 @@
-"""docs/http-interface.md's table (what the browser sends, what the gateway does, why) and the corpus
-say the same: every case is cited by a row, every cited case exists, and a row that
-refuses cites only cases the gateway refuses (and the other rows none)."""
+"""The table in docs/http-interface.md (what the browser sends, what the gateway does, why)
+and the corpus say the same: every case is cited by a row, every cited case exists, and a
+row that refuses cites only cases the gateway refuses (and the other rows none)."""
 
 from __future__ import annotations
 
