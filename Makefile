@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo run test lint bench soak screenshots clean
+.PHONY: demo run test lint bench soak screenshots docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,12 @@ screenshots: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m tests.bench.soak $(SOAK_ARGS)
 
+# The docs/ pages as a static site in site/ (strict: a broken link or anchor fails).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site
 
 # Regenerates the settings table (README.md or docs/*.md) from gateway/config.py.
 .PHONY: settings-table

@@ -550,7 +550,7 @@ class Settings:
     console: bool = setting(
         True,
         "serve the operator console at `/console` on the metrics listener "
-        "([docs/console.md](docs/console.md))",
+        "([console.md](console.md))",
         parse_bool,
     )
     console_token: str | None = setting(

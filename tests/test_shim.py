@@ -121,11 +121,11 @@ def test_cli_prints_the_pinned_snippet(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_readme_snippet_is_current() -> None:
-    """The README's loader names the served file's versioned URL and SRI hash, so it never
+    """docs/shim.md's loader names the served file's versioned URL and SRI hash, so it never
     goes stale: after changing the shim, paste `ortto-gateway shim`'s output there."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "shim.md").read_text(encoding="utf-8")
     marker = "<!-- ortto-gateway shim: begin -->\n```html\n"
     begin = readme.index(marker) + len(marker)
     end = readme.index("\n```\n<!-- ortto-gateway shim: end -->")
     expected = pinned_snippet(ShimFile.load(), "/ortto/")
-    assert readme[begin:end] == expected, "README is stale: paste `ortto-gateway shim` output"
+    assert readme[begin:end] == expected, "docs/shim.md is stale: paste `ortto-gateway shim` output"

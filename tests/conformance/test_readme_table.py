@@ -1,6 +1,6 @@
-"""The README's table (what the browser sends, what the gateway does, why) and the corpus
-say the same: every case is cited by a row, every cited case exists, and a row that
-refuses cites only cases the gateway refuses (and the other rows none)."""
+"""The table in docs/http-interface.md (what the browser sends, what the gateway does, why)
+and the corpus say the same: every case is cited by a row, every cited case exists, and a
+row that refuses cites only cases the gateway refuses (and the other rows none)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conformance.corpus import load_cases
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "http-interface.md"
 HEADER = "| what the browser sends | what the gateway does | why | corpus cases |"
 
 
