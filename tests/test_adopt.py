@@ -12,11 +12,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway import adopt
-from gateway.adopt import adopt_orphans
 from gateway.enrich import enrich
 from gateway.sandbox import SandboxState, wait_for
-from gateway.spool import Spool
+from gateway.spool import Spool, schema
+from gateway.spool.adopt import adopt_orphans
 from gateway.workers import drained_spool_files, spool_files, worker_spool_path
 from tests.processes import GatewayProcess
 
@@ -92,7 +91,7 @@ async def test_dead_letters_stay_in_their_file(tmp_path: Path) -> None:
 async def test_a_file_that_cannot_be_adopted_is_left_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(adopt, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
     main = tmp_path / "spool.sqlite3"
     locked = Path(worker_spool_path(str(main), 1))
     stranger = Path(worker_spool_path(str(main), 2))

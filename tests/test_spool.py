@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import gateway.spool as spool_module
 from gateway.sandbox import wait_for
 from gateway.spool import (
     MEMORY,
@@ -25,10 +24,14 @@ from gateway.spool import (
     SpoolInUse,
     SpoolOpenError,
     SpoolStats,
-    _Lease,
     claim,
+    commit,
     in_use,
+    schema,
+    writer,
 )
+from gateway.spool import queue as spool_queue
+from gateway.spool.writer import Lease
 from tests.disk_support import Disk
 
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
@@ -38,7 +41,7 @@ DEADLINE = 10.0  # seconds any single awaited condition may take before the test
 def commit_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs with groups committed on the event loop and on the writer thread."""
     mode: str = request.param
-    monkeypatch.setattr(spool_module, "choose_commit_mode", lambda path: mode)
+    monkeypatch.setattr(commit, "choose_commit_mode", lambda path: mode)
     return mode
 
 
@@ -292,7 +295,7 @@ async def test_a_new_exclusive_spool_is_created_as_any_other(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[Path] = []
-    monkeypatch.setattr(spool_module, "fsync_dir", synced.append)
+    monkeypatch.setattr(commit, "fsync_dir", synced.append)
     old_umask = os.umask(0o022)
     try:
         for name, exclusive in (("plain.sqlite3", False), ("held.sqlite3", True)):
@@ -527,7 +530,8 @@ async def test_dead_letters_survive_reopen(db_path: Path) -> None:
 async def test_another_process_replaying_is_noticed(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spool_module, "EXTERNAL_CHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(writer, "EXTERNAL_CHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(spool_queue, "EXTERNAL_CHECK_INTERVAL", 0.02)
     async with Spool(db_path) as server:
         ids = await put_each(server, [b"a", b"b"])
         await server.lease(10, 1000)
@@ -702,16 +706,16 @@ def test_commit_mode_is_checked() -> None:
 
 def test_choose_commit_mode_by_fsync_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the real chooser, not the autouse stand-in
-    assert spool_module.choose_commit_mode(MEMORY) == "loop"
+    assert commit.choose_commit_mode(MEMORY) == "loop"
     path = str(tmp_path / "new" / "spool.sqlite3")
-    monkeypatch.setattr(spool_module, "FAST_FSYNC_SECONDS", 0.0)  # no disk is that fast
-    assert spool_module.choose_commit_mode(path) == "thread"
-    monkeypatch.setattr(spool_module, "FAST_FSYNC_SECONDS", 3600.0)
-    assert spool_module.choose_commit_mode(path) == "loop"
+    monkeypatch.setattr(commit, "FAST_FSYNC_SECONDS", 0.0)  # no disk is that fast
+    assert commit.choose_commit_mode(path) == "thread"
+    monkeypatch.setattr(commit, "FAST_FSYNC_SECONDS", 3600.0)
+    assert commit.choose_commit_mode(path) == "loop"
     assert [p.name for p in (tmp_path / "new").iterdir()] == []  # the probe file is gone
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
-    assert spool_module.choose_commit_mode(str(blocker / "spool.sqlite3")) == "thread"
+    assert commit.choose_commit_mode(str(blocker / "spool.sqlite3")) == "thread"
 
 
 def test_auto_mode_goes_by_the_median_fsync(
@@ -719,15 +723,15 @@ def test_auto_mode_goes_by_the_median_fsync(
 ) -> None:
     """An injected timing: one slow outlier does not make a fast disk "thread"."""
     monkeypatch.undo()  # the real chooser, not the autouse stand-in
-    fast, slow = spool_module.FAST_FSYNC_SECONDS / 2, spool_module.FAST_FSYNC_SECONDS * 2
+    fast, slow = commit.FAST_FSYNC_SECONDS / 2, commit.FAST_FSYNC_SECONDS * 2
     path = str(tmp_path / "spool.sqlite3")
     for times, mode in [
         ([fast, fast, fast, fast, slow], "loop"),
         ([fast, fast, slow, slow, slow], "thread"),
         ([fast, slow, slow, slow, slow], "thread"),
     ]:
-        monkeypatch.setattr(spool_module, "fsync_times", lambda d, n, t=times: sorted(t))
-        assert spool_module.choose_commit_mode(path) == mode
+        monkeypatch.setattr(commit, "fsync_times", lambda d, n, t=times: sorted(t))
+        assert commit.choose_commit_mode(path) == mode
 
 
 async def test_a_write_lock_held_elsewhere_delays_puts_without_blocking(
@@ -750,7 +754,7 @@ async def test_a_write_lock_held_elsewhere_delays_puts_without_blocking(
             assert not put.done()
             # A put that waited on the loop would block it for the whole busy timeout
             # (5 s) in one turn; half of that is far above any scheduling delay.
-            assert longest < spool_module.BUSY_TIMEOUT_MS / 2000
+            assert longest < schema.BUSY_TIMEOUT_MS / 2000
         finally:
             other.execute("COMMIT")
             other.close()
@@ -766,7 +770,7 @@ async def test_close_fails_puts_still_locked_out(
     spool = Spool(db_path)
     await spool.open()
     other = sqlite3.connect(db_path, isolation_level=None)
-    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT_MS", 50)  # how long close waits
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)  # how long close waits
     try:
         other.execute("BEGIN IMMEDIATE")
         put = asyncio.create_task(spool.put([b"x"]))
@@ -786,7 +790,7 @@ async def test_a_lease_cancelled_after_its_answer_gives_the_items_back(spool: Sp
     """The caller was cancelled between the answer and taking it (the delivery loop
     stopped at shutdown): the items must not stay leased to nobody until a restart."""
     await spool.put([b"a", b"b"])
-    op = _Lease(spool._future(), 10, 1 << 20)
+    op = Lease(spool._future(), 10, 1 << 20)
     waiter = asyncio.ensure_future(spool._submit(op))
     deadline = asyncio.get_running_loop().time() + DEADLINE
     while not op.future.done():  # answered; the waiter has not resumed yet
