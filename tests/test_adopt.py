@@ -18,13 +18,14 @@ from gateway.spool import Spool, schema
 from gateway.spool.adopt import adopt_orphans
 from gateway.workers import drained_spool_files, spool_files, worker_spool_path
 from tests.processes import GatewayProcess
+from tests.spool_support import to_queue
 
 
 async def fill(path: Path, payloads: list[bytes], *, dead: int = 0, tried: int = 0) -> None:
     """A spool holding `payloads`; the first `dead` become dead letters, the next `tried`
     carry one failed attempt."""
     async with Spool(path) as spool:
-        await spool.put(payloads)
+        await spool.put(to_queue(payloads))
         items = await spool.lease(len(payloads), 1 << 30)
         if dead:
             await spool.dead_letter([(i.id, "act:cm:login", "h", "refused") for i in items[:dead]])
@@ -122,9 +123,9 @@ async def test_a_file_a_running_gateway_holds_is_not_an_orphan(
     live = Path(worker_spool_path(str(main), 1))
     # The worker of another gateway (its supervisor killed) still drains and writes it.
     async with Spool(live, exclusive=True) as worker:
-        await worker.put([b"w1"])
+        await worker.put(to_queue([b"w1"]))
         assert adopt_orphans(spool_files(str(main)), [str(main)]) == []
-        await worker.put([b"w2"])
+        await worker.put(to_queue([b"w2"]))
     assert queued(live) == [(b"w1", 0), (b"w2", 0)]
     assert any("in use by another gateway" in str(r.__dict__.get("data")) for r in caplog.records)
     # Once it has let go, the file is an orphan like any other.

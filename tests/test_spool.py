@@ -33,6 +33,7 @@ from gateway.spool import (
 from gateway.spool import queue as spool_queue
 from gateway.spool.writer import Lease
 from tests.disk_support import Disk
+from tests.spool_support import to_queue
 
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
 
@@ -59,7 +60,7 @@ async def spool(db_path: Path) -> AsyncIterator[Spool]:
 async def put_each(spool: Spool, payloads: list[bytes]) -> list[int]:
     ids: list[int] = []
     for payload in payloads:
-        ids += await spool.put([payload])
+        ids += await spool.put(to_queue([payload]))
     return ids
 
 
@@ -74,7 +75,7 @@ async def drain(spool: Spool) -> list[tuple[int, bytes, int]]:
 async def test_put_lease_ack_in_order(spool: Spool) -> None:
     ids = await put_each(spool, [b"a", b"b", b"c"])
     assert ids == sorted(ids) and len(set(ids)) == 3
-    batch = await spool.put([b"d", b"e"])
+    batch = await spool.put(to_queue([b"d", b"e"]))
     assert batch == [ids[-1] + 1, ids[-1] + 2]
     items = await spool.lease(10, 1000)
     assert [i.payload for i in items] == [b"a", b"b", b"c", b"d", b"e"]
@@ -94,7 +95,7 @@ async def test_leased_items_are_not_leased_again(spool: Spool) -> None:
     assert [i.payload for i in second] == [b"3"]
     assert await spool.lease(10, 1000) == []
     assert spool.leased == 3
-    await spool.put([b"4"])
+    await spool.put(to_queue([b"4"]))
     assert [i.payload for i in await spool.lease(10, 1000)] == [b"4"]
 
 
@@ -134,7 +135,7 @@ async def test_lease_prefers_released_items_in_id_order(spool: Spool) -> None:
 
 
 async def test_cancelled_lease_gives_items_back(spool: Spool) -> None:
-    await spool.put([b"1"])
+    await spool.put(to_queue([b"1"]))
     task = asyncio.create_task(spool.lease(10, 1000))
     await asyncio.sleep(0)  # let the task submit its lease, then walk away from it
     task.cancel()
@@ -147,7 +148,7 @@ async def test_cancelled_lease_gives_items_back(spool: Spool) -> None:
 
 
 async def test_empty_calls_and_bad_arguments(spool: Spool) -> None:
-    assert await spool.put([]) == []
+    assert await spool.put(to_queue([])) == []
     await spool.ack([])
     await spool.release([])
     await spool.dead_letter([])
@@ -162,7 +163,7 @@ async def test_empty_calls_and_bad_arguments(spool: Spool) -> None:
 
 
 async def test_concurrent_puts_share_commits(spool: Spool) -> None:
-    results = await asyncio.gather(*(spool.put([b"p%d" % n]) for n in range(200)))
+    results = await asyncio.gather(*(spool.put(to_queue([b"p%d" % n])) for n in range(200)))
     ids = [r[0] for r in results]
     assert len(set(ids)) == 200
     assert ids == sorted(ids)  # submission order is commit order
@@ -172,20 +173,21 @@ async def test_concurrent_puts_share_commits(spool: Spool) -> None:
 
 async def test_max_group_caps_a_transaction(db_path: Path) -> None:
     async with Spool(db_path, max_group=10) as spool:
-        await asyncio.gather(*(spool.put([b"p"]) for _ in range(100)))
+        await asyncio.gather(*(spool.put(to_queue([b"p"])) for _ in range(100)))
         assert spool.commits >= 10
 
 
 async def test_commit_interval_lingers_for_more(db_path: Path) -> None:
     async with Spool(db_path, commit_interval=0.05) as spool:
-        tasks = [asyncio.create_task(spool.put([b"p"])) for _ in range(20)]
+        tasks = [asyncio.create_task(spool.put(to_queue([b"p"]))) for _ in range(20)]
         await asyncio.gather(*tasks)
         assert spool.commits == 1
 
 
 async def test_one_failing_put_does_not_fail_its_group(db_path: Path) -> None:
     async with Spool(db_path, max_rows=3) as spool:
-        puts = [[b"a"], [b"b", b"c", b"d"], [b"e"]]
+        raw = [[b"a"], [b"b", b"c", b"d"], [b"e"]]
+        puts = [to_queue(p) for p in raw]
         results = await asyncio.gather(*map(spool.put, puts), return_exceptions=True)
         assert isinstance(results[1], SpoolFull)
         assert results[0] == [1] and results[2] == [2]
@@ -199,36 +201,36 @@ async def test_full_by_rows(db_path: Path) -> None:
     async with Spool(db_path, max_rows=3) as spool:
         await put_each(spool, [b"1", b"2", b"3"])
         with pytest.raises(SpoolFull) as full:
-            await spool.put([b"4"])
+            await spool.put(to_queue([b"4"]))
         assert full.value.retry_after > 0
         assert spool.depth == 3
         items = await spool.lease(1, 1000)
         await spool.ack([items[0].id])
         with pytest.raises(SpoolFull) as full:
-            await spool.put([b"4", b"5"])  # a request is all or nothing
+            await spool.put(to_queue([b"4", b"5"]))  # a request is all or nothing
         assert 1.0 <= full.value.retry_after <= 30.0
-        await spool.put([b"4"])
+        await spool.put(to_queue([b"4"]))
         assert [p for _, p, _ in await drain(spool)] == [b"2", b"3", b"4"]
 
 
 async def test_full_by_bytes(db_path: Path) -> None:
     async with Spool(db_path, max_bytes=100) as spool:
-        await spool.put([b"x" * 60])
+        await spool.put(to_queue([b"x" * 60]))
         with pytest.raises(SpoolFull) as full:
-            await spool.put([b"y" * 41])
+            await spool.put(to_queue([b"y" * 41]))
         assert full.value.retry_after > 0
-        await spool.put([b"y" * 40])
+        await spool.put(to_queue([b"y" * 40]))
         assert (await spool.stats()).bytes == 100
         items = await spool.lease(1, 1000)
         await spool.ack([items[0].id])
-        await spool.put([b"z" * 60])
+        await spool.put(to_queue([b"z" * 60]))
         assert (await spool.stats()).bytes == 100
 
 
 async def test_concurrent_puts_cannot_overshoot(db_path: Path) -> None:
     async with Spool(db_path, max_rows=10) as spool:
         results = await asyncio.gather(
-            *(spool.put([b"p"]) for _ in range(50)), return_exceptions=True
+            *(spool.put(to_queue([b"p"])) for _ in range(50)), return_exceptions=True
         )
         accepted = [r for r in results if isinstance(r, list)]
         refused = [r for r in results if isinstance(r, SpoolFull)]
@@ -238,11 +240,11 @@ async def test_concurrent_puts_cannot_overshoot(db_path: Path) -> None:
 
 async def test_has_room_counts_committed_and_pending_puts(db_path: Path) -> None:
     async with Spool(db_path, max_rows=3, max_bytes=100) as spool:
-        await spool.put([b"x" * 10])
+        await spool.put(to_queue([b"x" * 10]))
         assert spool.has_room(2, 90)
         assert not spool.has_room(3, 1)
         assert not spool.has_room(1, 91)
-        pending = asyncio.create_task(spool.put([b"y" * 10]))
+        pending = asyncio.create_task(spool.put(to_queue([b"y" * 10])))
         await asyncio.sleep(0)  # submitted, not yet answered
         assert not spool.has_room(2, 1)
         assert spool.has_room(1, 80)
@@ -259,7 +261,7 @@ async def test_reserved_room_is_held_until_the_put_or_unreserve(db_path: Path) -
         assert spool.reserve(2, 60)
         assert not spool.reserve(2, 10)  # 4 rows
         assert not spool.has_room(1, 41)  # 101 bytes
-        ids = await spool.put([b"a" * 30, b"b" * 30], reserved=True)
+        ids = await spool.put(to_queue([b"a" * 30, b"b" * 30]), reserved=True)
         assert len(ids) == 2
         assert spool.has_room(1, 40) and not spool.has_room(2, 1)
         assert spool.reserve(1, 40)
@@ -273,19 +275,19 @@ async def test_a_reserved_put_to_a_closed_spool_gives_the_room_back(db_path: Pat
     assert spool.reserve(1, 10)
     await spool.close()
     with pytest.raises(SpoolClosed):
-        await spool.put([b"x" * 10], reserved=True)
+        await spool.put(to_queue([b"x" * 10]), reserved=True)
     assert spool.has_room(3, 100)
 
 
 async def test_an_exclusive_spool_is_held_until_closed(db_path: Path) -> None:
     async with Spool(db_path, exclusive=True) as first:
-        await first.put([b"x"])
+        await first.put(to_queue([b"x"]))
         with pytest.raises(SpoolInUse, match="in use by another gateway"):
             await Spool(db_path, exclusive=True).open()
         # Tools that only read or replay (dead-letters) still open it.
         async with Spool(db_path) as tool:
             assert tool.depth == 1
-        await first.put([b"y"])  # the tool's closing did not disturb the holder
+        await first.put(to_queue([b"y"]))  # the tool's closing did not disturb the holder
     assert not in_use(str(db_path))
     async with Spool(db_path, exclusive=True) as again:
         assert again.depth == 2
@@ -336,9 +338,9 @@ async def test_available_excludes_leased(spool: Spool) -> None:
 async def test_payloads_that_can_never_fit(db_path: Path) -> None:
     async with Spool(db_path, max_rows=2, max_bytes=10) as spool:
         with pytest.raises(ValueError):
-            await spool.put([b"1", b"2", b"3"])
+            await spool.put(to_queue([b"1", b"2", b"3"]))
         with pytest.raises(ValueError):
-            await spool.put([b"x" * 11])
+            await spool.put(to_queue([b"x" * 11]))
 
 
 # --- persistence ------------------------------------------------------------------------------
@@ -356,25 +358,25 @@ async def test_reopen_keeps_unacked_items_in_order(db_path: Path) -> None:
         stats = await spool.stats()
         assert stats.bytes == 3 and stats.oldest_enqueued_at is not None
         assert await drain(spool) == [(ids[0], b"1", 1), (ids[2], b"3", 0), (ids[3], b"4", 0)]
-        more = await spool.put([b"5"])
+        more = await spool.put(to_queue([b"5"]))
         assert more[0] > ids[-1]
 
 
 async def test_ids_are_never_reused(db_path: Path) -> None:
     async with Spool(db_path) as spool:
-        first = await spool.put([b"1"])
+        first = await spool.put(to_queue([b"1"]))
         await spool.ack(first)
         assert spool.depth == 0
-        second = await spool.put([b"2"])
+        second = await spool.put(to_queue([b"2"]))
         assert second[0] > first[0]
         assert [p for _, p, _ in await drain(spool)] == [b"2"]
     async with Spool(db_path) as spool:
-        third = await spool.put([b"3"])
+        third = await spool.put(to_queue([b"3"]))
         assert third[0] > second[0]
 
 
 async def test_file_is_wal(spool: Spool, db_path: Path) -> None:
-    await spool.put([b"1"])
+    await spool.put(to_queue([b"1"]))
     with sqlite3.connect(db_path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {r[1] for r in other.execute("PRAGMA index_list(dead_letters)")}
@@ -386,12 +388,13 @@ CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from gateway.spool import Spool
+    from tests.spool_support import to_queue
 
     async def writer(spool, w):
         n = 0
         while True:
             payloads = [b"%d-%d-%d" % (w, n, k) for k in range(3)]
-            ids = await spool.put(payloads)
+            ids = await spool.put(to_queue(payloads))
             print(w, n, *ids, flush=True)
             n += 1
 
@@ -499,7 +502,7 @@ async def test_dead_letter_filters_combine(spool: Spool) -> None:
 
 
 async def test_dead_letter_of_missing_row_is_ignored(spool: Spool) -> None:
-    ids = await spool.put([b"a"])
+    ids = await spool.put(to_queue([b"a"]))
     await spool.ack(ids)
     await spool.dead_letter([(ids[0], "act", "h", "late")])
     assert await spool.list_dead_letters() == []
@@ -509,7 +512,7 @@ async def test_replay_respects_capacity(db_path: Path) -> None:
     async with Spool(db_path, max_rows=2) as spool:
         ids = await put_each(spool, [b"a", b"b"])
         await spool.dead_letter([(i, "act", "h", "e") for i in ids])
-        await spool.put([b"c"])
+        await spool.put(to_queue([b"c"]))
         with pytest.raises(SpoolFull):
             await spool.replay_dead_letters()
         assert (await spool.stats()).dead_letters == 2
@@ -519,7 +522,7 @@ async def test_replay_respects_capacity(db_path: Path) -> None:
 
 async def test_dead_letters_survive_reopen(db_path: Path) -> None:
     async with Spool(db_path) as spool:
-        ids = await spool.put([b"a"])
+        ids = await spool.put(to_queue([b"a"]))
         await spool.dead_letter([(ids[0], "act", "h", "e")])
     async with Spool(db_path) as spool:
         assert (await spool.stats()).dead_letters == 1
@@ -554,16 +557,16 @@ async def test_wait_for_items_wakes_on_put(spool: Spool) -> None:
     waiter = asyncio.create_task(spool.wait_for_items(DEADLINE))
     await asyncio.sleep(0)
     assert not waiter.done()
-    await spool.put([b"a"])
+    await spool.put(to_queue([b"a"]))
     assert await asyncio.wait_for(waiter, DEADLINE) is True
     assert await spool.wait_for_items(0) is True
 
 
 async def test_wait_for_items_waits_for_a_count(spool: Spool) -> None:
-    await spool.put([b"a", b"b"])
+    await spool.put(to_queue([b"a", b"b"]))
     assert await spool.wait_for_items(0.01, count=3) is False
     waiter = asyncio.create_task(spool.wait_for_items(DEADLINE, count=3))
-    await spool.put([b"c"])  # the put's commit publishes 3 available
+    await spool.put(to_queue([b"c"]))  # the put's commit publishes 3 available
     assert await asyncio.wait_for(waiter, DEADLINE) is True
     assert spool.available == 3
     assert spool._waiters == []  # nothing left behind
@@ -580,7 +583,7 @@ async def test_wait_for_items_ends_when_the_spool_closes(db_path: Path) -> None:
 
 
 async def test_wait_for_items_ignores_leased_items(spool: Spool) -> None:
-    await spool.put([b"a"])
+    await spool.put(to_queue([b"a"]))
     items = await spool.lease(10, 1000)
     assert await spool.wait_for_items(0.01) is False
     await spool.release([i.id for i in items])
@@ -599,7 +602,7 @@ async def test_close_wakes_waiters(db_path: Path) -> None:
 
 async def test_stats(spool: Spool) -> None:
     assert await spool.stats() == SpoolStats(0, 0, None, 0)
-    await spool.put([b"abc", b"de"])
+    await spool.put(to_queue([b"abc", b"de"]))
     stats = await spool.stats()
     assert (stats.depth, stats.bytes, stats.dead_letters) == (2, 5, 0)
     assert stats.oldest_enqueued_at is not None
@@ -612,14 +615,14 @@ async def test_stats(spool: Spool) -> None:
 async def test_closed_spool_refuses_work(db_path: Path) -> None:
     spool = Spool(db_path)
     with pytest.raises(SpoolClosed):
-        await spool.put([b"a"])
+        await spool.put(to_queue([b"a"]))
     await spool.open()
-    pending = [asyncio.create_task(spool.put([b"%d" % n])) for n in range(50)]
+    pending = [asyncio.create_task(spool.put(to_queue([b"%d" % n]))) for n in range(50)]
     await asyncio.sleep(0)  # submitted before close: close must flush them
     await spool.close()
     assert all(len(task.result()) == 1 for task in pending)
     with pytest.raises(SpoolClosed):
-        await spool.put([b"a"])
+        await spool.put(to_queue([b"a"]))
     with pytest.raises(SpoolClosed):
         await spool.lease(1, 1)
     with pytest.raises(SpoolClosed):
@@ -640,7 +643,7 @@ async def test_open_failure_is_reported(tmp_path: Path) -> None:
     path = blocker / "spool.sqlite3"
     assert str(caught.value) == f"cannot open the spool {path}: {blocker} is not a directory"
     with pytest.raises(SpoolClosed):
-        await spool.put([b"a"])
+        await spool.put(to_queue([b"a"]))
     await spool.close()
 
 
@@ -664,7 +667,7 @@ async def test_opening_on_a_full_disk_names_the_path_and_the_cause(
     disk = Disk().install(monkeypatch)
     if not fresh:
         async with Spool(db_path) as spool:
-            await spool.put([b"kept"])
+            await spool.put(to_queue([b"kept"]))
     disk.full = True
     spool = Spool(db_path, exclusive=True)
     with pytest.raises(SpoolOpenError) as caught:
@@ -678,10 +681,10 @@ async def test_opening_on_a_full_disk_names_the_path_and_the_cause(
 
 async def test_memory_variant(tmp_path: Path) -> None:
     async with Spool(MEMORY, max_rows=5) as spool:
-        ids = await asyncio.gather(*(spool.put([b"%d" % n]) for n in range(5)))
+        ids = await asyncio.gather(*(spool.put(to_queue([b"%d" % n])) for n in range(5)))
         assert spool.depth == 5
         with pytest.raises(SpoolFull):
-            await spool.put([b"x"])
+            await spool.put(to_queue([b"x"]))
         items = await spool.lease(2, 1000)
         assert [i.id for i in items] == [ids[0][0], ids[1][0]]
         await spool.dead_letter([(items[0].id, "act", "h", "e")])
@@ -693,7 +696,7 @@ async def test_memory_variant(tmp_path: Path) -> None:
 async def test_auto_mode_is_the_one_chosen(db_path: Path, commit_on: str) -> None:
     async with Spool(db_path) as spool:
         assert spool.commit_on == commit_on
-        assert await spool.put([b"a"]) == [1]
+        assert await spool.put(to_queue([b"a"])) == [1]
     async with Spool(db_path, commit_on="thread") as spool:  # an explicit choice wins
         assert spool.commit_on == "thread"
         assert spool.depth == 1
@@ -740,11 +743,11 @@ async def test_a_write_lock_held_elsewhere_delays_puts_without_blocking(
     """Another process mid-transaction (the dead-letters command): puts wait for it and
     then commit; in "loop" mode the event loop keeps running meanwhile."""
     async with Spool(db_path) as spool:
-        await spool.put([b"first"])
+        await spool.put(to_queue([b"first"]))
         other = sqlite3.connect(db_path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")  # holds the write lock
-            put = asyncio.create_task(spool.put([b"second"]))
+            put = asyncio.create_task(spool.put(to_queue([b"second"])))
             loop = asyncio.get_running_loop()
             longest = 0.0
             for _ in range(30):  # the loop turns while the lock is held
@@ -773,7 +776,7 @@ async def test_close_fails_puts_still_locked_out(
     monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)  # how long close waits
     try:
         other.execute("BEGIN IMMEDIATE")
-        put = asyncio.create_task(spool.put([b"x"]))
+        put = asyncio.create_task(spool.put(to_queue([b"x"])))
         deadline = asyncio.get_running_loop().time() + DEADLINE
         while not spool._busy_group:  # the put met the lock and waits for a retry
             assert asyncio.get_running_loop().time() < deadline
@@ -789,7 +792,7 @@ async def test_close_fails_puts_still_locked_out(
 async def test_a_lease_cancelled_after_its_answer_gives_the_items_back(spool: Spool) -> None:
     """The caller was cancelled between the answer and taking it (the delivery loop
     stopped at shutdown): the items must not stay leased to nobody until a restart."""
-    await spool.put([b"a", b"b"])
+    await spool.put(to_queue([b"a", b"b"]))
     op = Lease(spool._future(), 10, 1 << 20)
     waiter = asyncio.ensure_future(spool._submit(op))
     deadline = asyncio.get_running_loop().time() + DEADLINE
@@ -820,7 +823,7 @@ async def test_a_release_that_cannot_be_written_still_gives_the_rows_back(
     disk: Disk, db_path: Path
 ) -> None:
     async with Spool(db_path) as spool:
-        await spool.put([b"1", b"2"])
+        await spool.put(to_queue([b"1", b"2"]))
         items = await spool.lease(10, 1000)
         disk.full = True
         await spool.release([i.id for i in items])  # the attempt count cannot be written
@@ -834,7 +837,7 @@ async def test_an_ack_that_fails_leaves_the_rows_leased_for_a_retry(
     disk: Disk, db_path: Path
 ) -> None:
     async with Spool(db_path) as spool:
-        await spool.put([b"1", b"2"])
+        await spool.put(to_queue([b"1", b"2"]))
         items = await spool.lease(10, 1000)
         disk.full = True
         with pytest.raises(SpoolError, match="database or disk is full"):
@@ -850,12 +853,12 @@ async def test_a_spool_that_cannot_be_written_says_so_until_a_write_succeeds(
 ) -> None:
     caplog.set_level(logging.INFO, "gateway.spool")
     async with Spool(db_path) as spool:
-        await spool.put([b"before"])
+        await spool.put(to_queue([b"before"]))
         assert spool.write_error is None
         disk.full = True
         for _ in range(3):
             with pytest.raises(SpoolError) as caught:
-                await spool.put([b"refused"])
+                await spool.put(to_queue([b"refused"]))
             assert not isinstance(caught.value, SpoolFull)
         assert spool.write_error == "database or disk is full"
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -866,5 +869,5 @@ async def test_a_spool_that_cannot_be_written_says_so_until_a_write_succeeds(
         disk.full = False
         await wait_for(lambda: spool.write_error is None, timeout=DEADLINE)
         assert "spool writable again" in [r.getMessage() for r in caplog.records]
-        await spool.put([b"after"])
+        await spool.put(to_queue([b"after"]))
         assert [p for _, p, _ in await drain(spool)] == [b"before", b"after"]

@@ -22,7 +22,7 @@ from gateway.spool.errors import (
     SpoolInUse,
     SpoolOpenError,
 )
-from gateway.spool.items import SpooledItem, SpoolStats
+from gateway.spool.items import QueuedActivity, SpooledItem, SpoolStats
 from gateway.spool.lock import claim, in_use
 from gateway.spool.queue import Spool
 from gateway.spool.schema import MEMORY, ensure_schema
@@ -30,6 +30,7 @@ from gateway.spool.schema import MEMORY, ensure_schema
 __all__ = [
     "MEMORY",
     "DeadLetter",
+    "QueuedActivity",
     "Spool",
     "SpoolClosed",
     "SpoolError",

@@ -104,6 +104,7 @@ def _adopt_held(path: str, target: str) -> Adopted:
     try:
         if schema.check_version(orphan, path) == 0:
             raise SpoolError(f"{path} is not a spool file")
+        schema.ensure_schema(orphan, path)  # an older file gets the columns first
         orphan.execute("BEGIN IMMEDIATE")  # held until the rows are gone from here
         rows, dead = schema.count_rows(orphan)
         if rows:

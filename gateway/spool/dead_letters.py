@@ -50,16 +50,15 @@ def bury(
         if row_id in seen:
             continue
         seen.add(row_id)
-        row = db.execute(
-            "SELECT payload, enqueued_at FROM queue WHERE id = ?", (row_id,)
-        ).fetchone()
+        query = "SELECT payload, enqueued_at, created FROM queue WHERE id = ?"
+        row = db.execute(query, (row_id,)).fetchone()
         if row is None:
             continue
-        payload, enqueued_at = row
+        payload, enqueued_at, created = row
         db.execute(
             "INSERT INTO dead_letters (id, payload, activity_id, person_hash, error,"
-            " failed_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (row_id, payload, activity_id, person_hash, error, now, enqueued_at),
+            " failed_at, enqueued_at, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row_id, payload, activity_id, person_hash, error, now, enqueued_at, created),
         )
         db.execute("DELETE FROM queue WHERE id = ?", (row_id,))
         moved.append(row_id)
@@ -86,8 +85,9 @@ def requeue(db: sqlite3.Connection, ids: Sequence[int], now: float) -> None:
     """Move dead letters back to the end of the queue (new ids, attempts 0)."""
     for row_id in ids:
         db.execute(
-            "INSERT INTO queue (payload, enqueued_at, attempts)"
-            " SELECT payload, ?, 0 FROM dead_letters WHERE id = ?",
+            "INSERT INTO queue (payload, enqueued_at, attempts, activity_id, person, created)"
+            " SELECT payload, ?, 0, activity_id, person_hash, created FROM dead_letters"
+            " WHERE id = ?",
             (now, row_id),
         )
         db.execute("DELETE FROM dead_letters WHERE id = ?", (row_id,))

@@ -64,7 +64,7 @@ from gateway.spool import commit, schema
 from gateway.spool.commit import COMMIT_MODES
 from gateway.spool.dead_letters import DeadLetter
 from gateway.spool.errors import SpoolClosed, SpoolOpenError
-from gateway.spool.items import SpooledItem, SpoolStats
+from gateway.spool.items import QueuedActivity, SpooledItem, SpoolStats
 from gateway.spool.lock import claim
 from gateway.spool.writer import (
     EXTERNAL_CHECK_INTERVAL,
@@ -284,14 +284,16 @@ class Spool:
         self._thread.join()
         self._release_claim()
 
-    async def put(self, payloads: Sequence[bytes], *, reserved: bool = False) -> list[int]:
+    async def put(
+        self, activities: Sequence[QueuedActivity], *, reserved: bool = False
+    ) -> list[int]:
         """Durably append one request's activities together; their row ids, in order.
 
         `reserved`: `reserve` already holds room for exactly these payloads; the put takes
         it over (and gives it back if it cannot be submitted).
         """
-        items = tuple(bytes(payload) for payload in payloads)
-        nbytes = sum(len(payload) for payload in items)
+        items = tuple(activities)
+        nbytes = sum(len(item.payload) for item in items)
         if not reserved:
             self._check_open()
             if not items:
@@ -530,7 +532,7 @@ class Spool:
     def _settle(self, op: Op[Any]) -> None:
         """An operation got its answer: it no longer counts as pending."""
         if isinstance(op, Put):
-            self._pending_rows -= len(op.payloads)
+            self._pending_rows -= len(op.items)
             self._pending_bytes -= op.nbytes
 
     def _on_open(self, result: Snapshot | BaseException) -> None:

@@ -2,14 +2,22 @@
 
 Every module that touches a spool file's tables (the queue, the dead letters, adoption)
 takes their layout from here.
+
+Versions (``PRAGMA user_version``): 1 kept the payload alone in the queue; 2 adds the
+activity id, the person's hash and `created` beside it (`QueuedActivity`), and `created`
+to the dead letters. A file of version 1 is migrated when opened: its rows get the
+columns from their payloads, in the transaction that raises the version.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Callable
 
 from gateway.spool.errors import SpoolError
+from gateway.spool.items import QueuedActivity
+from gateway.spool.payload import describe
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -24,7 +32,7 @@ __all__ = [
 ]
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Long enough to ride out a concurrent admin process (dead-letters CLI) holding the lock.
 BUSY_TIMEOUT_MS = 5000
 
@@ -33,7 +41,10 @@ _TABLES = (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         payload BLOB NOT NULL,
         enqueued_at REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0
+        attempts INTEGER NOT NULL DEFAULT 0,
+        activity_id TEXT NOT NULL DEFAULT '',
+        person TEXT NOT NULL DEFAULT '',
+        created REAL
     )""",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         id INTEGER PRIMARY KEY,
@@ -42,14 +53,31 @@ _TABLES = (
         person_hash TEXT NOT NULL,
         error TEXT NOT NULL,
         failed_at REAL NOT NULL,
-        enqueued_at REAL NOT NULL
+        enqueued_at REAL NOT NULL,
+        created REAL
     )""",
     "CREATE INDEX IF NOT EXISTS dead_letters_failed_at ON dead_letters (failed_at)",
 )
+# Version 1 -> 2: the columns beside the payload (filled by `_fill_columns`).
+_TO_2 = (
+    "ALTER TABLE queue ADD COLUMN activity_id TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE queue ADD COLUMN person TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE queue ADD COLUMN created REAL",
+    "ALTER TABLE dead_letters ADD COLUMN created REAL",
+)
 # A queue row as the spool reads it back (see `SpooledItem`).
-QUEUE_ROW = "id, payload, enqueued_at, attempts"
+QUEUE_ROW = "id, payload, enqueued_at, attempts, activity_id, person, created"
+# What a put writes, one bound value each (see `QueuedActivity`).
+QUEUE_PUT = "payload, enqueued_at, activity_id, person, created"
+
+
+def put_values(item: QueuedActivity, enqueued_at: float) -> tuple[object, ...]:
+    """The values of `QUEUE_PUT` for one activity, in its order."""
+    return (item.payload, enqueued_at, item.activity_id, item.person, item.created)
+
+
 # What a queue row carries besides its id: copied as they are when rows move between files.
-_QUEUE_COPIED = "payload, enqueued_at, attempts"
+_QUEUE_COPIED = "payload, enqueued_at, attempts, activity_id, person, created"
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -67,10 +95,15 @@ def check_version(db: sqlite3.Connection, path: str) -> int:
 
 
 def ensure_schema(db: sqlite3.Connection, path: str) -> None:
-    """Create the spool's tables if missing; SpoolError if the file is from a newer gateway."""
+    """Create the spool's tables if missing, or migrate them from an older version;
+    SpoolError if the file is from a newer gateway."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        check_version(db, path)
+        version = check_version(db, path)
+        if version == 1:
+            for statement in _TO_2:
+                db.execute(statement)
+            _fill_columns(db)
         for statement in _TABLES:
             db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -82,6 +115,23 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
         raise
+
+
+def _fill_columns(db: sqlite3.Connection) -> None:
+    """Give the rows of a version 1 file the columns their payloads hold."""
+
+    def fill(
+        table: str, update: str, values: Callable[[QueuedActivity], tuple[object, ...]]
+    ) -> None:
+        rows = db.execute(f"SELECT id, payload FROM {table}").fetchall()  # noqa: S608
+        db.executemany(update, [(*values(describe(bytes(p))), i) for i, p in rows])
+
+    fill(
+        "queue",
+        "UPDATE queue SET activity_id = ?, person = ?, created = ? WHERE id = ?",
+        lambda a: (a.activity_id, a.person, a.created),
+    )
+    fill("dead_letters", "UPDATE dead_letters SET created = ? WHERE id = ?", lambda a: (a.created,))
 
 
 def count_rows(db: sqlite3.Connection) -> tuple[int, int]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from gateway.spool import commit, dead_letters, schema
 from gateway.spool.dead_letters import DeadLetter
 from gateway.spool.errors import SpoolError, SpoolFull
-from gateway.spool.items import SpooledItem
+from gateway.spool.items import QueuedActivity, SpooledItem
 
 if TYPE_CHECKING:
     from gateway.spool.queue import Spool
@@ -44,8 +44,11 @@ logger = logging.getLogger("gateway.spool")
 
 # Ids per statement when acknowledging (well under SQLite's limit on bound variables).
 ACK_CHUNK = 500
-# Rows per INSERT statement (two bound values each; SQLite before 3.32 allows 999).
-INSERT_CHUNK = 450
+# Rows per INSERT statement: bound values for each (`schema.QUEUE_PUT`) under the 999
+# that SQLite before 3.32 allows.
+_PUT_VALUES = len(schema.QUEUE_PUT.split(","))
+INSERT_CHUNK = 999 // _PUT_VALUES
+_PUT_MARKS = "(" + ", ".join("?" * _PUT_VALUES) + ")"
 # Truncate the WAL back to this size after checkpoints so a burst does not keep disk forever.
 JOURNAL_SIZE_LIMIT = 64 << 20
 # Retry-After bounds (seconds): never tell a client "now" when full, never an hour.
@@ -142,13 +145,13 @@ class Release(Op[None]):
 @dataclass(eq=False)
 class Put(Op[list[int]]):
     phase: ClassVar[int | None] = 4
-    payloads: tuple[bytes, ...]
+    items: tuple[QueuedActivity, ...]
     nbytes: int
 
     @property
     def size(self) -> int:
         """Rows this operation touches."""
-        return len(self.payloads)
+        return len(self.items)
 
 
 @dataclass(eq=False)
@@ -614,22 +617,22 @@ class Writer:
         accepted: list[Put] = []
         for op in puts:
             try:
-                self._check_room(work, len(op.payloads), op.nbytes)
+                self._check_room(work, len(op.items), op.nbytes)
             except SpoolFull as exc:
                 failed.append((op, False, exc))
                 continue
-            work.add(_Effect(rows=len(op.payloads), nbytes=op.nbytes))
+            work.add(_Effect(rows=len(op.items), nbytes=op.nbytes))
             accepted.append(op)
-        rows = [payload for op in accepted for payload in op.payloads]
+        rows = [item for op in accepted for item in op.items]
         if not rows:
             return
         try:
             for start in range(0, len(rows), INSERT_CHUNK):
                 chunk = rows[start : start + INSERT_CHUNK]
                 cursor = self._db.execute(
-                    "INSERT INTO queue (payload, enqueued_at) VALUES "  # noqa: S608
-                    + ",".join(["(?, ?)"] * len(chunk)),
-                    [value for payload in chunk for value in (payload, now)],
+                    f"INSERT INTO queue ({schema.QUEUE_PUT}) VALUES "  # noqa: S608
+                    + ",".join([_PUT_MARKS] * len(chunk)),
+                    [value for item in chunk for value in schema.put_values(item, now)],
                 )
             last = cursor.lastrowid
         except sqlite3.Error as exc:
@@ -637,8 +640,8 @@ class Writer:
         assert last is not None
         next_id = last - len(rows) + 1
         for op in accepted:
-            ids = list(range(next_id, next_id + len(op.payloads)))
-            next_id += len(op.payloads)
+            ids = list(range(next_id, next_id + len(op.items)))
+            next_id += len(op.items)
             # Already counted in `work` above: the effect here is for the bookkeeping after
             # commit, so it carries no deltas of its own.
             done.append((op, ids, _Effect()))
@@ -751,7 +754,16 @@ class Writer:
 
         def take(row: tuple[Any, ...]) -> bool:
             nonlocal total
-            item = SpooledItem(int(row[0]), bytes(row[1]), float(row[2]), int(row[3]))
+            created = None if row[6] is None else float(row[6])
+            item = SpooledItem(
+                int(row[0]),
+                bytes(row[1]),
+                float(row[2]),
+                int(row[3]),
+                str(row[4]),
+                str(row[5]),
+                created,
+            )
             if items and (len(items) >= max_items or total + len(item.payload) > max_bytes):
                 return False
             items.append(item)
