@@ -184,7 +184,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     setup_logging(settings.log_level)
     if settings.delivery == "queue":
         # Spool files of a former worker count: their accepted activities must still go out.
-        from gateway.adopt import adopt_orphans
+        from gateway.spool.adopt import adopt_orphans
         from gateway.workers import drained_spool_files, spool_files
 
         owned = drained_spool_files(settings.spool_path, args.workers)

@@ -49,14 +49,12 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from typing import Any
 
 import orjson
 from aiolimiter import AsyncLimiter
 
 from gateway.config import ORTTO_MAX_ACTIVITIES, ORTTO_MAX_BODY_BYTES
-from gateway.identity import person_hash, person_key
 from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpoolClosed, SpooledItem, SpoolError
 from gateway.upstream import (
@@ -114,61 +112,6 @@ def full_jitter(attempt: int, rng: Callable[[], float] = random.random) -> float
 def exponential(attempt: int, base: float, cap: float) -> float:
     """base * 2**attempt, at most `cap` (the exponent bounded so it cannot overflow)."""
     return min(cap, base * 2.0 ** min(attempt, 30))
-
-
-def _created_at(created: str) -> float | None:
-    """Unix time of an ISO 8601 `created` (as enrichment writes it), or None."""
-    try:
-        return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-_CREATED = b'"created":"'
-
-
-def _created_of(payload: bytes) -> float | None:
-    """When a spooled activity was accepted: found in the bytes, no JSON parse per item."""
-    at = payload.rfind(_CREATED)  # enrichment writes it after the browser's fields
-    if at < 0:
-        return None
-    start = at + len(_CREATED)
-    end = payload.find(b'"', start)
-    return _created_at(payload[start:end].decode("ascii", "replace"))
-
-
-_ID_PREFIX = b'{"activity_id":"'
-
-
-def _activity_id(payload: bytes) -> str:
-    """The activity id of a spooled payload (for the delivered count)."""
-    # The relay encodes activity_id first, and catalogue ids hold no quote or escape.
-    if payload.startswith(_ID_PREFIX):
-        end = payload.find(b'"', len(_ID_PREFIX))
-        if end > 0 and b"\\" not in payload[len(_ID_PREFIX) : end]:
-            return payload[len(_ID_PREFIX) : end].decode("ascii", "replace")
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return ""
-    activity_id = data.get("activity_id") if isinstance(data, dict) else None
-    return activity_id if isinstance(activity_id, str) else ""
-
-
-def _describe(payload: bytes) -> tuple[str, str, dict[str, Any]]:
-    """Activity id and hashed person of a spooled payload (for dead letters)."""
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return "", "", {}
-    if not isinstance(data, dict):
-        return "", "", {}
-    activity_id = data.get("activity_id")
-    try:
-        who = person_hash(person_key(data))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        who = ""
-    return (activity_id if isinstance(activity_id, str) else ""), who, data
 
 
 _MERGE_BY = b'"merge_by"'
@@ -499,11 +442,14 @@ class Delivery:
         keep: list[SpooledItem] = []
         dead: list[tuple[int, str, str, str]] = []
         for item in items:
-            created = _created_of(item.payload)
-            if created is not None and now - created > MAX_AGE:
-                activity_id, who, _ = _describe(item.payload)
+            if item.created is not None and now - item.created > MAX_AGE:
                 dead.append(
-                    (item.id, activity_id, who, "Created date is more than 90 days ago (gateway)")
+                    (
+                        item.id,
+                        item.activity_id,
+                        item.person,
+                        "Created date is more than 90 days ago (gateway)",
+                    )
                 )
             else:
                 keep.append(item)
@@ -610,11 +556,12 @@ class Delivery:
         delivered: list[str] = []
         for item, entry in zip(items, entries, strict=True):
             if entry.error is not None:
-                activity_id, who, _ = _describe(item.payload)
-                dead.append((item.id, activity_id, who, self._client.redact(entry.error)))
+                dead.append(
+                    (item.id, item.activity_id, item.person, self._client.redact(entry.error))
+                )
             else:
                 done.append(item.id)
-                delivered.append(_activity_id(item.payload))
+                delivered.append(item.activity_id)
         if done:
             held.difference_update(done)  # delivered: never given back, acknowledged or not
             for item_id in done:
@@ -636,8 +583,7 @@ class Delivery:
         for item in items:
             seen = self._unconfirmed.get(item.id, 0) + 1
             if seen >= BAD_ANSWER_ATTEMPTS:
-                activity_id, who, _ = _describe(item.payload)
-                dead.append((item.id, activity_id, who, reason))
+                dead.append((item.id, item.activity_id, item.person, reason))
             else:
                 self._unconfirmed[item.id] = seen
                 again.append(item.id)
@@ -660,9 +606,8 @@ class Delivery:
             rest: list[SpooledItem] = []
             for item, detail in zip(items, details, strict=True):
                 if isinstance(detail, dict) and detail.get("status") == "invalid":
-                    activity_id, who, _ = _describe(item.payload)
                     reason = self._client.redact(str(detail.get("error", "invalid")))
-                    dead.append((item.id, activity_id, who, reason))
+                    dead.append((item.id, item.activity_id, item.person, reason))
                 else:
                     rest.append(item)
             if dead:
@@ -674,8 +619,8 @@ class Delivery:
             error = data.get("error") if isinstance(data, dict) else None
             message = self._client.redact(str(error)) if error else ""
             message = message or f"Ortto answered {status}"
-            activity_id, who, _ = _describe(items[0].payload)
-            await self._dead_letter([(items[0].id, activity_id, who, message)], held)
+            first = items[0]
+            await self._dead_letter([(first.id, first.activity_id, first.person, message)], held)
             return
         middle = len(items) // 2
         for half in (items[:middle], items[middle:]):

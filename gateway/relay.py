@@ -33,6 +33,7 @@ from gateway.logs import log_field
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.sinks import QUEUED, Sink, SinkResult
+from gateway.spool import QueuedActivity
 from gateway.validation import (
     Activity,
     FieldWarning,
@@ -264,10 +265,10 @@ class Relay:
         if now - self._keys_reported >= KEYS_REPORT_INTERVAL:
             self._keys_reported = now
             self.metrics.limiter_keys.set(self.limiter.store.key_count())
-        accepted: list[bytes] = []
+        accepted: list[QueuedActivity] = []
         accepted_at: list[int] = []
         accepted_checks: list[Check] = []
-        # Only the INFO request line shows who was accepted: skip the hashes otherwise.
+        # Only the INFO request line lists who was accepted (each hash is spooled anyway).
         summarize = REQUEST_LOG.isEnabledFor(logging.INFO)
         people: list[str] = []
         limited_after: list[float] = []
@@ -301,13 +302,16 @@ class Relay:
                 limited_by.append(reason)
                 self.metrics.count_activity(check.activity_id, result.verdict)
                 continue
-            accepted.append(payload)
+            person = person_hash(check.person_key)
+            accepted.append(QueuedActivity(payload, check.activity_id, person, now))
             accepted_at.append(pos)
             accepted_checks.append(check)
             if summarize:
-                people.append(person_hash(check.person_key))
+                people.append(person)
         if len(accepted) < held_rows:  # the refused ones' room goes back; the put takes the rest
-            self.sink.unreserve(held_rows - len(accepted), held_bytes - sum(map(len, accepted)))
+            self.sink.unreserve(
+                held_rows - len(accepted), held_bytes - sum(len(a.payload) for a in accepted)
+            )
 
         if not accepted:
             if in_flight:  # a repeat of what another request is storing: ask again
@@ -390,7 +394,7 @@ class Relay:
 
     async def _store(
         self,
-        accepted: list[bytes],
+        accepted: list[QueuedActivity],
         checks: list[Check],
         *,
         async_: bool,

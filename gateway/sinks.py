@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from gateway.errors import GatewayError, PayloadTooLarge, Unavailable
 from gateway.metrics import Metrics, status_group
 from gateway.reasons import Reason
-from gateway.spool import Spool, SpoolClosed, SpoolError, SpoolFull
+from gateway.spool import QueuedActivity, Spool, SpoolClosed, SpoolError, SpoolFull
 from gateway.upstream import (
     OrttoClient,
     UpstreamError,
@@ -57,7 +57,7 @@ class Sink(Protocol):
         ...
 
     async def submit(
-        self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
+        self, activities: list[QueuedActivity], *, async_: bool, merge_by: list[str] | None
     ) -> SinkResult: ...
 
 
@@ -111,7 +111,7 @@ class SpoolSink:
         self._spool.unreserve(count, nbytes)
 
     async def submit(
-        self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
+        self, activities: list[QueuedActivity], *, async_: bool, merge_by: list[str] | None
     ) -> SinkResult:
         """Spool the activities, for which `reserve` holds room; `async` and `merge_by` do
         not apply to a queued batch."""
@@ -154,11 +154,11 @@ class ForwardSink:
         """Nothing was held."""
 
     async def submit(
-        self, activities: list[bytes], *, async_: bool, merge_by: list[str] | None
+        self, activities: list[QueuedActivity], *, async_: bool, merge_by: list[str] | None
     ) -> SinkResult:
         """Post one request to Ortto and map its answer to the browser's, in the gateway's
         words: only a 2xx accounting for each activity counts as Ortto's answer."""
-        body = encode_batch(activities, async_=async_, merge_by=merge_by)
+        body = encode_batch([a.payload for a in activities], async_=async_, merge_by=merge_by)
         self._metrics.upstream_batch_activities.observe(len(activities))
         try:
             resp = await self._client.post(body)

@@ -1,6 +1,6 @@
 """A disk that fills up on demand, for the spool's connection: no mount, no root.
 
-`Disk.connect` stands in for `gateway.spool.connect`. While `full` is set, every statement
+`Disk.connect` stands in for `gateway.spool.schema.connect`. While `full` is set, every statement
 that would write fails as SQLite fails on a full disk: SQLITE_FULL, "database or disk is
 full", and the open transaction rolled back (SQLite may do that on SQLITE_FULL; doing it
 here exercises the harder case, where a later ROLLBACK fails). Which statements write is
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import gateway.spool as spool_module
+from gateway.spool import schema
 
 
 class Disk:
@@ -27,7 +27,7 @@ class Disk:
         self.refused = 0  # writes refused while full
 
     def connect(self, path: str) -> sqlite3.Connection:
-        """`gateway.spool.connect` on this disk."""
+        """`gateway.spool.schema.connect` on this disk."""
         db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=True, factory=_FillingConnection
         )
@@ -37,7 +37,7 @@ class Disk:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> Disk:
         """Every spool opened from now on (in this test) writes to this disk."""
-        monkeypatch.setattr(spool_module, "connect", self.connect)
+        monkeypatch.setattr(schema, "connect", self.connect)
         return self
 
 

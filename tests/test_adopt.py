@@ -12,20 +12,20 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway import adopt
-from gateway.adopt import adopt_orphans
 from gateway.enrich import enrich
 from gateway.sandbox import SandboxState, wait_for
-from gateway.spool import Spool
+from gateway.spool import Spool, schema
+from gateway.spool.adopt import adopt_orphans
 from gateway.workers import drained_spool_files, spool_files, worker_spool_path
 from tests.processes import GatewayProcess
+from tests.spool_support import to_queue
 
 
 async def fill(path: Path, payloads: list[bytes], *, dead: int = 0, tried: int = 0) -> None:
     """A spool holding `payloads`; the first `dead` become dead letters, the next `tried`
     carry one failed attempt."""
     async with Spool(path) as spool:
-        await spool.put(payloads)
+        await spool.put(to_queue(payloads))
         items = await spool.lease(len(payloads), 1 << 30)
         if dead:
             await spool.dead_letter([(i.id, "act:cm:login", "h", "refused") for i in items[:dead]])
@@ -92,7 +92,7 @@ async def test_dead_letters_stay_in_their_file(tmp_path: Path) -> None:
 async def test_a_file_that_cannot_be_adopted_is_left_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(adopt, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
     main = tmp_path / "spool.sqlite3"
     locked = Path(worker_spool_path(str(main), 1))
     stranger = Path(worker_spool_path(str(main), 2))
@@ -123,9 +123,9 @@ async def test_a_file_a_running_gateway_holds_is_not_an_orphan(
     live = Path(worker_spool_path(str(main), 1))
     # The worker of another gateway (its supervisor killed) still drains and writes it.
     async with Spool(live, exclusive=True) as worker:
-        await worker.put([b"w1"])
+        await worker.put(to_queue([b"w1"]))
         assert adopt_orphans(spool_files(str(main)), [str(main)]) == []
-        await worker.put([b"w2"])
+        await worker.put(to_queue([b"w2"]))
     assert queued(live) == [(b"w1", 0), (b"w2", 0)]
     assert any("in use by another gateway" in str(r.__dict__.get("data")) for r in caplog.records)
     # Once it has let go, the file is an orphan like any other.

@@ -17,6 +17,7 @@ from gateway.config import DECLARATIONS, env_name
 from gateway.settings_docs import documents, settings_help, table_in
 from gateway.spool import Spool, claim
 from tests.conftest import API_KEY
+from tests.spool_support import to_queue
 
 ENV = {"GATEWAY_API_KEY": API_KEY, "GATEWAY_ACTIVITIES": "act:cm:login"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ async def _spool_with_dead_letters(path: Path) -> None:
     await spool.open()
     try:
         ids = await spool.put(
-            [orjson.dumps({"activity_id": "act:cm:login", "n": i}) for i in range(3)]
+            to_queue([orjson.dumps({"activity_id": "act:cm:login", "n": i}) for i in range(3)])
         )
         await spool.dead_letter(
             [
@@ -250,7 +251,7 @@ async def test_dead_letters_list_shows_stored_errors_bounded_and_masked(
     spool = Spool(path)
     await spool.open()
     try:
-        (item,) = await spool.put([orjson.dumps({"activity_id": "act:cm:login"})])
+        (item,) = await spool.put(to_queue([orjson.dumps({"activity_id": "act:cm:login"})]))
         echoed = f"bad key {API_KEY}\n\x1b[2Jforged line " + "x" * 1000
         await spool.dead_letter([(item, "act:cm:login", "a1b2c3d4e5f6", echoed)])
     finally:

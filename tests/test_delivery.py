@@ -22,7 +22,6 @@ from gateway.delivery import (
     RESTART_BASE,
     UNCONFIRMED,
     Delivery,
-    _activity_id,
     full_jitter,
 )
 from gateway.enrich import enrich
@@ -33,6 +32,7 @@ from gateway.spool import Spool, SpooledItem, SpoolError
 from gateway.upstream import EXCERPT_CHARS, OrttoClient, UpstreamResponse
 from tests.conftest import API_KEY
 from tests.disk_support import Disk
+from tests.spool_support import to_queue
 
 DAY = 86400.0
 
@@ -134,7 +134,7 @@ def test_full_jitter_is_bounded() -> None:
 
 
 async def test_full_batches_under_load(rig: Rig, sandbox_state: SandboxState) -> None:
-    await rig.spool.put([payload(i) for i in range(250)])
+    await rig.spool.put(to_queue([payload(i) for i in range(250)]))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 250)
     sizes = [r.n_activities for r in sandbox_state.requests]
@@ -153,9 +153,9 @@ async def test_a_full_batch_goes_without_waiting_out_the_fill_time(
 ) -> None:
     # The fill wait ends as soon as 100 are waiting: batches leave one by one as they fill,
     # never several at once after the whole wait (a burst of loop work).
-    await rig.spool.put([payload(i) for i in range(30)])
+    await rig.spool.put(to_queue([payload(i) for i in range(30)]))
     rig.start(batch_max_wait=3600.0)
-    await rig.spool.put([payload(i) for i in range(30, 100)])
+    await rig.spool.put(to_queue([payload(i) for i in range(30, 100)]))
     await wait_for(lambda: len(sandbox_state.activities) == 100)
     assert [r.n_activities for r in sandbox_state.requests] == [100]
 
@@ -171,7 +171,7 @@ async def test_largest_activities_fit_one_request(rig: Rig, sandbox_state: Sandb
             "attributes": {f"txt:cm:t{j}": big for j in range(3)},
         }
         payloads.append(orjson.dumps(enrich(activity, "192.0.2.1", time.time())))
-    await rig.spool.put(payloads)
+    await rig.spool.put(to_queue(payloads))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 100)
     assert [r.n_activities for r in sandbox_state.requests] == [100]
@@ -193,7 +193,7 @@ async def test_retries_until_delivered_each_key_once(
     rig: Rig, sandbox_state: SandboxState, fault: Fault
 ) -> None:
     sandbox_state.add_fault(fault)
-    await rig.spool.put([payload(i) for i in range(30)])
+    await rig.spool.put(to_queue([payload(i) for i in range(30)]))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 30, timeout=10)
     await rig.settled()
@@ -209,7 +209,7 @@ async def test_batches_failing_together_back_off_once(
     # The next batch sent fails too: it waits the second step (rng 1.0: 1 s), where
     # counting each of the four would have made it the fifth (8 s).
     sandbox_state.add_fault(Fault(status=503, count=5, delay=0.3))
-    await rig.spool.put([payload(i) for i in range(400)])
+    await rig.spool.put(to_queue([payload(i) for i in range(400)]))
     clock = PauseClock()
     rig.start(concurrency=4, rng=lambda: 1.0, monotonic=clock, sleep=clock.sleep)
     await wait_for(lambda: len(sandbox_state.activities) == 400)
@@ -223,7 +223,7 @@ async def test_ambiguous_failure_merges_instead_of_duplicating(
     # Ortto processes the batch but the gateway sees a 503: the retry carries the same
     # key and created, so Ortto merges it.
     sandbox_state.add_fault(Fault(status=503, count=1, process=True))
-    await rig.spool.put([payload(i) for i in range(10)])
+    await rig.spool.put(to_queue([payload(i) for i in range(10)]))
     rig.start()
     await rig.settled()
     assert len(sandbox_state.activities) == 10
@@ -239,7 +239,7 @@ async def test_timeout_is_retried(
             session, str(sandbox.make_url("/v1/activities/create")), API_KEY, timeout=0.2
         )
         sandbox_state.add_fault(Fault(status=200, count=1, process=True, delay=1.0))
-        await rig.spool.put([payload(i) for i in range(5)])
+        await rig.spool.put(to_queue([payload(i) for i in range(5)]))
         rig.start()
         await rig.settled()
         await rig.stop()
@@ -252,7 +252,7 @@ async def test_per_activity_refusal_in_200_is_dead_lettered_then_replayed(
 ) -> None:
     good = [payload(i) for i in range(4)]
     bad = payload(99, **{"str:cm:nickname": "Shorty"})
-    await rig.spool.put([*good[:2], bad, *good[2:]])
+    await rig.spool.put(to_queue([*good[:2], bad, *good[2:]]))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 4)
     await rig.settled()
@@ -282,7 +282,7 @@ async def test_batch_400_is_bisected_to_the_refused_activity(
     sandbox_state.clock = lambda: time.time() + DAY
     old = payload(7, created=time.time() - 89.5 * DAY)
     others = [payload(i) for i in range(20)]
-    await rig.spool.put([*others[:7], old, *others[7:]])
+    await rig.spool.put(to_queue([*others[:7], old, *others[7:]]))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 20)
     await rig.settled()
@@ -296,7 +296,7 @@ async def test_batch_400_is_bisected_to_the_refused_activity(
 async def test_activities_older_than_90_days_are_dead_lettered_locally(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
-    await rig.spool.put([payload(1, created=time.time() - 91 * DAY), payload(2)])
+    await rig.spool.put(to_queue([payload(1, created=time.time() - 91 * DAY), payload(2)]))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 1)
     await rig.settled()
@@ -310,7 +310,7 @@ async def test_refusals_named_in_details_need_no_bisection(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     # Every activity carries an unknown person field: Ortto's 400 lists each one.
-    await rig.spool.put([payload(i, **{"str:cm:nope": "x"}) for i in range(40)])
+    await rig.spool.put(to_queue([payload(i, **{"str:cm:nope": "x"}) for i in range(40)]))
     rig.start()
     await rig.settled()
     assert len(sandbox_state.requests) == 1
@@ -323,7 +323,7 @@ async def test_a_storm_of_refusals_opens_the_circuit_not_the_ban(
 ) -> None:
     # Ortto refuses the next requests outright: bisection would feed its IP ban.
     sandbox_state.add_fault(Fault(status=400, count=BAD_REQUEST_BUDGET + 2))
-    await rig.spool.put([payload(i) for i in range(64)])
+    await rig.spool.put(to_queue([payload(i) for i in range(64)]))
     rig.start(concurrency=1)
     await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="circuit") == 1)
     await rig.settled()
@@ -337,7 +337,7 @@ async def test_a_storm_of_refusals_opens_the_circuit_not_the_ban(
 
 async def test_wrong_key_pauses_and_keeps_everything(rig: Rig, sandbox_state: SandboxState) -> None:
     sandbox_state.api_key = "the-right-key-is-elsewhere"
-    await rig.spool.put([payload(i) for i in range(12)])
+    await rig.spool.put(to_queue([payload(i) for i in range(12)]))
     rig.start()
     await wait_for(lambda: rig.value("ortto_gateway_delivery_paused", reason="auth") == 1)
     await wait_for(lambda: sum(r.status == 401 for r in sandbox_state.requests) >= 2)
@@ -352,7 +352,7 @@ async def test_wrong_key_pauses_and_keeps_everything(rig: Rig, sandbox_state: Sa
 
 async def test_rate_limit_pause_is_visible(rig: Rig, sandbox_state: SandboxState) -> None:
     sandbox_state.add_fault(Fault(status=429, count=1, try_in_seconds=30))
-    await rig.spool.put([payload(i) for i in range(3)])
+    await rig.spool.put(to_queue([payload(i) for i in range(3)]))
     clock = PauseClock()
     rig.start(monotonic=clock, sleep=clock.sleep)
     await wait_for(lambda: len(sandbox_state.activities) == 3)
@@ -364,7 +364,7 @@ async def test_rate_limit_pause_is_visible(rig: Rig, sandbox_state: SandboxState
 async def test_stop_delivers_the_spool_within_the_drain_timeout(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
-    await rig.spool.put([payload(i) for i in range(250)])
+    await rig.spool.put(to_queue([payload(i) for i in range(250)]))
     delivery = rig.start()
     await delivery.stop(10.0)
     rig.delivery = None
@@ -376,7 +376,7 @@ async def test_a_batch_that_fails_during_the_drain_is_sent_again(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     sandbox_state.add_fault(Fault(status=503, count=1, delay=0.2))
-    await rig.spool.put([payload(i) for i in range(10)])
+    await rig.spool.put(to_queue([payload(i) for i in range(10)]))
     delivery = rig.start()
     await wait_for(lambda: rig.spool.available == 0)
     await delivery.stop(5.0)  # the batch is in flight: nothing is available to lease
@@ -390,7 +390,7 @@ async def test_drain_then_stop_waits_for_one_timeout_only(
     rig: Rig, sandbox_state: SandboxState, caplog: pytest.LogCaptureFixture
 ) -> None:
     sandbox_state.add_fault(Fault(status=503, count=1000))
-    await rig.spool.put([payload(i) for i in range(3)])
+    await rig.spool.put(to_queue([payload(i) for i in range(3)]))
     delivery = rig.start(rng=lambda: 1.0)  # backoff 0.5 s, then 1 s
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -408,7 +408,7 @@ async def test_stop_keeps_what_the_drain_timeout_cuts_off(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     sandbox_state.latency = 1.0
-    await rig.spool.put([payload(i) for i in range(300)])
+    await rig.spool.put(to_queue([payload(i) for i in range(300)]))
     delivery = rig.start(concurrency=1)
     await wait_for(lambda: len(sandbox_state.requests) == 1)
     await delivery.stop(1.5)
@@ -424,25 +424,11 @@ async def test_stop_keeps_what_the_drain_timeout_cuts_off(
 
 async def test_gauges_follow_the_spool(rig: Rig, sandbox_state: SandboxState) -> None:
     sandbox_state.add_fault(Fault(status=503, count=1000))
-    await rig.spool.put([payload(i, created=time.time() - 30) for i in range(3)])
+    await rig.spool.put(to_queue([payload(i, created=time.time() - 30) for i in range(3)]))
     rig.start()
     await wait_for(lambda: rig.value("ortto_gateway_spool_depth") == 3)
     await wait_for(lambda: rig.value("ortto_gateway_spool_oldest_age_seconds") >= 0)
     sandbox_state.clear_faults()
-
-
-@pytest.mark.parametrize(
-    ("payload", "activity_id"),
-    [
-        (b'{"activity_id":"act:cm:login","fields":{}}', "act:cm:login"),
-        (b'{"activity_id":"a\\"b","fields":{}}', 'a"b'),  # escaped: the slow path
-        (b'{"fields":{},"activity_id":"act:cm:x"}', "act:cm:x"),  # not first
-        (b"[1]", ""),
-        (b"{", ""),
-    ],
-)
-def test_activity_id_of_a_payload(payload: bytes, activity_id: str) -> None:
-    assert _activity_id(payload) == activity_id
 
 
 def delivered(rig: Rig) -> float:
@@ -473,7 +459,7 @@ async def test_a_2xx_that_does_not_account_for_each_activity_is_retried_with_bac
 ) -> None:
     # A proxy's page, a captive portal, a wrong URL: a 2xx alone proves nothing.
     sandbox_state.add_fault(fault)
-    await rig.spool.put([payload(i) for i in range(10)])
+    await rig.spool.put(to_queue([payload(i) for i in range(10)]))
     clock = PauseClock()
     rig.start(rng=lambda: 1.0, monotonic=clock, sleep=clock.sleep)
     await rig.settled()
@@ -495,7 +481,7 @@ async def test_an_activity_never_confirmed_is_dead_lettered_with_the_reason(
     rig: Rig, sandbox_state: SandboxState, caplog: pytest.LogCaptureFixture
 ) -> None:
     sandbox_state.add_fault(Fault(status=200, count=BAD_ANSWER_ATTEMPTS, answer="echo_key"))
-    await rig.spool.put([payload(i) for i in range(5)])
+    await rig.spool.put(to_queue([payload(i) for i in range(5)]))
     clock = PauseClock()
     rig.start(monotonic=clock, sleep=clock.sleep)
     await rig.settled()
@@ -548,7 +534,7 @@ async def test_an_entry_reporting_an_error_is_never_counted_delivered(
             }
         ]
     )
-    await rig.spool.put([payload(i) for i in range(3)])
+    await rig.spool.put(to_queue([payload(i) for i in range(3)]))
     rig.start()
     await rig.settled()
     assert delivered(rig) == 1
@@ -564,7 +550,7 @@ async def test_a_refusal_echoing_the_key_is_dead_lettered_masked(
     rig: Rig, sandbox_state: SandboxState, caplog: pytest.LogCaptureFixture
 ) -> None:
     sandbox_state.add_fault(Fault(status=400, count=1, answer="echo_key"))
-    await rig.spool.put([payload(1)])
+    await rig.spool.put(to_queue([payload(1)]))
     rig.start()
     await rig.settled()
     (letter,) = await rig.spool.list_dead_letters()
@@ -581,7 +567,7 @@ async def test_an_error_while_sending_backs_off_instead_of_spinning(
         rig.client = OrttoClient(
             session, str(sandbox.make_url("/v1/activities/create")), "pk-a\nb", timeout=2.0
         )
-        await rig.spool.put([payload(i) for i in range(5)])
+        await rig.spool.put(to_queue([payload(i) for i in range(5)]))
         clock = PauseClock()
         rig.start(rng=lambda: 1.0, monotonic=clock, sleep=clock.sleep)
         await wait_for(lambda: len(clock.slept) >= 4, timeout=5)
@@ -616,7 +602,7 @@ async def test_a_worker_stopped_by_a_spool_error_is_started_again(
         )
         rig = Rig(spool, client, Metrics(CollectorRegistry(), process_metrics=False))
         assert rig.metrics.registry.get_sample_value("ortto_gateway_delivery_restarts_total") == 0
-        await spool.put([payload(i) for i in range(5)])
+        await spool.put(to_queue([payload(i) for i in range(5)]))
         spool.failures = 3
         clock = PauseClock()
         rig.start(monotonic=clock, sleep=clock.sleep)
@@ -631,7 +617,7 @@ async def test_a_worker_stopped_by_a_spool_error_is_started_again(
 async def test_a_failed_ack_is_retried_first_and_nothing_is_sent_twice(
     disk: Disk, rig: Rig, sandbox_state: SandboxState
 ) -> None:
-    await rig.spool.put([payload(i) for i in range(10)])
+    await rig.spool.put(to_queue([payload(i) for i in range(10)]))
     disk.full = True  # Ortto takes the batch; the acknowledgement cannot be written
     clock = PauseClock()
     rig.start(monotonic=clock, sleep=clock.sleep)
@@ -646,7 +632,7 @@ async def test_a_failed_ack_is_retried_first_and_nothing_is_sent_twice(
     assert clock.slept[:3] == pytest.approx(steps)
     assert max(clock.slept) == pytest.approx(ACK_RETRY_CAP)
     assert rig.value("ortto_gateway_delivery_restarts_total") == 0
-    await rig.spool.put([payload(i) for i in range(10, 15)])  # and delivery goes on
+    await rig.spool.put(to_queue([payload(i) for i in range(10, 15)]))  # and delivery goes on
     await wait_for(lambda: len(sandbox_state.activities) == 15)
     await rig.settled()
 
@@ -664,7 +650,7 @@ async def test_activities_go_to_ortto_grouped_by_their_merge_by(
         return orjson.dumps(enrich(activity, "192.0.2.1", time.time()))
 
     mixed = [None, ["str::email"], None, ["str::ei", "str::email"], ["str::email"]]
-    await rig.spool.put([keyed(i, m) for i, m in enumerate(mixed)])
+    await rig.spool.put(to_queue([keyed(i, m) for i, m in enumerate(mixed)]))
     rig.start()
     await rig.settled()
     bodies = [orjson.loads(r.body) for r in sandbox_state.requests]
@@ -737,7 +723,9 @@ async def test_a_failing_batch_never_gives_back_rows_it_gave_back_already(
         return orjson.dumps(enrich(body, "192.0.2.1", time.time()))
 
     client = rig.client = RaceClient(first)
-    await rig.spool.put([activity("a@example.com", None), activity("b@example.com", merge_by)])
+    await rig.spool.put(
+        to_queue([activity("a@example.com", None), activity("b@example.com", merge_by)])
+    )
     clock = PauseClock()
     rig.start(monotonic=clock, sleep=clock.sleep)
     # B is sent again once the failed batch gave it back; A, if given back too, meanwhile.

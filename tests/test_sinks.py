@@ -13,6 +13,7 @@ from gateway.metrics import Metrics
 from gateway.sinks import REFUSAL_LOG_INTERVAL, SpoolSink
 from gateway.spool import Spool
 from tests.disk_support import Disk
+from tests.spool_support import to_queue
 
 ACTIVITY = b'{"activity_id":"act:cm:login","fields":{"str::email":"p@example.com"}}'
 
@@ -39,7 +40,7 @@ async def test_refusals_on_a_full_disk_warn_once_per_interval_with_their_count(
         # The write that finds the disk full: the spool's ERROR, and the first refusal.
         assert sink.reserve(1, len(ACTIVITY))
         with pytest.raises(Unavailable):
-            await sink.submit([ACTIVITY], async_=False, merge_by=None)
+            await sink.submit(to_queue([ACTIVITY]), async_=False, merge_by=None)
         assert spool.write_error is not None
         assert warnings() == [("requests refused: spool write failed", 1)]
         # Every request is refused from now on, before any write: no line each.

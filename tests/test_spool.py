@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import gateway.spool as spool_module
 from gateway.sandbox import wait_for
 from gateway.spool import (
     MEMORY,
@@ -25,11 +24,16 @@ from gateway.spool import (
     SpoolInUse,
     SpoolOpenError,
     SpoolStats,
-    _Lease,
     claim,
+    commit,
     in_use,
+    schema,
+    writer,
 )
+from gateway.spool import queue as spool_queue
+from gateway.spool.writer import Lease
 from tests.disk_support import Disk
+from tests.spool_support import to_queue
 
 DEADLINE = 10.0  # seconds any single awaited condition may take before the test fails
 
@@ -38,7 +42,7 @@ DEADLINE = 10.0  # seconds any single awaited condition may take before the test
 def commit_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs with groups committed on the event loop and on the writer thread."""
     mode: str = request.param
-    monkeypatch.setattr(spool_module, "choose_commit_mode", lambda path: mode)
+    monkeypatch.setattr(commit, "choose_commit_mode", lambda path: mode)
     return mode
 
 
@@ -56,7 +60,7 @@ async def spool(db_path: Path) -> AsyncIterator[Spool]:
 async def put_each(spool: Spool, payloads: list[bytes]) -> list[int]:
     ids: list[int] = []
     for payload in payloads:
-        ids += await spool.put([payload])
+        ids += await spool.put(to_queue([payload]))
     return ids
 
 
@@ -71,7 +75,7 @@ async def drain(spool: Spool) -> list[tuple[int, bytes, int]]:
 async def test_put_lease_ack_in_order(spool: Spool) -> None:
     ids = await put_each(spool, [b"a", b"b", b"c"])
     assert ids == sorted(ids) and len(set(ids)) == 3
-    batch = await spool.put([b"d", b"e"])
+    batch = await spool.put(to_queue([b"d", b"e"]))
     assert batch == [ids[-1] + 1, ids[-1] + 2]
     items = await spool.lease(10, 1000)
     assert [i.payload for i in items] == [b"a", b"b", b"c", b"d", b"e"]
@@ -91,7 +95,7 @@ async def test_leased_items_are_not_leased_again(spool: Spool) -> None:
     assert [i.payload for i in second] == [b"3"]
     assert await spool.lease(10, 1000) == []
     assert spool.leased == 3
-    await spool.put([b"4"])
+    await spool.put(to_queue([b"4"]))
     assert [i.payload for i in await spool.lease(10, 1000)] == [b"4"]
 
 
@@ -131,7 +135,7 @@ async def test_lease_prefers_released_items_in_id_order(spool: Spool) -> None:
 
 
 async def test_cancelled_lease_gives_items_back(spool: Spool) -> None:
-    await spool.put([b"1"])
+    await spool.put(to_queue([b"1"]))
     task = asyncio.create_task(spool.lease(10, 1000))
     await asyncio.sleep(0)  # let the task submit its lease, then walk away from it
     task.cancel()
@@ -144,7 +148,7 @@ async def test_cancelled_lease_gives_items_back(spool: Spool) -> None:
 
 
 async def test_empty_calls_and_bad_arguments(spool: Spool) -> None:
-    assert await spool.put([]) == []
+    assert await spool.put(to_queue([])) == []
     await spool.ack([])
     await spool.release([])
     await spool.dead_letter([])
@@ -159,7 +163,7 @@ async def test_empty_calls_and_bad_arguments(spool: Spool) -> None:
 
 
 async def test_concurrent_puts_share_commits(spool: Spool) -> None:
-    results = await asyncio.gather(*(spool.put([b"p%d" % n]) for n in range(200)))
+    results = await asyncio.gather(*(spool.put(to_queue([b"p%d" % n])) for n in range(200)))
     ids = [r[0] for r in results]
     assert len(set(ids)) == 200
     assert ids == sorted(ids)  # submission order is commit order
@@ -169,20 +173,21 @@ async def test_concurrent_puts_share_commits(spool: Spool) -> None:
 
 async def test_max_group_caps_a_transaction(db_path: Path) -> None:
     async with Spool(db_path, max_group=10) as spool:
-        await asyncio.gather(*(spool.put([b"p"]) for _ in range(100)))
+        await asyncio.gather(*(spool.put(to_queue([b"p"])) for _ in range(100)))
         assert spool.commits >= 10
 
 
 async def test_commit_interval_lingers_for_more(db_path: Path) -> None:
     async with Spool(db_path, commit_interval=0.05) as spool:
-        tasks = [asyncio.create_task(spool.put([b"p"])) for _ in range(20)]
+        tasks = [asyncio.create_task(spool.put(to_queue([b"p"]))) for _ in range(20)]
         await asyncio.gather(*tasks)
         assert spool.commits == 1
 
 
 async def test_one_failing_put_does_not_fail_its_group(db_path: Path) -> None:
     async with Spool(db_path, max_rows=3) as spool:
-        puts = [[b"a"], [b"b", b"c", b"d"], [b"e"]]
+        raw = [[b"a"], [b"b", b"c", b"d"], [b"e"]]
+        puts = [to_queue(p) for p in raw]
         results = await asyncio.gather(*map(spool.put, puts), return_exceptions=True)
         assert isinstance(results[1], SpoolFull)
         assert results[0] == [1] and results[2] == [2]
@@ -196,36 +201,36 @@ async def test_full_by_rows(db_path: Path) -> None:
     async with Spool(db_path, max_rows=3) as spool:
         await put_each(spool, [b"1", b"2", b"3"])
         with pytest.raises(SpoolFull) as full:
-            await spool.put([b"4"])
+            await spool.put(to_queue([b"4"]))
         assert full.value.retry_after > 0
         assert spool.depth == 3
         items = await spool.lease(1, 1000)
         await spool.ack([items[0].id])
         with pytest.raises(SpoolFull) as full:
-            await spool.put([b"4", b"5"])  # a request is all or nothing
+            await spool.put(to_queue([b"4", b"5"]))  # a request is all or nothing
         assert 1.0 <= full.value.retry_after <= 30.0
-        await spool.put([b"4"])
+        await spool.put(to_queue([b"4"]))
         assert [p for _, p, _ in await drain(spool)] == [b"2", b"3", b"4"]
 
 
 async def test_full_by_bytes(db_path: Path) -> None:
     async with Spool(db_path, max_bytes=100) as spool:
-        await spool.put([b"x" * 60])
+        await spool.put(to_queue([b"x" * 60]))
         with pytest.raises(SpoolFull) as full:
-            await spool.put([b"y" * 41])
+            await spool.put(to_queue([b"y" * 41]))
         assert full.value.retry_after > 0
-        await spool.put([b"y" * 40])
+        await spool.put(to_queue([b"y" * 40]))
         assert (await spool.stats()).bytes == 100
         items = await spool.lease(1, 1000)
         await spool.ack([items[0].id])
-        await spool.put([b"z" * 60])
+        await spool.put(to_queue([b"z" * 60]))
         assert (await spool.stats()).bytes == 100
 
 
 async def test_concurrent_puts_cannot_overshoot(db_path: Path) -> None:
     async with Spool(db_path, max_rows=10) as spool:
         results = await asyncio.gather(
-            *(spool.put([b"p"]) for _ in range(50)), return_exceptions=True
+            *(spool.put(to_queue([b"p"])) for _ in range(50)), return_exceptions=True
         )
         accepted = [r for r in results if isinstance(r, list)]
         refused = [r for r in results if isinstance(r, SpoolFull)]
@@ -235,11 +240,11 @@ async def test_concurrent_puts_cannot_overshoot(db_path: Path) -> None:
 
 async def test_has_room_counts_committed_and_pending_puts(db_path: Path) -> None:
     async with Spool(db_path, max_rows=3, max_bytes=100) as spool:
-        await spool.put([b"x" * 10])
+        await spool.put(to_queue([b"x" * 10]))
         assert spool.has_room(2, 90)
         assert not spool.has_room(3, 1)
         assert not spool.has_room(1, 91)
-        pending = asyncio.create_task(spool.put([b"y" * 10]))
+        pending = asyncio.create_task(spool.put(to_queue([b"y" * 10])))
         await asyncio.sleep(0)  # submitted, not yet answered
         assert not spool.has_room(2, 1)
         assert spool.has_room(1, 80)
@@ -256,7 +261,7 @@ async def test_reserved_room_is_held_until_the_put_or_unreserve(db_path: Path) -
         assert spool.reserve(2, 60)
         assert not spool.reserve(2, 10)  # 4 rows
         assert not spool.has_room(1, 41)  # 101 bytes
-        ids = await spool.put([b"a" * 30, b"b" * 30], reserved=True)
+        ids = await spool.put(to_queue([b"a" * 30, b"b" * 30]), reserved=True)
         assert len(ids) == 2
         assert spool.has_room(1, 40) and not spool.has_room(2, 1)
         assert spool.reserve(1, 40)
@@ -270,19 +275,19 @@ async def test_a_reserved_put_to_a_closed_spool_gives_the_room_back(db_path: Pat
     assert spool.reserve(1, 10)
     await spool.close()
     with pytest.raises(SpoolClosed):
-        await spool.put([b"x" * 10], reserved=True)
+        await spool.put(to_queue([b"x" * 10]), reserved=True)
     assert spool.has_room(3, 100)
 
 
 async def test_an_exclusive_spool_is_held_until_closed(db_path: Path) -> None:
     async with Spool(db_path, exclusive=True) as first:
-        await first.put([b"x"])
+        await first.put(to_queue([b"x"]))
         with pytest.raises(SpoolInUse, match="in use by another gateway"):
             await Spool(db_path, exclusive=True).open()
         # Tools that only read or replay (dead-letters) still open it.
         async with Spool(db_path) as tool:
             assert tool.depth == 1
-        await first.put([b"y"])  # the tool's closing did not disturb the holder
+        await first.put(to_queue([b"y"]))  # the tool's closing did not disturb the holder
     assert not in_use(str(db_path))
     async with Spool(db_path, exclusive=True) as again:
         assert again.depth == 2
@@ -292,7 +297,7 @@ async def test_a_new_exclusive_spool_is_created_as_any_other(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[Path] = []
-    monkeypatch.setattr(spool_module, "fsync_dir", synced.append)
+    monkeypatch.setattr(commit, "fsync_dir", synced.append)
     old_umask = os.umask(0o022)
     try:
         for name, exclusive in (("plain.sqlite3", False), ("held.sqlite3", True)):
@@ -333,9 +338,9 @@ async def test_available_excludes_leased(spool: Spool) -> None:
 async def test_payloads_that_can_never_fit(db_path: Path) -> None:
     async with Spool(db_path, max_rows=2, max_bytes=10) as spool:
         with pytest.raises(ValueError):
-            await spool.put([b"1", b"2", b"3"])
+            await spool.put(to_queue([b"1", b"2", b"3"]))
         with pytest.raises(ValueError):
-            await spool.put([b"x" * 11])
+            await spool.put(to_queue([b"x" * 11]))
 
 
 # --- persistence ------------------------------------------------------------------------------
@@ -353,25 +358,25 @@ async def test_reopen_keeps_unacked_items_in_order(db_path: Path) -> None:
         stats = await spool.stats()
         assert stats.bytes == 3 and stats.oldest_enqueued_at is not None
         assert await drain(spool) == [(ids[0], b"1", 1), (ids[2], b"3", 0), (ids[3], b"4", 0)]
-        more = await spool.put([b"5"])
+        more = await spool.put(to_queue([b"5"]))
         assert more[0] > ids[-1]
 
 
 async def test_ids_are_never_reused(db_path: Path) -> None:
     async with Spool(db_path) as spool:
-        first = await spool.put([b"1"])
+        first = await spool.put(to_queue([b"1"]))
         await spool.ack(first)
         assert spool.depth == 0
-        second = await spool.put([b"2"])
+        second = await spool.put(to_queue([b"2"]))
         assert second[0] > first[0]
         assert [p for _, p, _ in await drain(spool)] == [b"2"]
     async with Spool(db_path) as spool:
-        third = await spool.put([b"3"])
+        third = await spool.put(to_queue([b"3"]))
         assert third[0] > second[0]
 
 
 async def test_file_is_wal(spool: Spool, db_path: Path) -> None:
-    await spool.put([b"1"])
+    await spool.put(to_queue([b"1"]))
     with sqlite3.connect(db_path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {r[1] for r in other.execute("PRAGMA index_list(dead_letters)")}
@@ -383,12 +388,13 @@ CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from gateway.spool import Spool
+    from tests.spool_support import to_queue
 
     async def writer(spool, w):
         n = 0
         while True:
             payloads = [b"%d-%d-%d" % (w, n, k) for k in range(3)]
-            ids = await spool.put(payloads)
+            ids = await spool.put(to_queue(payloads))
             print(w, n, *ids, flush=True)
             n += 1
 
@@ -496,7 +502,7 @@ async def test_dead_letter_filters_combine(spool: Spool) -> None:
 
 
 async def test_dead_letter_of_missing_row_is_ignored(spool: Spool) -> None:
-    ids = await spool.put([b"a"])
+    ids = await spool.put(to_queue([b"a"]))
     await spool.ack(ids)
     await spool.dead_letter([(ids[0], "act", "h", "late")])
     assert await spool.list_dead_letters() == []
@@ -506,7 +512,7 @@ async def test_replay_respects_capacity(db_path: Path) -> None:
     async with Spool(db_path, max_rows=2) as spool:
         ids = await put_each(spool, [b"a", b"b"])
         await spool.dead_letter([(i, "act", "h", "e") for i in ids])
-        await spool.put([b"c"])
+        await spool.put(to_queue([b"c"]))
         with pytest.raises(SpoolFull):
             await spool.replay_dead_letters()
         assert (await spool.stats()).dead_letters == 2
@@ -516,7 +522,7 @@ async def test_replay_respects_capacity(db_path: Path) -> None:
 
 async def test_dead_letters_survive_reopen(db_path: Path) -> None:
     async with Spool(db_path) as spool:
-        ids = await spool.put([b"a"])
+        ids = await spool.put(to_queue([b"a"]))
         await spool.dead_letter([(ids[0], "act", "h", "e")])
     async with Spool(db_path) as spool:
         assert (await spool.stats()).dead_letters == 1
@@ -527,7 +533,8 @@ async def test_dead_letters_survive_reopen(db_path: Path) -> None:
 async def test_another_process_replaying_is_noticed(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spool_module, "EXTERNAL_CHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(writer, "EXTERNAL_CHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(spool_queue, "EXTERNAL_CHECK_INTERVAL", 0.02)
     async with Spool(db_path) as server:
         ids = await put_each(server, [b"a", b"b"])
         await server.lease(10, 1000)
@@ -550,16 +557,16 @@ async def test_wait_for_items_wakes_on_put(spool: Spool) -> None:
     waiter = asyncio.create_task(spool.wait_for_items(DEADLINE))
     await asyncio.sleep(0)
     assert not waiter.done()
-    await spool.put([b"a"])
+    await spool.put(to_queue([b"a"]))
     assert await asyncio.wait_for(waiter, DEADLINE) is True
     assert await spool.wait_for_items(0) is True
 
 
 async def test_wait_for_items_waits_for_a_count(spool: Spool) -> None:
-    await spool.put([b"a", b"b"])
+    await spool.put(to_queue([b"a", b"b"]))
     assert await spool.wait_for_items(0.01, count=3) is False
     waiter = asyncio.create_task(spool.wait_for_items(DEADLINE, count=3))
-    await spool.put([b"c"])  # the put's commit publishes 3 available
+    await spool.put(to_queue([b"c"]))  # the put's commit publishes 3 available
     assert await asyncio.wait_for(waiter, DEADLINE) is True
     assert spool.available == 3
     assert spool._waiters == []  # nothing left behind
@@ -576,7 +583,7 @@ async def test_wait_for_items_ends_when_the_spool_closes(db_path: Path) -> None:
 
 
 async def test_wait_for_items_ignores_leased_items(spool: Spool) -> None:
-    await spool.put([b"a"])
+    await spool.put(to_queue([b"a"]))
     items = await spool.lease(10, 1000)
     assert await spool.wait_for_items(0.01) is False
     await spool.release([i.id for i in items])
@@ -595,7 +602,7 @@ async def test_close_wakes_waiters(db_path: Path) -> None:
 
 async def test_stats(spool: Spool) -> None:
     assert await spool.stats() == SpoolStats(0, 0, None, 0)
-    await spool.put([b"abc", b"de"])
+    await spool.put(to_queue([b"abc", b"de"]))
     stats = await spool.stats()
     assert (stats.depth, stats.bytes, stats.dead_letters) == (2, 5, 0)
     assert stats.oldest_enqueued_at is not None
@@ -608,14 +615,14 @@ async def test_stats(spool: Spool) -> None:
 async def test_closed_spool_refuses_work(db_path: Path) -> None:
     spool = Spool(db_path)
     with pytest.raises(SpoolClosed):
-        await spool.put([b"a"])
+        await spool.put(to_queue([b"a"]))
     await spool.open()
-    pending = [asyncio.create_task(spool.put([b"%d" % n])) for n in range(50)]
+    pending = [asyncio.create_task(spool.put(to_queue([b"%d" % n]))) for n in range(50)]
     await asyncio.sleep(0)  # submitted before close: close must flush them
     await spool.close()
     assert all(len(task.result()) == 1 for task in pending)
     with pytest.raises(SpoolClosed):
-        await spool.put([b"a"])
+        await spool.put(to_queue([b"a"]))
     with pytest.raises(SpoolClosed):
         await spool.lease(1, 1)
     with pytest.raises(SpoolClosed):
@@ -636,7 +643,7 @@ async def test_open_failure_is_reported(tmp_path: Path) -> None:
     path = blocker / "spool.sqlite3"
     assert str(caught.value) == f"cannot open the spool {path}: {blocker} is not a directory"
     with pytest.raises(SpoolClosed):
-        await spool.put([b"a"])
+        await spool.put(to_queue([b"a"]))
     await spool.close()
 
 
@@ -660,7 +667,7 @@ async def test_opening_on_a_full_disk_names_the_path_and_the_cause(
     disk = Disk().install(monkeypatch)
     if not fresh:
         async with Spool(db_path) as spool:
-            await spool.put([b"kept"])
+            await spool.put(to_queue([b"kept"]))
     disk.full = True
     spool = Spool(db_path, exclusive=True)
     with pytest.raises(SpoolOpenError) as caught:
@@ -674,10 +681,10 @@ async def test_opening_on_a_full_disk_names_the_path_and_the_cause(
 
 async def test_memory_variant(tmp_path: Path) -> None:
     async with Spool(MEMORY, max_rows=5) as spool:
-        ids = await asyncio.gather(*(spool.put([b"%d" % n]) for n in range(5)))
+        ids = await asyncio.gather(*(spool.put(to_queue([b"%d" % n])) for n in range(5)))
         assert spool.depth == 5
         with pytest.raises(SpoolFull):
-            await spool.put([b"x"])
+            await spool.put(to_queue([b"x"]))
         items = await spool.lease(2, 1000)
         assert [i.id for i in items] == [ids[0][0], ids[1][0]]
         await spool.dead_letter([(items[0].id, "act", "h", "e")])
@@ -689,7 +696,7 @@ async def test_memory_variant(tmp_path: Path) -> None:
 async def test_auto_mode_is_the_one_chosen(db_path: Path, commit_on: str) -> None:
     async with Spool(db_path) as spool:
         assert spool.commit_on == commit_on
-        assert await spool.put([b"a"]) == [1]
+        assert await spool.put(to_queue([b"a"])) == [1]
     async with Spool(db_path, commit_on="thread") as spool:  # an explicit choice wins
         assert spool.commit_on == "thread"
         assert spool.depth == 1
@@ -702,16 +709,16 @@ def test_commit_mode_is_checked() -> None:
 
 def test_choose_commit_mode_by_fsync_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the real chooser, not the autouse stand-in
-    assert spool_module.choose_commit_mode(MEMORY) == "loop"
+    assert commit.choose_commit_mode(MEMORY) == "loop"
     path = str(tmp_path / "new" / "spool.sqlite3")
-    monkeypatch.setattr(spool_module, "FAST_FSYNC_SECONDS", 0.0)  # no disk is that fast
-    assert spool_module.choose_commit_mode(path) == "thread"
-    monkeypatch.setattr(spool_module, "FAST_FSYNC_SECONDS", 3600.0)
-    assert spool_module.choose_commit_mode(path) == "loop"
+    monkeypatch.setattr(commit, "FAST_FSYNC_SECONDS", 0.0)  # no disk is that fast
+    assert commit.choose_commit_mode(path) == "thread"
+    monkeypatch.setattr(commit, "FAST_FSYNC_SECONDS", 3600.0)
+    assert commit.choose_commit_mode(path) == "loop"
     assert [p.name for p in (tmp_path / "new").iterdir()] == []  # the probe file is gone
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
-    assert spool_module.choose_commit_mode(str(blocker / "spool.sqlite3")) == "thread"
+    assert commit.choose_commit_mode(str(blocker / "spool.sqlite3")) == "thread"
 
 
 def test_auto_mode_goes_by_the_median_fsync(
@@ -719,15 +726,15 @@ def test_auto_mode_goes_by_the_median_fsync(
 ) -> None:
     """An injected timing: one slow outlier does not make a fast disk "thread"."""
     monkeypatch.undo()  # the real chooser, not the autouse stand-in
-    fast, slow = spool_module.FAST_FSYNC_SECONDS / 2, spool_module.FAST_FSYNC_SECONDS * 2
+    fast, slow = commit.FAST_FSYNC_SECONDS / 2, commit.FAST_FSYNC_SECONDS * 2
     path = str(tmp_path / "spool.sqlite3")
     for times, mode in [
         ([fast, fast, fast, fast, slow], "loop"),
         ([fast, fast, slow, slow, slow], "thread"),
         ([fast, slow, slow, slow, slow], "thread"),
     ]:
-        monkeypatch.setattr(spool_module, "fsync_times", lambda d, n, t=times: sorted(t))
-        assert spool_module.choose_commit_mode(path) == mode
+        monkeypatch.setattr(commit, "fsync_times", lambda d, n, t=times: sorted(t))
+        assert commit.choose_commit_mode(path) == mode
 
 
 async def test_a_write_lock_held_elsewhere_delays_puts_without_blocking(
@@ -736,11 +743,11 @@ async def test_a_write_lock_held_elsewhere_delays_puts_without_blocking(
     """Another process mid-transaction (the dead-letters command): puts wait for it and
     then commit; in "loop" mode the event loop keeps running meanwhile."""
     async with Spool(db_path) as spool:
-        await spool.put([b"first"])
+        await spool.put(to_queue([b"first"]))
         other = sqlite3.connect(db_path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")  # holds the write lock
-            put = asyncio.create_task(spool.put([b"second"]))
+            put = asyncio.create_task(spool.put(to_queue([b"second"])))
             loop = asyncio.get_running_loop()
             longest = 0.0
             for _ in range(30):  # the loop turns while the lock is held
@@ -750,7 +757,7 @@ async def test_a_write_lock_held_elsewhere_delays_puts_without_blocking(
             assert not put.done()
             # A put that waited on the loop would block it for the whole busy timeout
             # (5 s) in one turn; half of that is far above any scheduling delay.
-            assert longest < spool_module.BUSY_TIMEOUT_MS / 2000
+            assert longest < schema.BUSY_TIMEOUT_MS / 2000
         finally:
             other.execute("COMMIT")
             other.close()
@@ -766,10 +773,10 @@ async def test_close_fails_puts_still_locked_out(
     spool = Spool(db_path)
     await spool.open()
     other = sqlite3.connect(db_path, isolation_level=None)
-    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT_MS", 50)  # how long close waits
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)  # how long close waits
     try:
         other.execute("BEGIN IMMEDIATE")
-        put = asyncio.create_task(spool.put([b"x"]))
+        put = asyncio.create_task(spool.put(to_queue([b"x"])))
         deadline = asyncio.get_running_loop().time() + DEADLINE
         while not spool._busy_group:  # the put met the lock and waits for a retry
             assert asyncio.get_running_loop().time() < deadline
@@ -785,8 +792,8 @@ async def test_close_fails_puts_still_locked_out(
 async def test_a_lease_cancelled_after_its_answer_gives_the_items_back(spool: Spool) -> None:
     """The caller was cancelled between the answer and taking it (the delivery loop
     stopped at shutdown): the items must not stay leased to nobody until a restart."""
-    await spool.put([b"a", b"b"])
-    op = _Lease(spool._future(), 10, 1 << 20)
+    await spool.put(to_queue([b"a", b"b"]))
+    op = Lease(spool._future(), 10, 1 << 20)
     waiter = asyncio.ensure_future(spool._submit(op))
     deadline = asyncio.get_running_loop().time() + DEADLINE
     while not op.future.done():  # answered; the waiter has not resumed yet
@@ -816,7 +823,7 @@ async def test_a_release_that_cannot_be_written_still_gives_the_rows_back(
     disk: Disk, db_path: Path
 ) -> None:
     async with Spool(db_path) as spool:
-        await spool.put([b"1", b"2"])
+        await spool.put(to_queue([b"1", b"2"]))
         items = await spool.lease(10, 1000)
         disk.full = True
         await spool.release([i.id for i in items])  # the attempt count cannot be written
@@ -830,7 +837,7 @@ async def test_an_ack_that_fails_leaves_the_rows_leased_for_a_retry(
     disk: Disk, db_path: Path
 ) -> None:
     async with Spool(db_path) as spool:
-        await spool.put([b"1", b"2"])
+        await spool.put(to_queue([b"1", b"2"]))
         items = await spool.lease(10, 1000)
         disk.full = True
         with pytest.raises(SpoolError, match="database or disk is full"):
@@ -846,12 +853,12 @@ async def test_a_spool_that_cannot_be_written_says_so_until_a_write_succeeds(
 ) -> None:
     caplog.set_level(logging.INFO, "gateway.spool")
     async with Spool(db_path) as spool:
-        await spool.put([b"before"])
+        await spool.put(to_queue([b"before"]))
         assert spool.write_error is None
         disk.full = True
         for _ in range(3):
             with pytest.raises(SpoolError) as caught:
-                await spool.put([b"refused"])
+                await spool.put(to_queue([b"refused"]))
             assert not isinstance(caught.value, SpoolFull)
         assert spool.write_error == "database or disk is full"
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -862,5 +869,5 @@ async def test_a_spool_that_cannot_be_written_says_so_until_a_write_succeeds(
         disk.full = False
         await wait_for(lambda: spool.write_error is None, timeout=DEADLINE)
         assert "spool writable again" in [r.getMessage() for r in caplog.records]
-        await spool.put([b"after"])
+        await spool.put(to_queue([b"after"]))
         assert [p for _, p, _ in await drain(spool)] == [b"before", b"after"]

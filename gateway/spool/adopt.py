@@ -24,15 +24,10 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.spool import (
-    BUSY_TIMEOUT_MS,
-    MEMORY,
-    SCHEMA_VERSION,
-    SpoolError,
-    claim,
-    ensure_schema,
-    fsync_dir,
-)
+from gateway.spool import schema
+from gateway.spool.commit import fsync_dir
+from gateway.spool.errors import SpoolError
+from gateway.spool.lock import claim
 
 log = logging.getLogger("gateway.adopt")
 
@@ -56,7 +51,7 @@ def adopt_orphans(files: list[str], owned: list[str]) -> list[Adopted]:
     (locked for longer than the busy timeout, not a spool, from a newer gateway), is left
     alone with a warning: nothing is ever deleted that was not first committed elsewhere.
     """
-    if not owned or owned[0] == MEMORY:
+    if not owned or owned[0] == schema.MEMORY:
         return []
     keep = {str(Path(path).resolve()) for path in owned}
     done: list[Adopted] = []
@@ -89,8 +84,8 @@ def adopt_orphans(files: list[str], owned: list[str]) -> list[Adopted]:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db = schema.connect(path)
+    db.execute(f"PRAGMA busy_timeout={schema.BUSY_TIMEOUT_MS}")
     return db
 
 
@@ -107,17 +102,14 @@ def _adopt(path: str, target: str) -> Adopted:
 def _adopt_held(path: str, target: str) -> Adopted:
     orphan = _connect(path)
     try:
-        version = int(orphan.execute("PRAGMA user_version").fetchone()[0])
-        if version == 0:
+        if schema.check_version(orphan, path) == 0:
             raise SpoolError(f"{path} is not a spool file")
-        if version > SCHEMA_VERSION:
-            raise SpoolError(f"{path} has schema {version}, newer than this gateway")
+        schema.ensure_schema(orphan, path)  # an older file gets the columns first
         orphan.execute("BEGIN IMMEDIATE")  # held until the rows are gone from here
-        rows = int(orphan.execute("SELECT count(*) FROM queue").fetchone()[0])
-        dead = int(orphan.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+        rows, dead = schema.count_rows(orphan)
         if rows:
             _append_rows(path, target)
-            orphan.execute("DELETE FROM queue")
+            schema.clear_queue(orphan)
         orphan.execute("COMMIT")
     finally:
         orphan.close()
@@ -137,15 +129,12 @@ def _append_rows(path: str, target: str) -> None:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        ensure_schema(db, target)
+        schema.ensure_schema(db, target)
         db.execute("ATTACH DATABASE ? AS orphan", (path,))
         # Deferred: IMMEDIATE would also want the orphan's write lock, held by the caller.
         db.execute("BEGIN")
         try:
-            db.execute(
-                "INSERT INTO main.queue (payload, enqueued_at, attempts)"
-                " SELECT payload, enqueued_at, attempts FROM orphan.queue ORDER BY id"
-            )
+            schema.append_queue(db, "orphan")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
