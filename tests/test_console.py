@@ -34,6 +34,7 @@ from gateway.sandbox import SandboxState, wait_for
 from gateway.server import serve
 from gateway.spool import Spool
 from tests.conftest import API_KEY, base_settings
+from tests.spool_support import to_queue
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -338,12 +339,12 @@ async def test_personal_setting_shows_full_emails(
 async def _dead_letters(path: Path, count: int) -> None:
     async with Spool(path) as spool:
         ids = await spool.put(
-            [
+            to_queue(
                 orjson.dumps(
                     {"activity_id": "act:cm:login", "fields": {"str::email": f"p{i}@x.io"}}
                 )
                 for i in range(count)
-            ]
+            )
         )
         await spool.dead_letter(
             [(i, "act:cm:login", f"hash{i}", f"failed: key {API_KEY}") for i in ids]
