@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo run test lint bench soak screenshots docs clean
+.PHONY: demo run test test-fast lint bench soak screenshots docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gateway
 
+# `make test`: lint, then every test (real Redis, nginx, Chromium, Prometheus; ~3 min).
+# `make test-fast`: only the tests that start no server and no process (pure modules,
+# in seconds); tests/conftest.py marks the rest `integration`.
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)

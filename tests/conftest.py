@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -37,6 +39,68 @@ def need_binary(name: str, path: str | None = None) -> str:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+# -- `make test-fast`: the pure modules, without the tests that start servers
+#
+# A test is `integration` when it starts a server or a process: it uses a fixture that
+# does (INTEGRATION_FIXTURES, through any chain of fixtures), carries a marker of a real
+# server (INTEGRATION_MARKERS), is one of INTEGRATION_TESTS (those that start a process
+# in their own body), or is marked `integration` by hand. `make test-fast` runs
+# `-m "not integration"`. Any other test that starts a process or listens on a socket
+# fails (`only_integration_starts_servers`), so the split cannot drift silently.
+INTEGRATION_FIXTURES = frozenset(
+    {"aiohttp_server", "aiohttp_client", "aiohttp_raw_server", "reaper", "unused_tcp_port"}
+)
+INTEGRATION_MARKERS = ("integration", "nginx", "chromium", "redis", "slow")
+INTEGRATION_TESTS = (  # node id prefixes, under tests/
+    "test_demo.py::",
+    "test_server.py::",
+    "test_bench.py::",
+    "test_abuse.py::test_readme_node_helper_matches",
+    "test_spool.py::test_everything_acknowledged_survives_sigkill",
+    "test_operations.py::test_promtool_checks_rules_config_and_unit_tests",
+    "test_operations.py::test_systemd_analyze_verify",
+    "test_operations.py::test_compose_config_with_docker_cli",
+)
+NOT_MARKED = (
+    "{what} in a test not marked `integration`: use a fixture of INTEGRATION_FIXTURES, "
+    "a marker of INTEGRATION_MARKERS (tests/conftest.py) or @pytest.mark.integration"
+)
+
+
+def is_integration(item: pytest.Item) -> bool:
+    """Whether the test starts a server or a process (see INTEGRATION_FIXTURES)."""
+    if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    if item.nodeid.removeprefix("tests/").startswith(INTEGRATION_TESTS):
+        return True
+    return any(item.get_closest_marker(name) is not None for name in INTEGRATION_MARKERS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by it
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if is_integration(item) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def only_integration_starts_servers(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside `integration` tests, starting a process or listening on a socket fails."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def no_process(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(NOT_MARKED.format(what="a process started"))
+
+    def no_listen(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(NOT_MARKED.format(what="a socket listening"))
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    monkeypatch.setattr(socket.socket, "listen", no_listen)
 
 
 @pytest.fixture

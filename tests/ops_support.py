@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.server import free_port
+from tests.processes import Process, free_port, http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "ortto-gateway.json"
@@ -134,8 +133,7 @@ class Prometheus:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: TextIO | None = None
+        self.process: Process | None = None
 
     @property
     def log_path(self) -> Path:
@@ -145,52 +143,32 @@ class Prometheus:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(config)
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=warn",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+        argv = [
+            self.binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        self.process = Process(argv, self.log_path, name="prometheus").launch()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self.process is not None:
+            self.process.stop(timeout=15)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20.0) -> None:
         """Poll `/-/ready` until Prometheus answers 200 (deadline-based)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited:\n{self.log()}")
-            try:
-                async with session.get(self.url + "/-/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if loop.time() >= deadline:
-                raise AssertionError(f"prometheus not ready within {timeout} s:\n{self.log()}")
-            await asyncio.sleep(0.1)
+        assert self.process is not None, "not started"
+        try:
+            ready = await self.process.wait_ready(
+                lambda: http_ok(session, self.url + "/-/ready"), timeout
+            )
+        except TimeoutError as exc:
+            raise AssertionError(str(exc)) from None
+        assert ready, f"prometheus exited:\n{self.log()}"
 
     async def api(self, session: aiohttp.ClientSession, path: str, **params: str) -> dict[str, Any]:
         """GET an `/api/v1/...` endpoint; the whole JSON answer (status, data or error)."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,18 +11,9 @@ from pathlib import Path
 import redis
 
 from tests.conftest import need_binary
+from tests.processes import LOOPBACK, START_TIMEOUT, Process, free_port
 
-LOOPBACK = "127.0.0.1"
-START_TIMEOUT = 10.0  # seconds for a fresh redis-server to answer PING
 STOP_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def ping(port: int, timeout: float = 0.2) -> bool:
@@ -48,7 +37,7 @@ class RedisServer:
         self.extra_args = extra_args
         self.config = config  # a config file to start from (Sentinel needs one it can rewrite)
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
 
     @property
     def url(self) -> str:
@@ -59,7 +48,7 @@ class RedisServer:
         """Start on `self.port` and wait (with a deadline) until it answers PING."""
         assert self.process is None, "already running"
         log = self.directory / "redis.log"
-        self.process = subprocess.Popen(
+        process = Process(
             [
                 self.binary,
                 *([str(self.config)] if self.config else []),
@@ -71,33 +60,27 @@ class RedisServer:
                 "--logfile", str(log),
                 *self.extra_args,
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ping(self.port):
-            if self.process.poll() is not None:
-                self.process = None
-                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                raise RuntimeError(f"redis-server exited at start:\n{tail}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not answer PING in {START_TIMEOUT} s")
-            time.sleep(0.01)  # polling a condition with a deadline
+            self.directory / "redis.out",
+            name="redis-server",
+        ).launch()  # fmt: skip
+        try:
+            answered = process.wait_ready_blocking(
+                lambda: ping(self.port), START_TIMEOUT, what="answering PING"
+            )
+        except TimeoutError:
+            process.kill()
+            raise
+        if not answered:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"redis-server exited at start:\n{tail}{process.output()}")
+        self.process = process
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL); clients see their connections close."""
+        """Stop the server (SIGTERM, then SIGKILL); clients see their connections close.
+        A paused server is continued first, so it can act on SIGTERM."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
+        if process is not None:
+            process.stop(timeout=STOP_TIMEOUT)
 
     def restart(self) -> None:
         """Stop if running and start again on the same port (empty: no persistence)."""
@@ -146,13 +129,14 @@ def running_cluster(directory: Path) -> Iterator[RedisServer]:
     # The cluster bus gets a free port of its own (by default it is the port + 10000).
     cluster_args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     with running(directory, *cluster_args, "--cluster-port", str(free_port())) as server:
+        assert server.process is not None
         with redis.Redis(host=LOOPBACK, port=server.port) as client:
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
             # A fresh master declares the cluster usable only after about 2 s (Redis's
             # CLUSTER_WRITABLE_DELAY): poll for it with a deadline.
-            deadline = time.monotonic() + START_TIMEOUT
-            while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the one-node cluster did not become ready")
-                time.sleep(0.02)
+            usable = server.process.wait_ready_blocking(
+                lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"),
+                what="a usable one-node cluster",
+            )
+            assert usable, server.process.output()
         yield server

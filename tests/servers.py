@@ -1,26 +1,24 @@
-"""Helpers that run real servers for the tests: nginx with the shipped site config.
+"""The web servers of the browser tests: nginx with the shipped site config, Chromium.
 
-Ports are chosen at run time on loopback; every process is stopped when its context exits.
+nginx runs through tests.processes.Process on free loopback ports chosen at run time;
+Chromium through Playwright. Each is stopped when its context exits.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
-import socket
-import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from playwright.async_api import Browser, async_playwright
 
+from tests.processes import LOOPBACK, START_TIMEOUT, Process, free_port, port_open
+
+__all__ = ["LOOPBACK", "Nginx", "fill", "free_port", "run_chromium", "run_nginx", "write_site"]
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE_CONF = ROOT / "deploy" / "nginx" / "ortto-gateway.conf"
-LOOPBACK = "127.0.0.1"
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 # A port taken between free_port() and nginx's bind is retried with fresh ports.
 START_ATTEMPTS = 3
 
@@ -71,14 +69,6 @@ SITE_UPSTREAM = "server 127.0.0.1:8080;"
 SITE_ROOT = "root /var/www/example.com;"
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def fill(template: str, values: Mapping[str, str | int | Path]) -> str:
     """Replace each {{NAME}}; fail on a placeholder left over."""
     text = template
@@ -107,7 +97,7 @@ def render_site_conf(text: str, *, listen_port: int, gateway_port: int, site_roo
 class Nginx:
     """A running nginx: its ports and where it keeps its logs."""
 
-    process: subprocess.Popen[bytes]
+    process: Process
     prefix: Path
     port: int
     other_port: int | None
@@ -140,42 +130,6 @@ class Nginx:
         return "\n".join(parts)
 
 
-async def wait_listening(
-    ports: Sequence[int],
-    process: subprocess.Popen[bytes],
-    timeout: float = START_TIMEOUT,
-) -> bool:
-    """Wait until every port accepts a connection; False if the process exits first."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    waiting = list(ports)
-    while waiting:
-        if process.poll() is not None:
-            return False
-        if loop.time() >= deadline:
-            raise TimeoutError(f"ports {waiting} not listening within {timeout:g} s")
-        try:
-            _, writer = await asyncio.open_connection(LOOPBACK, waiting[0])
-        except OSError:
-            await asyncio.sleep(0.02)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        waiting.pop(0)
-    return True
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM (nginx: fast shutdown), then SIGKILL after `timeout`; always reaped."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextlib.asynccontextmanager
 async def run_nginx(
     binary: str,
@@ -185,7 +139,8 @@ async def run_nginx(
     site_root: Path,
     other_root: Path | None = None,
 ) -> AsyncIterator[Nginx]:
-    """Run nginx in the foreground with deploy/nginx/ortto-gateway.conf; stop it on exit."""
+    """Run nginx in the foreground with deploy/nginx/ortto-gateway.conf; stop it on exit
+    (SIGTERM: nginx's fast shutdown)."""
     prefix.mkdir(parents=True, exist_ok=True)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
@@ -204,32 +159,21 @@ async def run_nginx(
             extra = fill(OTHER_SITE, {"OTHER_PORT": str(other_port), "OTHER_ROOT": other_root})
         conf = prefix / "nginx.conf"
         conf.write_text(fill(WRAPPER, {"PREFIX": prefix, "EXTRA": extra}))
-        with open(prefix / "stderr.log", "wb") as err:
-            process = subprocess.Popen(
-                [binary, "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                start_new_session=True,
-            )
+        (prefix / "stderr.log").unlink(missing_ok=True)  # this attempt's output only
+        argv = [binary, "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)]
+        process = Process(argv, prefix / "stderr.log", name="nginx")
         server = Nginx(process, prefix, port, other_port)
-        try:
-            ports = [port] if other_port is None else [port, other_port]
-            started = await wait_listening(ports, process)
-        except BaseException:
-            stop_process(process)
-            raise
-        if not started:
-            process.wait()
-            last_logs = server.logs()
-            if "Address already in use" in last_logs:
-                continue
-            raise RuntimeError(f"nginx exited with {process.returncode}\n{last_logs}")
-        try:
+        ports = [port] if other_port is None else [port, other_port]
+        with process.launch():
+            if not await process.wait_ready(
+                lambda ports=ports: all(map(port_open, ports)), START_TIMEOUT, what="listening"
+            ):
+                last_logs = server.logs()
+                if "Address already in use" in last_logs:
+                    continue
+                raise RuntimeError(f"nginx exited with {process.returncode}\n{last_logs}")
             yield server
-        finally:
-            stop_process(process)
-        return
+            return
     raise RuntimeError(f"nginx could not bind a free port\n{last_logs}")
 
 

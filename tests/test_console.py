@@ -109,6 +109,7 @@ def test_mask_emails() -> None:
 # -- where it is served
 
 
+@pytest.mark.integration  # serves real listeners
 async def test_public_listener_never_serves_the_console(tmp_path: Path) -> None:
     """`serve`: the console on the metrics listener; /console and its routes 404 on the public."""
     settings = base_settings(
@@ -193,6 +194,7 @@ async def test_stream_sends_recent_events_then_new_ones(
         assert (await read_event(resp))[1]["reason"] == "origin_not_allowed"
 
 
+@pytest.mark.integration  # serves real listeners
 async def test_shutdown_ends_open_streams(tmp_path: Path) -> None:
     """An open stream does not hold up the metrics listener's shutdown (60 s by default)."""
     settings = base_settings(
@@ -392,6 +394,7 @@ async def test_dead_letters_list_replay_purge(
     assert await _depth(path) == (1, 0)
 
 
+@pytest.mark.integration  # serves real listeners
 async def test_test_activity_goes_through_the_public_listener(
     sandbox: TestServer, sandbox_state: SandboxState, tmp_path: Path
 ) -> None:

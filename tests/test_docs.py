@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gateway.config import load_settings
@@ -82,6 +83,7 @@ def slug(heading: str) -> str:
     return re.sub(r"[ ]+", "-", text)
 
 
+@pytest.mark.integration  # runs mkdocs
 def test_site_builds_strict(tmp_path: Path) -> None:
     """`mkdocs build --strict` fails on any broken link, missing anchor or page left out of
     the nav; it needs no network."""
@@ -160,6 +162,7 @@ def test_no_old_heading_is_lost() -> None:
         assert any(old.lower() in h for h in found), f"no page has the section {old!r}"
 
 
+@pytest.mark.integration  # runs the rebasing script
 def test_runbook_urls_are_absolute_and_rebased_by_the_script() -> None:
     assert runpy.run_path(str(REBASE))["DEFAULT_BASE"] == RUNBOOK_BASE
     rules = alert_rules(yaml.safe_load(ALERTS.read_text()))
