@@ -124,7 +124,9 @@ def create_app(
             if settings.delivery == "queue"
             else ForwardSink(app[CLIENT], metrics)
         )
-        app[RELAY] = Relay(settings, Limiter(store, clock=clock), sink, metrics, clock=clock)
+        app[RELAY] = Relay(
+            settings, Limiter(store, clock=clock), sink, metrics, clock=clock, feed=app[FEED]
+        )
         app[LIFECYCLE].started = True
         try:
             yield
