@@ -107,6 +107,8 @@ def create_app(
             concurrency=settings.upstream_concurrency,
             batch_max_wait=settings.batch_max_wait,
             clock=clock,
+            feed=app[FEED],
+            personal=settings.console_personal,
         )
         app[DELIVERY] = delivery
         delivery.start()
