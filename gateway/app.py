@@ -108,6 +108,8 @@ def create_app(
             concurrency=settings.upstream_concurrency,
             batch_max_wait=settings.batch_max_wait,
             clock=clock,
+            feed=app[FEED],
+            personal=settings.console_personal,
         )
         app[DELIVERY] = delivery
         delivery.start()
@@ -125,7 +127,9 @@ def create_app(
             if settings.delivery == "queue"
             else ForwardSink(app[CLIENT], metrics)
         )
-        app[RELAY] = Relay(settings, Limiter(store, clock=clock), sink, metrics, clock=clock)
+        app[RELAY] = Relay(
+            settings, Limiter(store, clock=clock), sink, metrics, clock=clock, feed=app[FEED]
+        )
         app[LIFECYCLE].started = True
         try:
             yield

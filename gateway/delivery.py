@@ -55,10 +55,12 @@ import orjson
 from aiolimiter import AsyncLimiter
 
 from gateway.config import ORTTO_MAX_ACTIVITIES, ORTTO_MAX_BODY_BYTES
+from gateway.feed import Feed, FeedEvent, Forwarded, mask_strings
 from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpoolClosed, SpooledItem, SpoolError
 from gateway.upstream import (
     BATCH_OVERHEAD,
+    Entry,
     OrttoClient,
     UpstreamError,
     UpstreamResponse,
@@ -91,6 +93,8 @@ DEFAULT_RATE_LIMIT_PAUSE = 10.0
 MAX_AGE = 90 * 86400.0 - 3600.0
 # Leave room under Ortto's 2 MB for the envelope and separators.
 MAX_BATCH_BYTES = ORTTO_MAX_BODY_BYTES - BATCH_OVERHEAD - ORTTO_MAX_ACTIVITIES
+# A string of a forwarded body the console shows is cut to this many characters.
+FORWARDED_VALUE_CHARS = 2000
 # How often the spool gauges are refreshed while idle.
 GAUGE_INTERVAL = 1.0
 # A worker that stopped on an error starts again after base * 2**n, capped: soon enough
@@ -129,6 +133,19 @@ def _merge_by(payload: bytes) -> list[str] | None:
     return merge_by if isinstance(merge_by, list) and merge_by else None
 
 
+_KEY = b'"key":"'
+
+
+def _key_of(payload: bytes) -> str:
+    """The key enrichment gave a spooled activity (its last key: no JSON parse)."""
+    at = payload.rfind(_KEY)
+    if at < 0:
+        return ""
+    start = at + len(_KEY)
+    end = payload.find(b'"', start)
+    return payload[start:end].decode("ascii", "replace") if end > 0 else ""
+
+
 def _by_merge_by(items: list[SpooledItem]) -> list[list[SpooledItem]]:
     """The items by their `merge_by`, each group in spool order, groups by first item."""
     groups: dict[tuple[str, ...], list[SpooledItem]] = {}
@@ -155,8 +172,13 @@ class Delivery:
         rng: Callable[[], float] = random.random,
         circuit_pause: float = CIRCUIT_PAUSE,
         auth_pause: float = AUTH_PAUSE,
+        feed: Feed | None = None,
+        personal: bool = False,
     ) -> None:
         self._spool = spool
+        # The console's events, and what was sent (emails masked unless `personal`).
+        self._feed = feed
+        self._personal = personal
         self._client = client
         self._metrics = metrics
         self._rate = AsyncLimiter(rate, 1.0) if rate >= 1 else AsyncLimiter(1, 1.0 / rate)
@@ -454,7 +476,7 @@ class Delivery:
             else:
                 keep.append(item)
         if dead:
-            await self._dead_letter(dead, held)
+            await self._dead_letter(dead, held, items)
         return keep
 
     async def _send(self, items: Sequence[SpooledItem], held: set[int], *, bisecting: bool) -> None:
@@ -470,6 +492,7 @@ class Delivery:
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels("error").inc()
             self._retry_later(ids, "network", None, str(exc), failures)
+            self._publish("retried", 0, items, str(exc))
             await self._give_back(ids, held)
             return
         self._metrics.upstream_requests.labels(status_group(resp.status)).inc()
@@ -487,20 +510,23 @@ class Delivery:
                     "Ortto refused the API key; delivery paused, nothing discarded",
                     extra={"data": {"status": status, "spooled": self._spool.depth}},
                 )
+            self._publish("retried", status, items, "Ortto refused the API key", resp.elapsed)
             await self._give_back(ids, held, attempt=False)
         elif status == 429:
             self._metrics.upstream_retries.labels("rate_limit").inc()
             wait = DEFAULT_RATE_LIMIT_PAUSE if resp.retry_after is None else resp.retry_after
             self._pause("rate_limit", wait + self._rng())
             log.warning("Ortto rate limit; pausing", extra={"data": {"seconds": round(wait, 3)}})
+            self._publish("retried", status, items, "Ortto's rate limit", resp.elapsed)
             await self._give_back(ids, held, attempt=False)
         elif status >= 500 or status < 400:
             self._retry_later(
                 ids, "server_error", resp.retry_after, f"Ortto answered {status}", failures
             )
+            self._publish("retried", status, items, f"Ortto answered {status}", resp.elapsed)
             await self._give_back(ids, held)
         else:
-            await self._refused(items, held, status, resp.json())
+            await self._refused(items, held, status, resp.json(), resp.elapsed)
 
     async def _give_back(self, ids: Sequence[int], held: set[int], *, attempt: bool = True) -> None:
         """Give rows of the batch holding them back to the spool for another try."""
@@ -562,6 +588,8 @@ class Delivery:
             else:
                 done.append(item.id)
                 delivered.append(item.activity_id)
+        if self._feed is not None:
+            self._delivered(items, entries, resp)
         if done:
             held.difference_update(done)  # delivered: never given back, acknowledged or not
             for item_id in done:
@@ -570,7 +598,70 @@ class Delivery:
                 self._metrics.count_activity(activity_id, "delivered")
             await self._ack(done)
         if dead:
-            await self._dead_letter(dead, held)
+            await self._dead_letter(dead, held, items, resp.status)
+
+    def _delivered(
+        self, items: Sequence[SpooledItem], entries: Sequence[Entry], resp: UpstreamResponse
+    ) -> None:
+        """The console's event for what Ortto took of a batch, and what it was sent and
+        answered for each (the refused ones are recorded as dead letters)."""
+        assert self._feed is not None
+        answers = resp.json()["activities"]  # read_answer found one entry per activity
+        taken = [
+            (item, answer)
+            for item, entry, answer in zip(items, entries, answers, strict=True)
+            if entry.delivered
+        ]
+        if taken:
+            self._publish("delivered", resp.status, [item for item, _ in taken], None, resp.elapsed)
+        for item, answer in taken:
+            self._forward(item, resp.status, answer)
+
+    def _publish(
+        self,
+        outcome: str,
+        status: int,
+        items: Sequence[SpooledItem],
+        error: str | None,
+        elapsed: float | None = None,
+    ) -> None:
+        """One `delivery` event for the console (`error` already redacted)."""
+        if self._feed is None:
+            return
+        event: FeedEvent = {
+            "kind": "delivery",
+            "time": self._clock(),
+            "outcome": outcome,
+            "status": status,
+            "count": len(items),
+            "keys": [_key_of(item.payload) for item in items],
+        }
+        if error:
+            event["error"] = error
+        if elapsed is not None:
+            event["ms"] = round(elapsed * 1000, 3)
+        self._feed.publish(event)
+
+    def _forward(self, item: SpooledItem, status: int, answer: Any) -> None:
+        """Record what Ortto was sent for one activity and what it answered: the body's
+        emails masked unless the console is personal, Ortto's text always redacted (so
+        the key and the other secrets are masked in both)."""
+        assert self._feed is not None
+        try:
+            body = orjson.loads(item.payload)
+        except orjson.JSONDecodeError:
+            body = None
+        redact = self._client.redact
+        if not self._personal:
+            body = mask_strings(body, lambda text: redact(text, FORWARDED_VALUE_CHARS))
+        forwarded: Forwarded = {
+            "key": _key_of(item.payload),
+            "time": self._clock(),
+            "body": body,
+            "status": status,
+            "answer": mask_strings(answer, redact),
+        }
+        self._feed.record_forward(forwarded)
 
     async def _unproven(
         self, items: Sequence[SpooledItem], held: set[int], resp: UpstreamResponse, failures: int
@@ -590,12 +681,20 @@ class Delivery:
         # Counted and backed off whichever way the batch goes: the next batch waits too.
         self._retry_later([i.id for i in items], "bad_answer", resp.retry_after, reason, failures)
         if dead:
-            await self._dead_letter(dead, held)
+            await self._dead_letter(dead, held, items, resp.status)
         if again:
+            self._publish(
+                "retried", resp.status, [i for i in items if i.id in again], reason, resp.elapsed
+            )
             await self._give_back(again, held)
 
     async def _refused(
-        self, items: Sequence[SpooledItem], held: set[int], status: int, data: Any
+        self,
+        items: Sequence[SpooledItem],
+        held: set[int],
+        status: int,
+        data: Any,
+        elapsed: float | None = None,
     ) -> None:
         """A 4xx for the batch: isolate the refused activities by bisection."""
         self._note_bad_request()
@@ -611,7 +710,7 @@ class Delivery:
                 else:
                     rest.append(item)
             if dead:
-                await self._dead_letter(dead, held)
+                await self._dead_letter(dead, held, items, status)
                 if rest:
                     await self._send(rest, held, bisecting=True)
                 return
@@ -620,8 +719,13 @@ class Delivery:
             message = self._client.redact(str(error)) if error else ""
             message = message or f"Ortto answered {status}"
             first = items[0]
-            await self._dead_letter([(first.id, first.activity_id, first.person, message)], held)
+            await self._dead_letter(
+                [(first.id, first.activity_id, first.person, message)], held, items, status
+            )
             return
+        self._publish(
+            "retried", status, items, "refused: sent again in halves to find which", elapsed
+        )
         middle = len(items) // 2
         for half in (items[:middle], items[middle:]):
             await self._send(half, held, bisecting=True)
@@ -640,8 +744,22 @@ class Delivery:
                 extra={"data": {"seconds": self._circuit_pause}},
             )
 
-    async def _dead_letter(self, dead: list[tuple[int, str, str, str]], held: set[int]) -> None:
+    async def _dead_letter(
+        self,
+        dead: list[tuple[int, str, str, str]],
+        held: set[int],
+        sent: Sequence[SpooledItem] = (),
+        status: int = 0,
+    ) -> None:
+        """Dead-letter rows (of the items `sent`: the console is shown what they held)."""
         await self._spool.dead_letter(dead)
+        if self._feed is not None:
+            by_id = {item.id: item for item in sent}
+            items = [by_id[item_id] for item_id, *_ in dead if item_id in by_id]
+            self._publish("dead_lettered", status, items, dead[0][3])
+            errors = {item_id: error for item_id, _, _, error in dead}
+            for item in items:
+                self._forward(item, status, {"error": errors[item.id]})
         held.difference_update(item_id for item_id, *_ in dead)
         for item_id, activity_id, who, error in dead:
             self._unconfirmed.pop(item_id, None)

@@ -13,9 +13,12 @@ supervisor) and of several hosts sees every process's events merged (`gateway.fe
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import hmac
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal, Protocol, TypedDict
 
 # How many events and forwarded bodies one process keeps for the console.
@@ -23,6 +26,8 @@ RECENT_EVENTS = 1000
 FORWARDED_BODIES = 500
 
 Kind = Literal["request", "activity", "delivery"]
+# The header of the console's "send a test activity" button (`console_test_token`).
+TEST_HEADER = "X-Gateway-Test"
 
 
 class FeedEvent(TypedDict, total=False):
@@ -38,6 +43,7 @@ class FeedEvent(TypedDict, total=False):
     """
 
     seq: int  # set by the feed: increasing within one feed
+    id: str  # set by the feed: where `follow(after=id)` resumes (the Redis stream id)
     kind: Kind
     time: float  # Unix time
     outcome: str
@@ -50,6 +56,7 @@ class FeedEvent(TypedDict, total=False):
     client: str  # the client address, anonymised when GATEWAY_IP_ANONYMIZE is on
     key: str  # the activity's key: look up what was forwarded with `forwarded`
     test: bool  # sent by the console's "send a test activity" button
+    duplicate: bool  # accepted as a repeat of one stored before (its key is that one's)
     status: int
     count: int
     keys: list[str]
@@ -77,7 +84,7 @@ class Feed(Protocol):
 
     async def recent(self, limit: int = RECENT_EVENTS) -> list[FeedEvent]: ...
 
-    def follow(self, after: int = 0) -> AsyncIterator[FeedEvent]: ...
+    def follow(self, after: int | str = 0) -> AsyncIterator[FeedEvent]: ...
 
     async def forwarded(self, key: str) -> Forwarded | None: ...
 
@@ -104,6 +111,7 @@ class MemoryFeed:
     def publish(self, event: FeedEvent) -> None:
         self._seq += 1
         event["seq"] = self._seq
+        event["id"] = str(self._seq)
         event.setdefault("time", time.time())
         if self._worker is not None:
             event["worker"] = self._worker
@@ -123,8 +131,10 @@ class MemoryFeed:
             return []
         return list(self._events)[-limit:]
 
-    async def follow(self, after: int = 0) -> AsyncIterator[FeedEvent]:
-        """Every event with a `seq` above `after`, then each new one as it comes."""
+    async def follow(self, after: int | str = 0) -> AsyncIterator[FeedEvent]:
+        """Every event with a `seq` above `after` (a `seq`, or an event's `id`), then each
+        new one as it comes."""
+        after = int(after) if isinstance(after, int) or after.isdigit() else 0
         while True:
             for event in list(self._events):
                 if event["seq"] > after:
@@ -144,7 +154,52 @@ class MemoryFeed:
 def open_feed(settings: Any, *, worker: int | None = None) -> Feed:
     """The feed a gateway process (or the `--workers` supervisor) publishes to and reads.
 
-    In-process for now; with `GATEWAY_REDIS_URL` a Redis stream shared by every worker
-    and host (so the supervisor's console sees every worker's events)."""
-    del settings
-    return MemoryFeed(worker=worker)
+    In-process without `GATEWAY_REDIS_URL`; with it a Redis stream shared by every worker
+    and host (so the supervisor's console sees every worker's events). Whoever opens a
+    feed must `await feed.close()` on the way out, on the loop that used it: a Redis feed
+    flushes what it still holds then, and closes its connections."""
+    if not settings.redis_url:
+        return MemoryFeed(worker=worker)
+    from gateway.feed_redis import redis_feed_from_settings  # the optional `redis` extra
+
+    return redis_feed_from_settings(settings, worker=worker)
+
+
+# The label the test marker signs, and the derivation of its key from the API key.
+_TEST_LABEL = b"console test activity"
+_TEST_KEY_LABEL = b"ortto-gw console test\0"
+TEST_TOKEN_CHARS = 32
+
+
+def console_test_token(settings: Any) -> str:
+    """The `X-Gateway-Test` value that marks a request as the console's test activity.
+
+    An HMAC-SHA256 of a fixed label, keyed by a secret derived from the API key: every
+    worker and host that shares the key agrees on it, and a browser (which never sees
+    the key) cannot forge it. It only marks the feed's events (`test`); nothing else
+    changes for a test activity."""
+    return _test_token(settings.api_key)
+
+
+@functools.lru_cache(maxsize=4)
+def _test_token(api_key: str) -> str:
+    secret = hashlib.sha256(_TEST_KEY_LABEL + api_key.encode()).digest()
+    return hmac.new(secret, _TEST_LABEL, hashlib.sha256).hexdigest()[:TEST_TOKEN_CHARS]
+
+
+def is_test(header: str | None, settings: Any) -> bool:
+    """Whether a request's `X-Gateway-Test` header is the console's token (constant time)."""
+    if not header or settings is None or not settings.api_key:
+        return False
+    return hmac.compare_digest(header.encode(), console_test_token(settings).encode())
+
+
+def mask_strings(value: Any, mask: Callable[[str], str]) -> Any:
+    """A JSON value with `mask` applied to every string in it (keys of objects kept)."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {k: mask_strings(v, mask) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_strings(v, mask) for v in value]
+    return value

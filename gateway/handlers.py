@@ -15,7 +15,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.keys import ADMISSION, LIFECYCLE, METRICS, RELAY, SETTINGS, SPOOL
-from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, json_response
+from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, TEST, json_response
 from gateway.shim import ShimFile
 from gateway.validation import decode_body
 
@@ -102,7 +102,7 @@ async def create_activities(request: web.Request) -> web.Response:
             request.app[METRICS].body_inflated_bytes.inc(decoder.inflated)
     data = decode_body(body, request.headers.get("Content-Type", ""), limit)
     result = await request.app[RELAY].submit(
-        data, request[CLIENT_IP], request[REQUEST_ID], request[LOG_DATA]
+        data, request[CLIENT_IP], request[REQUEST_ID], request[LOG_DATA], test=request[TEST]
     )
     if result.log:
         request[LOG_DATA].update(result.log)

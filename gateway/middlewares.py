@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway.admission import BUSY_RETRY_AFTER, Admission
 from gateway.client_ip import TrustedProxies, ip_text, parse_ip, resolve_client_ip
 from gateway.cors import CorsPolicy
+from gateway.enrich import anonymize_ip
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -20,7 +21,8 @@ from gateway.errors import (
     new_request_id,
     retry_after_header,
 )
-from gateway.keys import LIFECYCLE
+from gateway.feed import TEST_HEADER, FeedEvent, is_test
+from gateway.keys import FEED, LIFECYCLE, SETTINGS
 from gateway.logs import log_field, log_line
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
@@ -32,6 +34,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_IP = web.RequestKey("client_ip", str)
 LOG_DATA = web.RequestKey[dict[str, Any]]("log_data")
+# Whether the request carries the console's test marker (`gateway.feed.is_test`).
+TEST = web.RequestKey("gateway_test", bool)
 ROUTE_NAMES = {
     "activities": "activities",
     "activities-preflight": "preflight",
@@ -89,6 +93,8 @@ def make_middlewares(
         request_id = new_request_id()
         request[REQUEST_ID] = request_id
         request[LOG_DATA] = {}
+        marker = request.headers.get(TEST_HEADER)
+        request[TEST] = marker is not None and is_test(marker, request.app.get(SETTINGS))
         origin = request.headers.get("Origin")
         if origin is None and request.method == "POST":
             # Old browsers omit Origin on same-origin POSTs; their Referer says where from.
@@ -102,6 +108,19 @@ def make_middlewares(
             proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
             scheme = proto if proto in ("http", "https") else scheme
         check = cors.check(origin, request.host, scheme)
+
+        def client() -> str:
+            """The client's address for a refusal's event (resolved here if not yet)."""
+            if CLIENT_IP in request:
+                return request[CLIENT_IP]
+            ip = resolve_client_ip(
+                peer[0] if peer else None,
+                request.headers.getall("X-Forwarded-For", ()),
+                request.headers.getall("Forwarded", ()),
+                trusted,
+            )
+            return ip_text(ip) if ip is not None else ""
+
         within_budget = admission.enter()
         try:
             if not within_budget and request.path not in ALWAYS_ANSWER:
@@ -129,7 +148,7 @@ def make_middlewares(
             response = error_response(err, request_id)
             if isinstance(err, Forbidden):
                 metrics.count_activity(None, "forbidden")
-            _refused(request, metrics, err.reason, err.field, counted=err.counted)
+            _refused(request, metrics, err.reason, err.field, client, counted=err.counted)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 message = _HTTP_MESSAGES.get(exc.status, exc.reason.lower())
@@ -145,7 +164,7 @@ def make_middlewares(
                 )
                 if exc.status == 405:
                     response.headers["Allow"] = exc.headers.get("Allow", "")
-                _refused(request, metrics, reason, None)
+                _refused(request, metrics, reason, None, client)
             else:
                 raise
         except Exception:
@@ -159,7 +178,7 @@ def make_middlewares(
                     "reason": "internal_error",
                 },
             )
-            _refused(request, metrics, "internal_error", None)
+            _refused(request, metrics, "internal_error", None, client)
         finally:
             admission.leave()
         if not request.content.is_eof():
@@ -199,17 +218,39 @@ def _refused(
     metrics: Metrics,
     reason: Reason,
     field: str | None,
+    client: Callable[[], str],
     *,
     counted: bool = False,
 ) -> None:
     """A refused request's reason code (and field path, never a value) on its log line,
-    and counted unless the relay already counted its activities one by one."""
+    and, unless the relay already counted (and published) its activities one by one,
+    counted and published as a `request` event for the console."""
     data = request[LOG_DATA]
     data["reason"] = reason
     if field:
         data["field"] = log_field(field)
-    if not counted:
-        metrics.count_refusal(None, reason)
+    if counted:
+        return
+    metrics.count_refusal(None, reason)
+    feed = request.app.get(FEED)
+    if feed is None:
+        return
+    address = client()
+    settings = request.app.get(SETTINGS)
+    if address and settings is not None and settings.ip_anonymize:
+        address = anonymize_ip(address)
+    event: FeedEvent = {
+        "kind": "request",
+        "time": time.time(),
+        "outcome": "refused",
+        "reason": reason,
+        "field": log_field(field) if field else None,
+        "request_id": request[REQUEST_ID],
+        "client": address,
+    }
+    if request.get(TEST):
+        event["test"] = True
+    feed.publish(event)
 
 
 def referer_origin(referer: str | None) -> str | None:

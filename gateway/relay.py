@@ -26,6 +26,7 @@ from gateway.errors import (
     Unavailable,
     retry_after_header,
 )
+from gateway.feed import Feed, FeedEvent
 from gateway.identity import person_hash, person_key, verify_identity
 from gateway.limits import Check, Limiter, LimiterUnavailable
 from gateway.limits.limiter import IN_FLIGHT_RETRY
@@ -104,6 +105,14 @@ def _settle_merge_by(
     warnings.append(warning("merge_by", "dropped", "merge_by_not_allowed", problem))
 
 
+def _person(activity: Any) -> str:
+    """The person key of an activity for the feed, or "" when it has no usable one."""
+    try:
+        return person_key(activity)
+    except (GatewayError, AttributeError, TypeError):  # e.g. a refused one's `fields` a list
+        return ""
+
+
 class Relay:
     """One request's way through the gateway, from parsed JSON to the sink."""
 
@@ -115,11 +124,13 @@ class Relay:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
+        feed: Feed | None = None,
     ) -> None:
         self.settings = settings
         self.limiter = limiter
         self.sink = sink
         self.metrics = metrics
+        self.feed = feed  # the console's events: one per activity (None: none)
         self._clock = clock
         self._keys_reported = 0.0
 
@@ -129,18 +140,26 @@ class Relay:
         client_ip: str | None,
         request_id: str,
         log_data: dict[str, Any] | None = None,
+        *,
+        test: bool = False,
     ) -> RelayResult:
         """Run one decoded request body through the flow; raise GatewayError to refuse it whole.
 
         Each refused activity is counted by its reason code, and `log_data` (the request's
         log line) gets the codes and field paths, never a value. A refusal of the body as
-        a whole, before its activities are known, is left to the shell to count."""
+        a whole, before its activities are known, is left to the shell to count (and to
+        publish). Each activity is published to the feed, marked `test` when the request
+        carried the console's test marker."""
         parsed: ParsedRequest = parse_request(data, self.settings)
         raw = data["activities"] if is_batch(data) else [data]
         entries: list[dict[str, Any] | None] = [None] * len(parsed.items)
         refusal: GatewayError | None = None
+        # The address as the activities (and the feed's events) carry it: anonymised once.
+        source_ip = (
+            anonymize_ip(client_ip) if client_ip and self.settings.ip_anonymize else client_ip
+        )
         try:
-            result = await self._submit(parsed, raw, entries, client_ip, request_id)
+            result = await self._submit(parsed, raw, entries, client_ip, source_ip, request_id)
             if result.status >= 400 and log_data is not None:  # e.g. 429: refused, with entries
                 log_data["reason"] = result.body.get("reason")
             return result
@@ -150,6 +169,8 @@ class Relay:
             raise
         finally:
             self._account(raw, entries, refusal, parsed, log_data)
+            if self.feed is not None:
+                self._publish(raw, entries, refusal, parsed, source_ip or "", request_id, test)
 
     def _account(
         self,
@@ -189,12 +210,65 @@ class Relay:
         if codes:
             log_data["warnings"] = dict(codes)
 
+    def _publish(
+        self,
+        raw: list[Any],
+        entries: list[dict[str, Any] | None],
+        refusal: GatewayError | None,
+        parsed: ParsedRequest,
+        client: str,
+        request_id: str,
+        test: bool,
+    ) -> None:
+        """One `activity` event per activity with an outcome: who (hashed unless the
+        console is personal), from where (anonymised as the activity's `source_ip`), why
+        refused or what was normalised, and the key its delivery will show."""
+        feed = self.feed
+        assert feed is not None
+        settings = self.settings
+        now = self._clock()
+        for activity, entry, item, warnings in zip(
+            raw, entries, parsed.items, parsed.warnings, strict=True
+        ):
+            if entry is None:
+                if refusal is None:
+                    continue  # no outcome (the request failed otherwise): nothing to show
+                reason: str | None = refusal.reason
+                field = refusal.field
+            else:
+                reason, field = entry.get("reason"), entry.get("field")
+            event: FeedEvent = {
+                "kind": "activity",
+                "time": now,
+                "outcome": "refused" if reason else "accepted",
+                "request_id": request_id,
+                "client": client,
+            }
+            if isinstance(activity, dict) and isinstance(activity.get("activity_id"), str):
+                event["activity_id"] = activity["activity_id"]
+            if reason:
+                event["reason"] = reason
+                event["field"] = log_field(field) if field else None  # never a value
+            if warnings:
+                event["warnings"] = [w["code"] for w in warnings]
+            person = _person(item if isinstance(item, dict) else activity)
+            if person:
+                event["person"] = person if settings.console_personal else person_hash(person)
+            if entry is not None and entry.get("duplicate"):
+                event["duplicate"] = True  # what Ortto gets is the first copy, another key
+            elif not reason and isinstance(item, dict) and "key" in item:
+                event["key"] = item["key"]
+            if test:
+                event["test"] = True
+            feed.publish(event)
+
     async def _submit(
         self,
         parsed: ParsedRequest,
         raw: list[Any],
         entries: list[dict[str, Any] | None],
         client_ip: str | None,
+        source_ip: str | None,
         request_id: str,
     ) -> RelayResult:
         settings = self.settings
@@ -239,7 +313,6 @@ class Relay:
         # Enriched and encoded before the limits: the exact size reserves room in the spool
         # first, so a request the spool cannot take is refused before any limit is charged,
         # and one that was charged cannot then find the spool full.
-        source_ip = anonymize_ip(client_ip) if client_ip and settings.ip_anonymize else client_ip
         encoded = [orjson.dumps(enrich(items[pos], source_ip, now)) for pos in positions]  # type: ignore[arg-type]
         held_rows, held_bytes = len(encoded), sum(map(len, encoded))
         if not self.sink.reserve(held_rows, held_bytes):

@@ -9,7 +9,6 @@ them, it never checks their pixels.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 from collections.abc import AsyncIterator
@@ -21,7 +20,6 @@ import pytest
 from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, Page, expect
 
-import gateway.feed
 from gateway.config import HostPort, Settings, parse_rate
 from gateway.demo import run_demo
 from gateway.sandbox import Fault, SandboxState, wait_for
@@ -38,12 +36,6 @@ PATH = "/v1/activities/create"
 # Generous: conditions that normally hold within milliseconds.
 DEADLINE = 15.0
 TIMEOUT_MS = 15_000
-# The relay, HTTP shell and delivery publish into the feed on another branch (issue 18
-# part 1): until it is merged nothing reaches the stream. TEMPORARY guard, removed at merge.
-publishers = pytest.mark.skipif(
-    not hasattr(gateway.feed, "console_test_token"),
-    reason="the feed's publishers (issue 18 part 1) are not merged yet",
-)
 
 
 @pytest.fixture
@@ -106,7 +98,6 @@ async def send_test(page: Page, activity_id: str, email: str) -> None:
     await expect(row.locator("output")).to_contain_text("HTTP 202", timeout=TIMEOUT_MS)
 
 
-@publishers
 async def test_requests_appear_with_their_reasons(
     sandbox: TestServer,
     sandbox_state: SandboxState,
@@ -237,11 +228,6 @@ async def read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
 
 @pytest.mark.redis
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not hasattr(gateway.feed, "RedisFeed")
-    and importlib.util.find_spec("gateway.feed_redis") is None,
-    reason="TEMPORARY: the Redis feed (issue 18 part 1) is not merged yet",
-)
 async def test_workers_streams_are_merged(
     sandbox: TestServer, session: aiohttp.ClientSession, tmp_path: Path, reaper: list[Any]
 ) -> None:

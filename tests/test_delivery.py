@@ -22,9 +22,11 @@ from gateway.delivery import (
     RESTART_BASE,
     UNCONFIRMED,
     Delivery,
+    _key_of,
     full_jitter,
 )
 from gateway.enrich import enrich
+from gateway.feed import FeedEvent, MemoryFeed
 from gateway.logs import JsonFormatter
 from gateway.metrics import Metrics
 from gateway.sandbox import Fault, SandboxState, wait_for
@@ -736,3 +738,98 @@ async def test_a_failing_batch_never_gives_back_rows_it_gave_back_already(
     assert delivered(rig) == 2
     a_posts = [p for p in client.posts if "a@example.com" in p]
     assert len(a_posts) == (3 if first == 400 else 2)
+
+
+# -- the console's feed
+
+
+def feed_events(feed: MemoryFeed, outcome: str) -> list[FeedEvent]:
+    return [e for e in feed._events if e["kind"] == "delivery" and e["outcome"] == outcome]
+
+
+async def test_a_delivery_is_published_with_the_bodies_sent_emails_masked(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    feed = MemoryFeed()
+    payloads = [payload(i) for i in range(3)]
+    keys = [orjson.loads(p)["key"] for p in payloads]
+    await rig.spool.put(to_queue(payloads))
+    rig.start(feed=feed)
+    await wait_for(lambda: len(sandbox_state.activities) == 3)
+    await rig.settled()
+    delivered = feed_events(feed, "delivered")
+    assert sorted(k for e in delivered for k in e["keys"]) == sorted(keys)
+    assert all(e["status"] == 200 and e["ms"] >= 0 for e in delivered)
+    assert sum(e["count"] for e in delivered) == 3
+    forwarded = await feed.forwarded(keys[1])
+    assert forwarded is not None
+    assert forwarded["status"] == 200
+    assert forwarded["body"]["fields"]["str::email"] == "****@example.com"
+    assert forwarded["body"]["key"] == keys[1]
+    assert forwarded["answer"]["status"] in ("ingested", "queued")
+    assert "p1@example.com" not in orjson.dumps(list(feed._forwarded.values())).decode()
+    assert (
+        API_KEY not in orjson.dumps([list(feed._events), list(feed._forwarded.values())]).decode()
+    )
+
+
+async def test_a_personal_console_sees_the_emails_sent(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    feed = MemoryFeed()
+    one = payload(5)
+    await rig.spool.put(to_queue([one]))
+    rig.start(feed=feed, personal=True)
+    await rig.settled()
+    forwarded = await feed.forwarded(orjson.loads(one)["key"])
+    assert forwarded is not None
+    assert forwarded["body"]["fields"]["str::email"] == "p5@example.com"
+
+
+async def test_a_dead_letter_and_a_retry_are_published(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    feed = MemoryFeed()
+    sandbox_state.add_fault(Fault(status=503, count=1))
+    sandbox_state.add_fault(Fault(status=400, count=1, answer="echo_key"))
+    one = payload(1)
+    key = orjson.loads(one)["key"]
+    await rig.spool.put(to_queue([one]))
+    rig.start(feed=feed)
+    await rig.settled()
+    (retried,) = feed_events(feed, "retried")
+    assert (retried["status"], retried["keys"], retried["error"]) == (
+        503,
+        [key],
+        "Ortto answered 503",
+    )
+    (dead,) = feed_events(feed, "dead_lettered")
+    assert (dead["status"], dead["keys"], dead["count"]) == (400, [key], 1)
+    assert dead["error"] == "the API key '****' is not allowed here"
+    forwarded = await feed.forwarded(key)
+    assert forwarded is not None and forwarded["status"] == 400
+    assert forwarded["answer"] == {"error": "the API key '****' is not allowed here"}
+    assert not feed_events(feed, "delivered")
+    assert (
+        API_KEY not in orjson.dumps([list(feed._events), list(feed._forwarded.values())]).decode()
+    )
+
+
+async def test_a_refusal_within_a_200_is_dead_lettered_in_the_feed(
+    rig: Rig, sandbox_state: SandboxState
+) -> None:
+    feed = MemoryFeed()
+    good, bad = payload(1), payload(99, **{"str:cm:nickname": "Shorty"})
+    await rig.spool.put(to_queue([good, bad]))
+    rig.start(feed=feed)
+    await rig.settled()
+    (delivered,) = feed_events(feed, "delivered")
+    (dead,) = feed_events(feed, "dead_lettered")
+    assert delivered["keys"] == [orjson.loads(good)["key"]]
+    assert dead["keys"] == [orjson.loads(bad)["key"]] and "str:cm:nickname" in dead["error"]
+
+
+def test_the_key_of_a_payload_is_its_last_one() -> None:
+    p = payload(3, **{"str:cm:note": 'a "key":"not-this" inside'})
+    assert _key_of(p) == orjson.loads(p)["key"]
+    assert _key_of(b"{}") == ""

@@ -12,7 +12,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.keys import LIFECYCLE, METRICS
+from gateway.feed import TEST_HEADER, FeedEvent, console_test_token
+from gateway.keys import FEED, LIFECYCLE, METRICS, SETTINGS
 from gateway.sandbox import SandboxState, wait_for
 from tests.conftest import GatewayFactory, refusals, request_line
 
@@ -479,3 +480,50 @@ async def test_shutting_down_and_unknown_paths_say_why(
     assert (await resp.json())["reason"] == "shutting_down"
     assert request_line(caplog)["reason"] == "shutting_down"
     assert refusals(client, "other", "shutting_down") == 1
+
+
+# -- the console's feed
+
+
+async def request_events(client: TestClient[Any, Any]) -> list[FeedEvent]:
+    return [e for e in await client.app[FEED].recent() if e["kind"] == "request"]
+
+
+async def test_a_refused_origin_is_published_as_a_request_event(
+    make_gateway: GatewayFactory,
+) -> None:
+    client = await make_gateway(allowed_origins=(SITE,), ip_anonymize=True)
+    resp = await client.post(
+        PATH,
+        json=ACT,
+        headers={"Origin": "https://evil.example", "X-Forwarded-For": "198.51.100.77"},
+    )
+    assert resp.status == 403
+    (event,) = await request_events(client)
+    assert (event["outcome"], event["reason"], event["field"]) == (
+        "refused",
+        "origin_not_allowed",
+        None,
+    )
+    assert event["request_id"] == resp.headers["X-Request-Id"]
+    assert event["client"] == "198.51.100.0"
+    assert "test" not in event
+    # Refused per activity by the relay: activity events, no request event.
+    assert (
+        await client.post(PATH, json={"activity_id": "act:cm:login"}, headers={"Origin": SITE})
+    ).status == 400
+    assert len(await request_events(client)) == 1
+
+
+async def test_malformed_json_is_a_request_event_marked_as_a_test(
+    make_gateway: GatewayFactory,
+) -> None:
+    client = await make_gateway()
+    token = console_test_token(client.app[SETTINGS])
+    resp = await client.post(
+        PATH, data=b"{", headers={"Content-Type": "application/json", TEST_HEADER: token}
+    )
+    assert resp.status == 400
+    (event,) = await request_events(client)
+    assert event["reason"] == "malformed_body" and event["test"] is True
+    assert event["client"] == "127.0.0.1"

@@ -10,10 +10,12 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.app import DELIVERY
 from gateway.config import ActivitySpec, parse_rate
 from gateway.errors import Unavailable
-from gateway.identity import sign_identity, sign_person_id
-from gateway.keys import RELAY
+from gateway.feed import TEST_HEADER, FeedEvent, console_test_token
+from gateway.identity import person_hash, sign_identity, sign_person_id
+from gateway.keys import FEED, RELAY, SETTINGS
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import FakeClock, GatewayFactory, refusals, request_line
 
@@ -533,3 +535,83 @@ async def test_a_request_cancelled_while_storing_still_settles_its_key(
     await wait_for(lambda: len(sandbox_state.activities) == 1)
     retry = await client.post(PATH, json=thanks)
     assert (await retry.json())["duplicate"] is True
+
+
+# -- the console's feed
+
+
+async def activity_events(client: Any) -> list[FeedEvent]:
+    return [e for e in await client.app[FEED].recent() if e["kind"] == "activity"]
+
+
+async def test_each_activity_is_published_hashed_and_anonymised(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    client = await make_gateway(ip_anonymize=True)
+    bad = {**activity("bad@example.com"), "created": "2020-01-01T00:00:00Z"}
+    batch = [activity("Good@Example.com"), {"activity_id": "act:cm:login", "fields": {}}]
+    resp = await client.post(
+        PATH,
+        json={"activities": [*batch, bad]},
+        headers={"X-Forwarded-For": "203.0.113.9"},
+    )
+    assert resp.status == 202, await resp.text()
+    request_id = resp.headers["X-Request-Id"]
+    accepted, refused, warned = await activity_events(client)
+    assert accepted["outcome"] == "accepted" and "reason" not in accepted
+    assert accepted["person"] == person_hash("e:good@example.com")
+    assert accepted["client"] == "203.0.113.0"
+    assert accepted["request_id"] == request_id and accepted["activity_id"] == "act:cm:login"
+    assert "test" not in accepted
+    assert (refused["outcome"], refused["reason"], refused["field"]) == (
+        "refused",
+        "invalid_field",
+        "fields",
+    )
+    assert "key" not in refused and "person" not in refused
+    assert warned["outcome"] == "accepted" and warned["warnings"] == ["set_by_gateway"]
+    # The key is the one Ortto gets: the console looks up what was sent by it.
+    await wait_for(lambda: len(sandbox_state.activities) == 2)
+    sent = {a.key for a in sandbox_state.activities}
+    assert {accepted["key"], warned["key"]} == sent
+    feed = client.app[FEED]
+    await client.app[DELIVERY].drain(10.0)  # delivered, and recorded before the ack
+    forwarded = await feed.forwarded(accepted["key"])
+    assert forwarded is not None
+    assert forwarded["body"]["fields"]["str::email"] == "****@Example.com"  # as sent
+    text = orjson.dumps(await feed.recent()).decode()
+    assert "good@example.com" not in text.lower() and "bad@example.com" not in text
+    assert "203.0.113.9" not in text
+
+
+async def test_a_personal_console_sees_the_person(make_gateway: GatewayFactory) -> None:
+    client = await make_gateway(console_personal=True)
+    assert (await client.post(PATH, json=activity("Who@Example.com"))).status == 202
+    (event,) = await activity_events(client)
+    assert event["person"] == "e:who@example.com"
+    assert event["client"] == "127.0.0.1"
+
+
+async def test_rate_limited_and_duplicate_activities_are_published(
+    make_gateway: GatewayFactory,
+) -> None:
+    client = await make_gateway(person_limit=parse_rate("1/1d"))
+    assert (await client.post(PATH, json=activity("one@example.com"))).status == 202
+    assert (await client.post(PATH, json=activity("one@example.com"))).status == 429
+    first, limited = await activity_events(client)
+    assert first["outcome"] == "accepted" and first["key"]
+    assert (limited["outcome"], limited["reason"]) == ("refused", "person_limit")
+    assert "key" not in limited
+
+
+@pytest.mark.parametrize(("marker", "marked"), [("right", True), ("wrong", False)])
+async def test_the_console_test_marker_marks_only_with_the_right_token(
+    make_gateway: GatewayFactory, marker: str, marked: bool
+) -> None:
+    client = await make_gateway()
+    token = console_test_token(client.app[SETTINGS])
+    header = token if marker == "right" else "0" * len(token)
+    resp = await client.post(PATH, json=activity("t@example.com"), headers={TEST_HEADER: header})
+    assert resp.status == 202  # a real activity either way
+    (event,) = await activity_events(client)
+    assert event.get("test", False) is marked

@@ -470,29 +470,37 @@ def _parse_hosts(netloc: str, default_port: int) -> tuple[str, str, list[tuple[s
 def redis_store_from_url(
     url: str, *, prefix: str, timeout: float, secret: bytes = b""
 ) -> RedisStore:
-    """A `RedisStore` for a URL; every socket operation is bounded by `timeout`.
+    """A `RedisStore` for a URL (`redis_client_from_url`); every socket operation is
+    bounded by `timeout`. One immediate retry per command (a pooled connection to a
+    restarted Redis); anything more is the `FallbackStore`'s job."""
+    client, also_close = redis_client_from_url(
+        url,
+        max_connections=MAX_IN_FLIGHT,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+    )
+    return RedisStore(client, prefix=prefix, timeout=timeout, secret=secret, also_close=also_close)
+
+
+def redis_client_from_url(
+    url: str, **options: Any
+) -> tuple[Redis | RedisCluster, list[_Closeable]]:
+    """A client for a URL, with redis-py's connection `options`, and what else to close
+    with it (a Sentinel's connections).
 
     `redis://`, `rediss://` (TLS) and `unix://` are redis-py's own URLs (query options
     such as `?db=` and `?ssl_cert_reqs=` work); `redis+sentinel://[user:pw@]host:port
     [,host:port...]/service_name[/db]` asks the Sentinels for the current master (the
     credentials are the master's); `redis+cluster://[user:pw@]host:port[,host:port...]`
-    is a Redis Cluster. `rediss+sentinel://` and `rediss+cluster://` use TLS. One
-    immediate retry per command (a pooled connection to a restarted Redis); anything
-    more is the `FallbackStore`'s job.
+    is a Redis Cluster. `rediss+sentinel://` and `rediss+cluster://` use TLS.
     """
-    options: dict[str, Any] = {
-        "max_connections": MAX_IN_FLIGHT,
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 1),
-    }
     scheme = url.partition("://")[0]
     if scheme not in URL_SCHEMES:
         # The URL is not echoed: it may hold a password.
         raise ValueError(f"{scheme}:// is not a Redis URL ({', '.join(URL_SCHEMES)})")
     if scheme in {"redis", "rediss", "unix"}:
-        client = Redis.from_url(url, **options)
-        return RedisStore(client, prefix=prefix, timeout=timeout, secret=secret)
+        return Redis.from_url(url, **options), []
     parts = urlsplit(url)
     if parts.query or parts.fragment:
         raise ValueError(f"{scheme}:// URLs take no query or fragment")
@@ -508,7 +516,7 @@ def redis_store_from_url(
             ssl=tls,
             **options,
         )
-        return RedisStore(cluster, prefix=prefix, timeout=timeout, secret=secret)
+        return cluster, []
     # redis+sentinel, rediss+sentinel
     user, password, hosts = _parse_hosts(parts.netloc, 26379)
     path = [p for p in parts.path.split("/") if p]
@@ -517,8 +525,8 @@ def redis_store_from_url(
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         hosts,
         sentinel_kwargs={
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
+            "socket_timeout": options.get("socket_timeout"),
+            "socket_connect_timeout": options.get("socket_connect_timeout"),
             "ssl": tls,
         },
         **options,
@@ -530,4 +538,4 @@ def redis_store_from_url(
         password=password or None,
         ssl=tls,
     )
-    return RedisStore(master, prefix=prefix, timeout=timeout, secret=secret, also_close=[sentinel])
+    return master, [sentinel]

@@ -25,6 +25,8 @@ async def _accept_all(
     client_ip: str | None,
     request_id: str,
     log_data: dict[str, Any] | None = None,
+    *,
+    test: bool = False,
 ) -> relay.RelayResult:
     count = len(data["activities"]) if is_batch(data) else 1
     return relay.RelayResult(202, {"activities": [QUEUED] * count})

@@ -1,0 +1,143 @@
+"""The Redis feed against a real redis-server: workers merged, resuming, never blocking."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.feed import FeedEvent, Forwarded, open_feed
+from gateway.feed_redis import RedisFeed, seq_of, stream_id_of
+from gateway.sandbox import wait_for
+from tests import redis_support
+from tests.conftest import API_KEY, base_settings
+from tests.redis_support import RedisServer
+
+pytestmark = pytest.mark.redis
+
+DEADLINE = 10.0
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_support.running(tmp_path_factory.mktemp("redis")) as running:
+        yield running
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_support.running(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def feeds(server: RedisServer, tmp_path: Path) -> AsyncIterator[list[RedisFeed]]:
+    """Workers 0 and 1 and a reader (the supervisor's console), on one fresh prefix."""
+    settings = base_settings(
+        tmp_path, "http://127.0.0.1:1", redis_url=server.url, redis_prefix=f"feed{next(_prefixes)}"
+    )
+    opened = [open_feed(settings, worker=0), open_feed(settings, worker=1), open_feed(settings)]
+    assert all(isinstance(f, RedisFeed) for f in opened)
+    yield opened  # type: ignore[misc]
+    for feed in opened:
+        await feed.close()
+
+
+def event(n: int, **extra: object) -> FeedEvent:
+    return {"kind": "activity", "outcome": "accepted", "request_id": f"r{n}", **extra}  # type: ignore[typeddict-item]
+
+
+async def test_two_workers_are_read_merged_in_order(feeds: list[RedisFeed]) -> None:
+    w0, w1, reader = feeds
+    for n, feed in enumerate((w0, w1, w0)):
+        feed.publish(event(n))
+        await feed.flush()
+    recent = await reader.recent()
+    assert [(e["request_id"], e["worker"]) for e in recent] == [("r0", 0), ("r1", 1), ("r2", 0)]
+    assert [e["seq"] for e in recent] == sorted(e["seq"] for e in recent)
+    assert all(seq_of(e["id"]) == e["seq"] for e in recent)
+    assert [e["request_id"] for e in await reader.recent(2)] == ["r1", "r2"]
+
+    # Resumed after the first event, by its id or its seq; then woken by a new one.
+    for after in (recent[0]["id"], recent[0]["seq"]):
+        follower = reader.follow(after=after)
+        got = [await asyncio.wait_for(anext(follower), DEADLINE) for _ in range(2)]
+        assert [e["request_id"] for e in got] == ["r1", "r2"]
+        waiting = asyncio.ensure_future(anext(follower))
+        w1.publish(event(3))
+        new = await asyncio.wait_for(waiting, DEADLINE)
+        assert (new["request_id"], new["worker"]) == ("r3", 1)
+        await follower.aclose()
+        await w1.flush()
+
+
+async def test_forwarded_bodies_are_found_by_key(feeds: list[RedisFeed]) -> None:
+    w0, w1, reader = feeds
+    for n in range(250):  # more than one page of the lookup
+        body: Forwarded = {
+            "key": f"k{n}",
+            "time": 1.0,
+            "body": {"n": n},
+            "status": 200,
+            "answer": {},
+        }
+        (w0 if n % 2 else w1).record_forward(body)
+    await w0.flush()
+    await w1.flush()
+    found = await reader.forwarded("k3")
+    assert found is not None and found["body"] == {"n": 3}
+    assert await reader.forwarded("nope") is None
+
+
+async def test_nothing_secret_is_stored(feeds: list[RedisFeed], server: RedisServer) -> None:
+    w0, _, _ = feeds
+    w0.publish(event(1, person="0123456789ab", reason="busy"))
+    w0.record_forward(
+        {"key": "k", "time": 1.0, "body": {"f": "****@x.com"}, "status": 200, "answer": {}}
+    )
+    await w0.flush()
+    raw = Redis.from_url(server.url)
+    try:
+        dumped = b""
+        for key in (w0.events_key, w0.forwarded_key):
+            for _id, fields in await raw.xrange(key):
+                dumped += b"".join(fields.values())
+    finally:
+        await raw.aclose()
+    assert b"0123456789ab" in dumped  # what was scanned is what was written
+    assert API_KEY.encode() not in dumped
+
+
+async def test_publish_with_redis_down_neither_raises_nor_blocks(
+    own_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = replace(
+        base_settings(tmp_path, "http://127.0.0.1:1"), redis_url=own_server.url, redis_prefix="down"
+    )
+    feed = open_feed(settings, worker=0)
+    assert isinstance(feed, RedisFeed)
+    own_server.stop()
+    for n in range(100):
+        feed.publish(event(n))  # returns at once: it only appends to a buffer
+    await wait_for(lambda: feed.dropped == 100, timeout=DEADLINE)
+    assert await feed.recent() == []  # the console shows nothing, and does not fail
+    # Back again: events flow again.
+    own_server.start()
+    feed.publish(event(7))
+    await feed.flush()
+    await wait_for(lambda: feed.dropped == 100, timeout=DEADLINE)
+    assert [e["request_id"] for e in await feed.recent()] == ["r7"]
+    await asyncio.wait_for(feed.close(), DEADLINE)
+
+
+def test_stream_ids_and_seqs() -> None:
+    assert seq_of("1712345678901-3") == 1712345678901003
+    assert stream_id_of(1712345678901003) == "1712345678901-3"
+    assert stream_id_of("1712345678901-3") == "1712345678901-3"
+    assert stream_id_of(0) == stream_id_of("0") == "0-0"
