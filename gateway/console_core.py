@@ -27,6 +27,7 @@ DELIVERY_SAMPLES = (
     "spool_writable",
     "dead_letters",
     "delivery_paused",
+    "delivery_batches_in_flight",
     "delivery_pauses_total",
     "upstream_requests_total",
     "upstream_retries_total",

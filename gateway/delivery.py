@@ -336,6 +336,7 @@ class Delivery:
                 continue
             task = asyncio.create_task(self._deliver(items))
             self._inflight.add(task)
+            self._metrics.delivery_batches_in_flight.set(len(self._inflight))
             task.add_done_callback(self._batch_done)
 
     @property
@@ -347,6 +348,7 @@ class Delivery:
         """A batch task ended: forget it, and say so if it failed (its rows were given
         back, or stay leased in a spool that is closing)."""
         self._inflight.discard(task)
+        self._metrics.delivery_batches_in_flight.set(len(self._inflight))
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("delivery of a batch failed", exc_info=exc)
 

@@ -170,6 +170,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.delivery_batches_in_flight = Gauge(
+            f"{PREFIX}_delivery_batches_in_flight",
+            "Batches sent to Ortto and not yet answered and settled.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.delivery_restarts = Counter(
             f"{PREFIX}_delivery_restarts",
             "Times the delivery worker stopped on an error and was started again.",

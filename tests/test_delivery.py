@@ -833,3 +833,31 @@ def test_the_key_of_a_payload_is_its_last_one() -> None:
     p = payload(3, **{"str:cm:note": 'a "key":"not-this" inside'})
     assert _key_of(p) == orjson.loads(p)["key"]
     assert _key_of(b"{}") == ""
+
+
+class GatedClient(OrttoClient):
+    """Holds every post until `gate` is set; counts the posts waiting."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "http://127.0.0.1:9/", API_KEY, timeout=1.0)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def post(self, body: bytes) -> UpstreamResponse:
+        count = len(orjson.loads(body)["activities"])
+        self.waiting += 1
+        await self.gate.wait()
+        answer = {"activities": [{"status": "queued", "person_status": "queued"}] * count}
+        return UpstreamResponse(200, orjson.dumps(answer), None, 0.001)
+
+
+async def test_batches_in_flight_are_a_gauge(rig: Rig) -> None:
+    # What the console's delivery panel and Prometheus show as "batches in flight".
+    client = rig.client = GatedClient()
+    await rig.spool.put(to_queue([payload(i) for i in range(150)]))  # two batches (100 + 50)
+    rig.start(concurrency=2)
+    await wait_for(lambda: client.waiting == 2)
+    assert rig.value("ortto_gateway_delivery_batches_in_flight") == 2
+    client.gate.set()
+    await rig.settled()
+    assert rig.value("ortto_gateway_delivery_batches_in_flight") == 0

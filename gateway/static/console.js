@@ -213,6 +213,7 @@ function showDelivery(state) {
   const paused = Object.entries(d.delivery_paused || {}).filter(([, v]) => v > 0).map(([k]) => k);
   fact(list, "Sending", paused.length ? "PAUSED: " + paused.join(", ") : "running", paused.length ? "bad" : "ok");
   fact(list, "Spool depth", d.spool_depth ?? "n/a");
+  fact(list, "Batches in flight", d.delivery_batches_in_flight ?? "n/a");
   const age = d.spool_oldest_age_seconds;
   fact(list, "Oldest waiting", age === undefined ? "n/a" : age.toFixed(1) + " s");
   fact(list, "Spool writable", d.spool_writable === 0 ? "NO" : "yes", d.spool_writable === 0 ? "bad" : "");
