@@ -302,6 +302,8 @@ class RedisStore:
         self._count_interval = count_interval
         self._also_close = tuple(also_close)
         self._cluster = isinstance(client, RedisCluster)
+        self._topology = asyncio.Lock()  # see `_learn_topology`
+        self._topology_known = not self._cluster
         self._spread = self._cluster if spread is None else spread
         self._script = client.register_script(SCRIPT)
         self._refund_script = client.register_script(REFUND_SCRIPT)
@@ -450,6 +452,7 @@ class RedisStore:
             return
         try:
             async with self._turns, asyncio.timeout(self._timeout):
+                await self._learn_topology()
                 await asyncio.gather(*(self._client.delete(*keys) for keys in groups.values()))
         except _FAILURES as exc:
             raise LimiterUnavailable(f"redis: {type(exc).__name__}") from None
@@ -528,8 +531,23 @@ class RedisStore:
             return str(key_slot(redis_key.encode()))
         return ""
 
+    async def _learn_topology(self) -> None:
+        """On a cluster, ask for the slot map once before the first burst of calls.
+
+        redis-py 8.1's `RedisCluster`, used for the first time by many calls at once,
+        fails some with `AttributeError` on a half-open connection
+        (tests/test_limits_cluster.py reaches it); one call first avoids that."""
+        if self._topology_known:
+            return
+        async with self._topology:
+            if not self._topology_known:
+                assert isinstance(self._client, RedisCluster)
+                await self._client.initialize()
+                self._topology_known = True
+
     async def _call_all(self, batches: Sequence[tuple[str, _Batch]]) -> list[list[list[int]]]:
         # One batch per slot (several only on a cluster): their script calls run at once.
+        await self._learn_topology()
         futures = [self._submit(slot, batch) for slot, batch in batches]
         try:
             return list(await asyncio.gather(*futures))
