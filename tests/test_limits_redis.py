@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
 
 from gateway.config import parse_rate
 from gateway.limits import (
@@ -29,7 +30,7 @@ from gateway.limits import (
 )
 from gateway.limits import redis as redis_module
 from gateway.limits.redis import RedisStore, redis_store_from_url
-from tests import redis_support
+from tests import redis_support, redis_tls_support
 from tests.redis_support import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -462,6 +463,8 @@ async def test_redis_sentinel(server: RedisServer, tmp_path: Path) -> None:
         ("redis+sentinel://localhost:notaport/svc", "bad port"),
         ("redis+cluster://localhost:6379/1", "no path"),
         ("redis+cluster://:pw@", "no host"),
+        ("redis+cluster://localhost:6379?keys=per-slot", "keys= is one of"),
+        ("redis+cluster://localhost:6379?keys=spread&db=1", "take only"),
     ],
 )
 def test_bad_urls(url: str, message: str) -> None:
@@ -479,3 +482,48 @@ async def test_bad_prefix_or_timeout() -> None:
             RedisStore(client, timeout=0)
     finally:
         await client.aclose()
+
+
+# -- TLS (rediss://)
+
+
+async def test_rediss_url_speaks_tls_and_checks_the_certificate(tmp_path: Path) -> None:
+    with redis_tls_support.running_tls(tmp_path) as tls:
+        store = redis_store_from_url(tls.url, prefix=fresh_prefix(), timeout=5.0)
+        # Without the CA the server's certificate is not trusted: no connection.
+        untrusted = redis_store_from_url(
+            f"rediss://127.0.0.1:{tls.tls_port}/0", prefix=store.prefix, timeout=5.0
+        )
+        try:
+            assert (await store.acquire(list(check("t@x.io")), T0)).allowed
+            plain = Redis.from_url(tls.server.url)  # the same server, its plain port
+            try:
+                assert len(await plain.keys(f"{store.prefix}:*")) == 2
+            finally:
+                await plain.aclose()
+            with pytest.raises(LimiterUnavailable) as refused:
+                await untrusted.acquire(list(check("t@x.io")), T0)
+            causes = []
+            cause: BaseException | None = refused.value
+            while cause is not None:
+                causes.append(repr(cause))
+                cause = cause.__cause__ or cause.__context__
+            assert "CERTIFICATE_VERIFY_FAILED" in " ".join(causes), causes
+        finally:
+            await store.close()
+            await untrusted.close()
+
+
+def test_cluster_and_sentinel_urls_choose_tls_and_key_layout() -> None:
+    for url, spread in [
+        ("redis+cluster://a:1,b:2", True),
+        ("rediss+cluster://u:pw@a:1?keys=spread", True),
+        ("redis+cluster://a:1?keys=per-activity", False),
+    ]:
+        store = redis_store_from_url(url, prefix="p", timeout=1.0)
+        assert store.spread is spread
+        connection = store._client.connection_kwargs["connection_class"]
+        assert issubclass(connection, SSLConnection) is url.startswith("rediss")
+    plain = redis_store_from_url("redis://localhost/0", prefix="p", timeout=1.0)
+    assert not plain.spread
+    assert plain.redis_key(f"p|{ACTIVITY}|a@x.io").startswith(f"p:{{{ACTIVITY}}}:")

@@ -9,9 +9,9 @@ and, in order, checks every rule of one and charges all of them only if all allo
 (refused activities leave no trace). Redis runs a script atomically, so concurrent
 gateways can never let more than N through, and each check of a batch sees the
 charges of the earlier ones. `acquire_many` makes one script call for the whole
-batch (one round trip, `EVALSHA`); on a Redis Cluster, one call per slot (per
-activity, see Keys), sent at once: a script may only touch keys of one slot, and
-redis-py refuses `EVALSHA` in cluster pipelines anyway.
+batch (one round trip, `EVALSHA`); on a Redis Cluster, one call per slot, sent at
+once: a script may only touch keys of one slot, and redis-py refuses `EVALSHA` in
+cluster pipelines anyway (see Cluster for what that costs the atomic rule).
 
 Data structure. A log is a plain string of 6-byte big-endian times in ms (enough
 until the year 10889), oldest first: the Nth newest time is one fixed offset away,
@@ -30,15 +30,35 @@ Keys. `<prefix>:{<activity id>}:<32 hex>`: the prefix lets several sites share o
 Redis; the hex is a BLAKE2b-128 digest of the whole rule key (`p|<activity>|<email>`
 or `i|<activity>|<ip>`), so a Redis dump or `KEYS *` shows no email or IP (pass a
 `secret` shared by every replica to key the digest: without one, someone holding a
-dump and a list of candidate emails can test them). The `{...}` hash tag is for
-Redis Cluster, where the keys of one script call must share a slot: the person key
-and the IP key of an activity share only the activity id, and since any person may
-come from any IP, all keys of an activity must share one slot. So each activity
-lives on one shard (a hot slot for the busiest activity): that shard sees one
-script call per request and activity, far below what one Redis shard serves (tens
-of thousands a second) given that Ortto takes a few thousand activities a second at
-most; different activities spread over the shards. Keys of rules that are not the
-limiter's (no activity field) share the tag `-`.
+dump and a list of candidate emails can test them). The `{...}` hash tag decides a
+key's Redis Cluster slot. Keys of rules that are not the limiter's (no activity
+field) share the tag `-`.
+
+Cluster. The person key and the IP key of an activity share only the activity id,
+and any person may come from any IP, so one atomic script for both needs every key
+of the activity in one slot: a hot shard per activity. That is `?keys=per-activity`
+(and any store built with `spread=False`, as on a single Redis): exact, but the
+busiest activity's shard takes all its calls. By default a cluster's keys are
+*spread*: tagged `{<activity id>|<16 hex>}`, a keyed digest of (activity, person) or
+(activity, IP), so a person's keys (with its browser keys' `d`/`q` keys) share one
+slot and an IP's another. A check then runs as steps, one per slot, in the order of
+its rules (person, then IP): each step is the same atomic script (check every rule
+of the slot, charge all or none); a check refused by a step is only checked by the
+later ones (for its refusing rules and `retry_after`, exactly as one script would
+report them), and the charges its earlier steps made are taken back at once by
+`REFUND_SCRIPT` (each removes the very time it wrote). What this trades: no limit
+is ever exceeded (every charge is checked against its limit atomically, a refund
+only lowers a count), and an IP refusal is never wrong (the IP is charged last,
+never refunded); but between a person's charge and its refund (one round trip) the
+person's count is one too high, so a concurrent request of the same person and
+activity from another IP, arriving when the person is one below the limit, can be
+refused although it would have passed. Also, if Redis fails between the steps, or
+the refund fails, the person stays charged (stricter, as a lost answer is). A
+person is charged first because a person key has one user and an IP key many: a
+transient extra charge on the IP would hit more concurrent requests. A spread check
+costs two round trips (three when the IP refuses after the person passed) and its
+calls batch per slot rather than per activity (tests/test_limits_cluster.py
+measures both).
 
 Clock. Times are the gateway's `now` (its wall clock), not Redis's, so tests are
 deterministic and one request's checks use one instant. Replicas' clocks must
@@ -63,14 +83,16 @@ import hashlib
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.limits.base import ALLOWED, Decision, LimiterUnavailable, Rule
@@ -78,8 +100,9 @@ from gateway.limits.base import ALLOWED, Decision, LimiterUnavailable, Rule
 # Checks one batch of activities in order. ARGV[1]: now in ms; then, for each check, its
 # number of rules R and R pairs of count and window (ms; negative for a rule that is only
 # checked, never charged). KEYS: the logs of every rule of every check, in the same order.
-# Returns one reply per check: {} when every rule allowed (and all were charged), else
-# {retry_at_ms, indexes of the refusing rules (from 0)...}.
+# Returns one reply per check: {0, then per rule the time written to its log (0 for a
+# rule only checked)} when every rule allowed (and all were charged), else {retry_at_ms,
+# indexes of the refusing rules (from 0)...}; retry_at_ms is never 0.
 SCRIPT = """
 local now = tonumber(ARGV[1])
 
@@ -107,8 +130,10 @@ local function check(k, a, n_rules)
     table.insert(refused, 1, retry_at)
     return refused
   end
+  local written = {0}
   for r = 1, n_rules do
     local count, window = tonumber(ARGV[a + 2 * r - 1]), tonumber(ARGV[a + 2 * r])
+    written[r + 1] = 0
     if window > 0 then
       local log = logs[r]
       local n = #log / 6
@@ -121,9 +146,10 @@ local function check(k, a, n_rules)
       local keep = math.max(firsts[r], n - count + 2)
       redis.call('SET', KEYS[k + r], string.sub(log, 6 * keep - 5) .. struct.pack('>I6', t),
         'PX', t + window - now)
+      written[r + 1] = t
     end
   end
-  return {}
+  return written
 end
 
 local replies = {}
@@ -136,6 +162,34 @@ end
 return replies
 """
 
+# Takes back charges that `SCRIPT` wrote (a check that a later slot refused, see Cluster).
+# ARGV[1]: now in ms; then, for each key, the time its charge wrote and its window (ms).
+# Removes that one time from the log (a time never reappears below a newer one, so the
+# search stops there); a log left with nothing in the window is deleted.
+REFUND_SCRIPT = """
+local now = tonumber(ARGV[1])
+for k = 1, #KEYS do
+  local t, window = tonumber(ARGV[2 * k]), tonumber(ARGV[2 * k + 1])
+  local log = redis.call('GET', KEYS[k]) or ''
+  for i = #log / 6, 1, -1 do
+    local time = struct.unpack('>I6', log, 6 * i - 5)
+    if time < t then break end
+    if time == t then
+      log = string.sub(log, 1, 6 * i - 6) .. string.sub(log, 6 * i + 1)
+      local ttl = 0
+      if #log > 0 then ttl = struct.unpack('>I6', log, #log - 5) + window - now end
+      if ttl > 0 then
+        redis.call('SET', KEYS[k], log, 'PX', ttl)
+      else
+        redis.call('DEL', KEYS[k])
+      end
+      break
+    end
+  end
+end
+return 0
+"""
+
 URL_SCHEMES = (
     "redis",
     "rediss",
@@ -145,7 +199,12 @@ URL_SCHEMES = (
     "redis+cluster",
     "rediss+cluster",
 )
+# A cluster URL's `?keys=`: the default first (see Cluster in the module docstring).
+CLUSTER_KEYS = ("spread", "per-activity")
 DIGEST_BYTES = 16  # 128 bits: no collision among billions of keys
+# A spread key's tag: 64 bits spread people over the 16384 slots (a collision only puts
+# two people in one slot, which is harmless).
+TAG_DIGEST_BYTES = 8
 NO_ACTIVITY_TAG = "-"  # the hash tag of keys without an activity field
 # Script calls (and SCANs) in flight at once per store; more wait for a turn, within the
 # timeout. redis-py's pools refuse a connection past their maximum instead of waiting.
@@ -178,13 +237,35 @@ class _Batch:
         self.keys: list[str] = []
         self.args: list[int] = [now_ms]
 
-    def add(self, index: int, keys: Sequence[str], rules: Sequence[Rule]) -> None:
+    def add(
+        self, index: int, keys: Sequence[str], rules: Sequence[Rule], *, charge: bool = True
+    ) -> None:
+        """Add a check's rules; with `charge=False` every one of them is only checked."""
         self.indexes.append(index)
         self.keys += keys
         self.args.append(len(rules))
         for rule in rules:
             window = max(1, _ms(rule.window))
-            self.args += (rule.count, window if rule.charge else -window)
+            self.args += (rule.count, window if rule.charge and charge else -window)
+
+
+@dataclass(slots=True)
+class _Part:
+    """The rules of one check that share a slot: one step of its acquire (see Cluster)."""
+
+    slot: str
+    indexes: list[int]  # of the rules in the check
+    keys: list[str]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the steps of one check found so far."""
+
+    refused: list[int] = field(default_factory=list)  # indexes of the refusing rules
+    retry_at_ms: int = 0
+    # charges to take back if a later step refuses: (slot, key, time written, window ms)
+    charged: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 def _ms(seconds: float) -> int:
@@ -205,7 +286,10 @@ class RedisStore:
         count_interval: float = 60.0,
         max_in_flight: int = MAX_IN_FLIGHT,
         also_close: Sequence[_Closeable] = (),
+        spread: bool | None = None,
     ) -> None:
+        """`spread`: hash tags per person and per IP (see Cluster); by default only on a
+        `RedisCluster`, whose keys of one activity would otherwise all sit in one slot."""
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"a Redis key prefix must be non-empty, without braces: {prefix!r}")
         if not timeout > 0:
@@ -217,7 +301,12 @@ class RedisStore:
         self._secret = secret if len(secret) <= 64 else hashlib.blake2b(secret).digest()
         self._count_interval = count_interval
         self._also_close = tuple(also_close)
+        self._cluster = isinstance(client, RedisCluster)
+        self._topology = asyncio.Lock()  # see `_learn_topology`
+        self._topology_known = not self._cluster
+        self._spread = self._cluster if spread is None else spread
         self._script = client.register_script(SCRIPT)
+        self._refund_script = client.register_script(REFUND_SCRIPT)
         self._turns = asyncio.Semaphore(max_in_flight)  # the client's pool must be as large
         self._key_count = 0
         self._counted_at = float("-inf")  # monotonic start of the sweep that gave _key_count
@@ -232,44 +321,126 @@ class RedisStore:
         """The prefix of every key of this store."""
         return self._prefix
 
+    @property
+    def spread(self) -> bool:
+        """Whether keys are tagged per person and per IP (else per activity)."""
+        return self._spread
+
     def redis_key(self, key: str) -> str:
-        """The Redis key of a rule key: prefix, activity hash tag, digest (no email in clear)."""
-        parts = key.split("|", 2)
-        tag = parts[1] if len(parts) == 3 and parts[1] else NO_ACTIVITY_TAG
+        """The Redis key of a rule key: prefix, hash tag, digest (no email in clear)."""
         digest = hashlib.blake2b(key.encode(), digest_size=DIGEST_BYTES, key=self._secret)
-        return f"{self._prefix}:{{{tag}}}:{digest.hexdigest()}"
+        return f"{self._prefix}:{{{self._tag(key)}}}:{digest.hexdigest()}"
+
+    def _tag(self, key: str) -> str:
+        # Rule keys are "<kind>|<activity>|<person or IP>[|...]" (see `rules_of`).
+        parts = key.split("|", 3)
+        if len(parts) < 3 or not parts[1]:
+            return NO_ACTIVITY_TAG
+        if not self._spread:
+            return parts[1]
+        # The person's keys (p, and a browser key's d and q) share their first three
+        # fields, so they share a tag; the digest hides the email as the key's does.
+        owner = f"{parts[1]}|{parts[2]}".encode()
+        digest = hashlib.blake2b(owner, digest_size=TAG_DIGEST_BYTES, key=self._secret)
+        return f"{parts[1]}|{digest.hexdigest()}"
 
     async def acquire(self, rules: Sequence[Rule], now: float) -> Decision:
         """Atomically check all rules; if all allow, charge all (one round trip)."""
         return (await self.acquire_many([rules], now))[0]
 
     async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
-        """`acquire` each check in order, each seeing the earlier ones' charges (one round trip)."""
+        """`acquire` each check in order, each seeing the earlier ones' charges.
+
+        One round trip when each check's keys share a slot (always on a single Redis);
+        with spread keys on a cluster, one step per slot of a check (see Cluster).
+        """
         now_ms = _ms(now)
-        batches: dict[str, _Batch] = {}  # one script call per hash tag (per slot) on a cluster
-        for index, rules in enumerate(checks):
-            if len(rules) > 1 and len({rule.key for rule in rules}) != len(rules):
-                raise ValueError("the rules of one check need distinct keys")
-            if not rules:
-                continue
-            keys = [self.redis_key(rule.key) for rule in rules]
-            batch = batches.setdefault(self._slot_group(keys[0]), _Batch(now_ms))
-            batch.add(index, keys, rules)
+        plans = [self._plan(rules) for rules in checks]
         self._maybe_start_sweep()
-        decisions = [ALLOWED] * len(checks)
-        if not batches:
-            return decisions
+        outcomes = [_Outcome() for _ in checks]
         try:
             async with asyncio.timeout(self._timeout):
-                replies = await self._call_all(list(batches.items()))
+                for step in range(max(map(len, plans), default=0)):
+                    await self._step(checks, plans, outcomes, step, now_ms)
         except _FAILURES as exc:
             raise LimiterUnavailable(f"Redis limiter store: {exc!r}") from exc
+        await self._refund([o for o in outcomes if o.refused and o.charged], now_ms)
+        return [
+            Decision(False, o.retry_at_ms / 1000 - now, tuple(sorted(o.refused)))
+            if o.refused
+            else ALLOWED
+            for o in outcomes
+        ]
+
+    def _plan(self, rules: Sequence[Rule]) -> list[_Part]:
+        """A check's rules by slot, in the order of their first rule: its steps."""
+        if len(rules) > 1 and len({rule.key for rule in rules}) != len(rules):
+            raise ValueError("the rules of one check need distinct keys")
+        parts: dict[str, _Part] = {}
+        for index, rule in enumerate(rules):
+            key = self.redis_key(rule.key)
+            slot = self._slot_group(key)
+            part = parts.setdefault(slot, _Part(slot, [], []))
+            part.indexes.append(index)
+            part.keys.append(key)
+        return list(parts.values())
+
+    async def _step(
+        self,
+        checks: Sequence[Sequence[Rule]],
+        plans: Sequence[Sequence[_Part]],
+        outcomes: Sequence[_Outcome],
+        step: int,
+        now_ms: int,
+    ) -> None:
+        """Run the `step`th part of every check that has one: one script call per slot.
+
+        A check already refused by an earlier part is only checked (for its refusing
+        rules and `retry_at`), never charged."""
+        batches: dict[str, _Batch] = {}
+        for index, (rules, plan) in enumerate(zip(checks, plans, strict=True)):
+            if step < len(plan):
+                part = plan[step]
+                batch = batches.setdefault(part.slot, _Batch(now_ms))
+                charge = not outcomes[index].refused
+                batch.add(index, part.keys, [rules[i] for i in part.indexes], charge=charge)
+        replies = await self._call_all(list(batches.items()))
         for batch, reply in zip(batches.values(), replies, strict=True):
             for index, answer in zip(batch.indexes, reply, strict=True):
-                if answer:
-                    retry_at_ms, *refused = (int(x) for x in answer)
-                    decisions[index] = Decision(False, retry_at_ms / 1000 - now, tuple(refused))
-        return decisions
+                part, outcome = plans[index][step], outcomes[index]
+                status, *rest = (int(x) for x in answer)
+                if status:  # refused: rest are the refusing rules, by index in the part
+                    outcome.retry_at_ms = max(outcome.retry_at_ms, status)
+                    outcome.refused += (part.indexes[i] for i in rest)
+                elif not outcome.refused:  # allowed and charged: rest are the times written
+                    for i, key, written in zip(part.indexes, part.keys, rest, strict=True):
+                        if written:
+                            window = max(1, _ms(checks[index][i].window))
+                            outcome.charged.append((part.slot, key, written, window))
+
+    async def _refund(self, outcomes: Sequence[_Outcome], now_ms: int) -> None:
+        """Take back the charges of checks that a later step refused (one call per slot).
+
+        The refusal stands whatever happens here: if Redis fails now, the charges stay
+        (stricter, as a lost answer would be)."""
+        groups: dict[str, tuple[list[str], list[int]]] = {}
+        for outcome in outcomes:
+            for slot, key, written, window in outcome.charged:
+                keys, args = groups.setdefault(slot, ([], [now_ms]))
+                keys.append(key)
+                args += (written, window)
+        if not groups:
+            return
+
+        async def call(keys: list[str], args: list[int]) -> None:
+            async with self._turns:
+                await self._refund_script(keys, args)
+
+        try:
+            async with asyncio.timeout(self._timeout):
+                await asyncio.gather(*(call(keys, args) for keys, args in groups.values()))
+        except _FAILURES:
+            pass  # see the docstring
 
     async def forget(self, rules: Sequence[Rule]) -> None:
         """Delete these rules' logs (one `DEL` per slot); `LimiterUnavailable` on failure."""
@@ -281,6 +452,7 @@ class RedisStore:
             return
         try:
             async with self._turns, asyncio.timeout(self._timeout):
+                await self._learn_topology()
                 await asyncio.gather(*(self._client.delete(*keys) for keys in groups.values()))
         except _FAILURES as exc:
             raise LimiterUnavailable(f"redis: {type(exc).__name__}") from None
@@ -353,14 +525,29 @@ class RedisStore:
                 await resource.aclose()
 
     def _slot_group(self, redis_key: str) -> str:
-        # A cluster needs one call per slot; the hash tag decides the slot. Elsewhere the
-        # whole batch is one call (one atomic script, one round trip).
-        if isinstance(self._client, RedisCluster):
-            return redis_key[len(self._prefix) + 1 : redis_key.index("}") + 1]
+        # A cluster needs one call per slot (keys with different tags may share one).
+        # Elsewhere the whole batch is one call (one atomic script, one round trip).
+        if self._cluster:
+            return str(key_slot(redis_key.encode()))
         return ""
+
+    async def _learn_topology(self) -> None:
+        """On a cluster, ask for the slot map once before the first burst of calls.
+
+        redis-py 8.1's `RedisCluster`, used for the first time by many calls at once,
+        fails some with `AttributeError` on a half-open connection
+        (tests/test_limits_cluster.py reaches it); one call first avoids that."""
+        if self._topology_known:
+            return
+        async with self._topology:
+            if not self._topology_known:
+                assert isinstance(self._client, RedisCluster)
+                await self._client.initialize()
+                self._topology_known = True
 
     async def _call_all(self, batches: Sequence[tuple[str, _Batch]]) -> list[list[list[int]]]:
         # One batch per slot (several only on a cluster): their script calls run at once.
+        await self._learn_topology()
         futures = [self._submit(slot, batch) for slot, batch in batches]
         try:
             return list(await asyncio.gather(*futures))
@@ -480,7 +667,22 @@ def redis_store_from_url(
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
     )
-    return RedisStore(client, prefix=prefix, timeout=timeout, secret=secret, also_close=also_close)
+    spread = cluster_keys(url) == "spread"
+    return RedisStore(
+        client, prefix=prefix, timeout=timeout, secret=secret, also_close=also_close, spread=spread
+    )
+
+
+def cluster_keys(url: str) -> str | None:
+    """A cluster URL's `?keys=` (`spread`, the default, or `per-activity`); None for a URL
+    that is not a cluster's."""
+    scheme = url.partition("://")[0]
+    if scheme not in {"redis+cluster", "rediss+cluster"}:
+        return None
+    keys = parse_qs(urlsplit(url).query, keep_blank_values=True).get("keys", [CLUSTER_KEYS[0]])
+    if len(keys) != 1 or keys[0] not in CLUSTER_KEYS:
+        raise ValueError(f"?keys= is one of {', '.join(CLUSTER_KEYS)}")
+    return keys[0]
 
 
 def redis_client_from_url(
@@ -493,7 +695,9 @@ def redis_client_from_url(
     such as `?db=` and `?ssl_cert_reqs=` work); `redis+sentinel://[user:pw@]host:port
     [,host:port...]/service_name[/db]` asks the Sentinels for the current master (the
     credentials are the master's); `redis+cluster://[user:pw@]host:port[,host:port...]`
-    is a Redis Cluster. `rediss+sentinel://` and `rediss+cluster://` use TLS.
+    is a Redis Cluster, its limiter keys spread per person and per IP
+    (`?keys=per-activity`: one slot per activity, see `cluster_keys`).
+    `rediss+sentinel://` and `rediss+cluster://` use TLS.
     """
     scheme = url.partition("://")[0]
     if scheme not in URL_SCHEMES:
@@ -502,21 +706,27 @@ def redis_client_from_url(
     if scheme in {"redis", "rediss", "unix"}:
         return Redis.from_url(url, **options), []
     parts = urlsplit(url)
-    if parts.query or parts.fragment:
-        raise ValueError(f"{scheme}:// URLs take no query or fragment")
+    cluster = scheme in {"redis+cluster", "rediss+cluster"}
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if cluster:
+        cluster_keys(url)  # checked here; the limiter's store reads it
+        query.pop("keys", None)
+    if query or parts.fragment:
+        what = "only ?keys=" if cluster else "no query or fragment"
+        raise ValueError(f"{scheme}:// URLs take {what}")
     tls = scheme.startswith("rediss+")
-    if scheme in {"redis+cluster", "rediss+cluster"}:
+    if cluster:
         user, password, hosts = _parse_hosts(parts.netloc, 6379)
         if parts.path.strip("/"):
             raise ValueError("a Redis Cluster URL has no path (a cluster has only db 0)")
-        cluster = RedisCluster(
+        nodes = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in hosts],
             username=user or None,
             password=password or None,
             ssl=tls,
             **options,
         )
-        return cluster, []
+        return nodes, []
     # redis+sentinel, rediss+sentinel
     user, password, hosts = _parse_hosts(parts.netloc, 26379)
     path = [p for p in parts.path.split("/") if p]
