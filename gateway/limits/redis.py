@@ -470,7 +470,16 @@ def _parse_hosts(netloc: str, default_port: int) -> tuple[str, str, list[tuple[s
 def redis_store_from_url(
     url: str, *, prefix: str, timeout: float, secret: bytes = b""
 ) -> RedisStore:
-    """A `RedisStore` for a URL; every socket operation is bounded by `timeout`.
+    """A `RedisStore` for a URL (`redis_client_from_url`)."""
+    client, also_close = redis_client_from_url(url, timeout=timeout)
+    return RedisStore(client, prefix=prefix, timeout=timeout, secret=secret, also_close=also_close)
+
+
+def redis_client_from_url(
+    url: str, *, timeout: float
+) -> tuple[Redis | RedisCluster, tuple[_Closeable, ...]]:
+    """A client for a URL, and what to close with it; every socket operation is bounded
+    by `timeout`.
 
     `redis://`, `rediss://` (TLS) and `unix://` are redis-py's own URLs (query options
     such as `?db=` and `?ssl_cert_reqs=` work); `redis+sentinel://[user:pw@]host:port
@@ -478,7 +487,7 @@ def redis_store_from_url(
     credentials are the master's); `redis+cluster://[user:pw@]host:port[,host:port...]`
     is a Redis Cluster. `rediss+sentinel://` and `rediss+cluster://` use TLS. One
     immediate retry per command (a pooled connection to a restarted Redis); anything
-    more is the `FallbackStore`'s job.
+    more is the caller's job (the `FallbackStore`, the upstream pacer's fallback).
     """
     options: dict[str, Any] = {
         "max_connections": MAX_IN_FLIGHT,
@@ -491,8 +500,7 @@ def redis_store_from_url(
         # The URL is not echoed: it may hold a password.
         raise ValueError(f"{scheme}:// is not a Redis URL ({', '.join(URL_SCHEMES)})")
     if scheme in {"redis", "rediss", "unix"}:
-        client = Redis.from_url(url, **options)
-        return RedisStore(client, prefix=prefix, timeout=timeout, secret=secret)
+        return Redis.from_url(url, **options), ()
     parts = urlsplit(url)
     if parts.query or parts.fragment:
         raise ValueError(f"{scheme}:// URLs take no query or fragment")
@@ -508,7 +516,7 @@ def redis_store_from_url(
             ssl=tls,
             **options,
         )
-        return RedisStore(cluster, prefix=prefix, timeout=timeout, secret=secret)
+        return cluster, ()
     # redis+sentinel, rediss+sentinel
     user, password, hosts = _parse_hosts(parts.netloc, 26379)
     path = [p for p in parts.path.split("/") if p]
@@ -530,4 +538,4 @@ def redis_store_from_url(
         password=password or None,
         ssl=tls,
     )
-    return RedisStore(master, prefix=prefix, timeout=timeout, secret=secret, also_close=[sentinel])
+    return master, (sentinel,)
