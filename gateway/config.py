@@ -199,7 +199,8 @@ class Settings:
     limiter_on_error: LimiterOnError = "local"
     limiter_max_keys: int = 1_000_000
     limiter_timeout: float = 0.5
-    upstream_rate: float = 10.0
+    upstream_rate: float = 10.0  # the account's: shared through Redis when it is set
+    upstream_rate_fallback: float | None = None  # this process's share without Redis
     upstream_concurrency: int = 4
     upstream_timeout: float = 10.0
     delivery: Delivery = "queue"
@@ -229,6 +230,11 @@ class Settings:
         if self.redis_url:
             found += redis_passwords(self.redis_url)
         return tuple(dict.fromkeys(s for s in found if s))
+
+    @property
+    def upstream_rate_share(self) -> float:
+        """This process's rate when it paces itself (no Redis, or Redis failing)."""
+        return self.upstream_rate_fallback or self.upstream_rate
 
     @property
     def upstream_base(self) -> str:
@@ -435,6 +441,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "limiter_max_keys": _positive_int,
     "limiter_timeout": parse_seconds,
     "upstream_rate": _positive_float,
+    "upstream_rate_fallback": _positive_float,
     "upstream_concurrency": _positive_int,
     "upstream_timeout": parse_seconds,
     "delivery": _choice("queue", "sync"),
