@@ -30,6 +30,7 @@ from gateway.sinks import ForwardSink, Sink, SpoolSink
 from gateway.spool import Spool
 from gateway.state import Lifecycle
 from gateway.upstream import OrttoClient
+from gateway.upstream_rate import upstream_pacer
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def create_app(
             await spool.close()
 
     async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+        pacer = upstream_pacer(settings, metrics)  # shared by every host with Redis
         delivery = Delivery(
             app[SPOOL],
             app[CLIENT],
@@ -107,6 +109,7 @@ def create_app(
             concurrency=settings.upstream_concurrency,
             batch_max_wait=settings.batch_max_wait,
             clock=clock,
+            pacer=pacer,
         )
         app[DELIVERY] = delivery
         delivery.start()
@@ -114,6 +117,7 @@ def create_app(
             yield
         finally:
             await delivery.stop(settings.drain_timeout)
+            await pacer.close()
 
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         store = limiter_store(settings, metrics)
