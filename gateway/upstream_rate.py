@@ -15,9 +15,9 @@ worker and host that send with the same key to the same Ortto base:
 - Rate: GCRA (the generic cell rate algorithm) in one Lua script on one key per
   account, holding the theoretical arrival time (TAT, ms). A request may go when
   `now >= TAT - tolerance`; it then moves TAT to `max(TAT, now) + 1/rate`. The
-  tolerance (`TOLERANCE` of one interval) absorbs a waiter's wake-up lateness so the
+  tolerance (`TOLERANCE`, half an interval) absorbs a waiter's wake-up lateness so the
   long-run rate is the configured one, and bounds any window of W seconds to at most
-  `W * rate + 1 + TOLERANCE` requests: a burst of one, never a catch-up burst after an
+  `W * rate + 1.5` requests: a burst of one, never a catch-up burst after an
   idle spell. Whichever host asks first when a slot is due gets it, so the hosts
   with work share the account's whole rate, and idle hosts take nothing.
 - Pauses: a second key (same hash tag, so one Cluster slot) set with `PX` to the
@@ -60,9 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.upstream_rate")
 
-# A quarter of an interval: more than a waiter's usual lateness (a timer's wake-up, one
-# Redis round trip), small enough that no window of one second sees a second extra request.
-TOLERANCE = 0.25
+# Half an interval: absorbs a waiter's lateness (a timer's wake-up on a busy host, a Redis
+# round trip) so the rate is used fully, yet no second sees more than rate + 1 requests.
+TOLERANCE = 0.5
 # After a Redis failure the local share is used for this long before Redis is tried again.
 RETRY_INTERVAL = 1.0
 DIGEST_BYTES = 8  # 64 bits: accounts behind one prefix never collide in practice
