@@ -31,6 +31,7 @@ from gateway.sinks import ForwardSink, Sink, SpoolSink
 from gateway.spool import Spool
 from gateway.state import Lifecycle
 from gateway.upstream import OrttoClient
+from gateway.upstream_rate import upstream_pacer
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def create_app(
             await spool.close()
 
     async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+        pacer = upstream_pacer(settings, metrics)  # shared by every host with Redis
         delivery = Delivery(
             app[SPOOL],
             app[CLIENT],
@@ -110,6 +112,7 @@ def create_app(
             clock=clock,
             feed=app[FEED],
             personal=settings.console_personal,
+            pacer=pacer,
         )
         app[DELIVERY] = delivery
         delivery.start()
@@ -117,6 +120,7 @@ def create_app(
             yield
         finally:
             await delivery.stop(settings.drain_timeout)
+            await pacer.close()
 
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         store = limiter_store(settings, metrics)

@@ -487,7 +487,17 @@ class Settings:
         0.5, "longest wait for Redis before the on-error policy applies", parse_seconds
     )
     upstream_rate: float = setting(
-        10.0, "requests per second to Ortto (10 Professional, 30 Business)", _positive_float
+        10.0,
+        "requests per second to Ortto (10 Professional, 30 Business): the whole account's, "
+        "shared by every worker and host through Redis when `GATEWAY_REDIS_URL` is set",
+        _positive_float,
+    )
+    upstream_rate_fallback: float | None = setting(
+        None,
+        "this process's own share of the rate, used without Redis or while Redis fails "
+        "(set it to the rate divided by the number of processes)",
+        _positive_float,
+        shown="unset: `GATEWAY_UPSTREAM_RATE`",
     )
     upstream_concurrency: int = setting(4, "batches in flight to Ortto at once", _positive_int)
     upstream_timeout: float = setting(10.0, "time to wait for Ortto's answer", parse_seconds)
@@ -580,6 +590,11 @@ class Settings:
             elif d.masked == "url" and value:
                 found += redis_passwords(value)
         return tuple(dict.fromkeys(s for s in found if s))
+
+    @property
+    def upstream_rate_share(self) -> float:
+        """This process's rate when it paces itself (no Redis, or Redis failing)."""
+        return self.upstream_rate_fallback or self.upstream_rate
 
     @property
     def upstream_base(self) -> str:

@@ -1,7 +1,8 @@
 """Delivery: a background worker that moves spooled activities to Ortto in batches.
 
-Order of work for one batch: take an in-flight slot, wait for the upstream rate
-limiter (aiolimiter, `upstream_rate` requests a second), then lease the oldest
+Order of work for one batch: take an in-flight slot, wait for the upstream pacer
+(`gateway.upstream_rate`: `upstream_rate` requests a second, for this process or, with
+Redis, for every host of the account), then lease the oldest
 activities (at most 100 and under 2 MB encoded), so a batch is as full as it can
 be at the moment it may be sent. Each activity was given its `created` and `key`
 when it was accepted, so a retry after an ambiguous failure (a timeout after Ortto
@@ -38,6 +39,9 @@ Ortto bans the caller's IP for 15 s after 15 bad requests within 15 s, which wou
 stop every site behind the gateway. Every 4xx answer (bisection included) is
 counted in a sliding window; at `BAD_REQUEST_BUDGET` the circuit opens and sending
 pauses for `CIRCUIT_PAUSE` seconds instead of feeding the ban.
+
+The pauses (429, auth, circuit) concern the whole account: each is also given to the
+pacer, which shares it with every host through Redis when there is one.
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
-from aiolimiter import AsyncLimiter
 
 from gateway.config import ORTTO_MAX_ACTIVITIES, ORTTO_MAX_BODY_BYTES
 from gateway.feed import Feed, FeedEvent, Forwarded, mask_strings
@@ -67,6 +70,7 @@ from gateway.upstream import (
     encode_batch,
     read_answer,
 )
+from gateway.upstream_rate import LocalPacer, UpstreamPacer
 
 log = logging.getLogger("gateway.delivery")
 
@@ -174,6 +178,7 @@ class Delivery:
         auth_pause: float = AUTH_PAUSE,
         feed: Feed | None = None,
         personal: bool = False,
+        pacer: UpstreamPacer | None = None,
     ) -> None:
         self._spool = spool
         # The console's events, and what was sent (emails masked unless `personal`).
@@ -181,7 +186,7 @@ class Delivery:
         self._personal = personal
         self._client = client
         self._metrics = metrics
-        self._rate = AsyncLimiter(rate, 1.0) if rate >= 1 else AsyncLimiter(1, 1.0 / rate)
+        self._pacer = pacer if pacer is not None else LocalPacer(rate)
         self._slots = asyncio.Semaphore(concurrency)
         self._batch_max_wait = batch_max_wait
         self._clock = clock  # wall time: `created` ages, the spool's oldest item
@@ -324,7 +329,7 @@ class Delivery:
             self._leasing = True  # `stop` lets this iteration finish (see there)
             try:
                 await self._wait_until_allowed()
-                await self._rate.acquire()
+                await self._pacer.acquire()
                 items = await self._spool.lease(ORTTO_MAX_ACTIVITIES, MAX_BATCH_BYTES)
             except BaseException:
                 self._slots.release()
@@ -422,6 +427,7 @@ class Delivery:
         return "backoff" if self._not_before > self._monotonic() else None
 
     def _pause(self, reason: str, seconds: float) -> None:
+        self._pacer.pause(reason, seconds)  # every host of the account, with Redis
         until = self._monotonic() + seconds
         if until <= self._not_before:
             return  # a longer pause is already in force
@@ -485,7 +491,7 @@ class Delivery:
         ids = [i.id for i in items]
         if bisecting:
             await self._wait_until_allowed()
-            await self._rate.acquire()
+            await self._pacer.acquire()
         body = encode_batch([i.payload for i in items], merge_by=_merge_by(items[0].payload))
         self._metrics.upstream_batch_activities.observe(len(items))
         failures = self._failures  # the backoff exponent this batch was sent under

@@ -194,6 +194,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_rate_fallback = Counter(
+            f"{PREFIX}_upstream_rate_fallback",
+            "Requests to Ortto paced by this process's own share, and pauses not shared, "
+            "because the shared upstream rate in Redis failed.",
+            registry=r,
+        )
         self.spool_write_seconds = Histogram(
             f"{PREFIX}_spool_write_seconds",
             "Time to commit a request's activities to the spool (group commit and fsync).",

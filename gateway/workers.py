@@ -125,12 +125,13 @@ async def _run_worker(settings: Settings, index: int, supervisor: int) -> None:
 
 
 def worker_settings(settings: Settings, index: int, workers: int) -> Settings:
-    """One worker's settings: its own spool, and its share of Ortto's request rate."""
+    """One worker's settings: its own spool, and its fallback share of Ortto's request rate."""
     return replace(
         settings,
         spool_path=worker_spool_path(settings.spool_path, index),
-        # Ortto's limit is per account: the workers together keep to the configured rate.
-        upstream_rate=settings.upstream_rate / workers,
+        # Ortto's limit is per account: the workers share the rate through Redis; when
+        # Redis fails, each keeps to its share of it.
+        upstream_rate_fallback=settings.upstream_rate_share / workers,
     )
 
 
