@@ -48,6 +48,7 @@ from gateway.console_core import (
 )
 from gateway.errors import new_request_id
 from gateway.feed import TEST_HEADER, Feed, FeedEvent, console_test_token
+from gateway.spool.files import spool_files
 
 log = logging.getLogger("gateway.console")
 
@@ -106,8 +107,6 @@ class Console:
         """The spool files whose dead letters the console shows."""
         if self.spool_files is not None:
             return self.spool_files()
-        from gateway.workers import spool_files
-
         return spool_files(self.settings.spool_path)
 
 
