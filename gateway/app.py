@@ -52,7 +52,7 @@ def create_app(
 ) -> web.Application:
     """The public application; resources open in `cleanup_ctx` in the order of the flow.
 
-    `feed` is where the console's events go (`gateway.feed.open_feed`); by default an
+    `feed` is where the console's events go (`gateway.feed_open.open_feed`); by default an
     in-process ring that nothing reads."""
     metrics = metrics or Metrics(registry, settings.activities)
     cors = CorsPolicy(settings.allowed_origins)

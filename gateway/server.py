@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import DELIVERY, create_app, create_metrics_app
 from gateway.config import ConfigError, HostPort, Settings
 from gateway.console import Console, PublicAddress
-from gateway.feed import open_feed
+from gateway.feed_open import open_feed
 from gateway.keys import LIFECYCLE
 from gateway.metrics import Metrics
 

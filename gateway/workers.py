@@ -139,7 +139,7 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
 
     from gateway.app import create_metrics_app
     from gateway.console import Console, PublicAddress
-    from gateway.feed import open_feed
+    from gateway.feed_open import open_feed
     from gateway.server import bound_port, check_bindable, start_site
 
     check_bindable(settings.listen, "GATEWAY_LISTEN", reuse_port=True)
