@@ -48,6 +48,7 @@ from gateway.console_core import (
 )
 from gateway.errors import new_request_id
 from gateway.feed import TEST_HEADER, Feed, FeedEvent, console_test_token
+from gateway.keys import CONSOLE
 from gateway.spool.files import spool_files
 
 log = logging.getLogger("gateway.console")
@@ -110,7 +111,6 @@ class Console:
         return spool_files(self.settings.spool_path)
 
 
-CONSOLE = web.AppKey("console", Console)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
