@@ -16,7 +16,8 @@ from gateway import handlers
 from gateway.admission import Admission
 from gateway.client_ip import TrustedProxies, parse_networks
 from gateway.config import ACTIVITIES_PATH, Settings
-from gateway.console import Console, mount_console
+from gateway.console import mount_console
+from gateway.console_state import Console
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
 from gateway.feed import Feed, MemoryFeed

@@ -22,7 +22,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.admission import Admission
     from gateway.config import Settings
-    from gateway.console import Console
+    from gateway.console_state import Console
     from gateway.feed import Feed
     from gateway.metrics import Metrics
     from gateway.sandbox import SandboxState

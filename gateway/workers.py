@@ -138,7 +138,7 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     from gateway.app import create_metrics_app
-    from gateway.console import Console, PublicAddress
+    from gateway.console_state import Console, PublicAddress
     from gateway.feed_open import open_feed
     from gateway.server import bound_port, check_bindable, start_site
 
