@@ -16,12 +16,24 @@ from gateway import handlers
 from gateway.admission import Admission
 from gateway.client_ip import TrustedProxies, parse_networks
 from gateway.config import ACTIVITIES_PATH, Settings
-from gateway.console import Console, mount_console
+from gateway.console import mount_console
+from gateway.console_state import Console
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
 from gateway.feed import Feed, MemoryFeed
-from gateway.keys import ADMISSION, FEED, LIFECYCLE, RELAY, SETTINGS, SPOOL
-from gateway.keys import METRICS as METRICS  # re-exported: tests and tools use app.METRICS
+from gateway.keys import (
+    ADMISSION,
+    CLIENT,
+    CLOCK,
+    CORS,
+    DELIVERY,
+    FEED,
+    LIFECYCLE,
+    METRICS,
+    RELAY,
+    SETTINGS,
+    SPOOL,
+)
 from gateway.limits import FallbackStore, Limiter, LimitStore, MemoryStore
 from gateway.metrics import Metrics
 from gateway.middlewares import make_middlewares
@@ -34,9 +46,6 @@ from gateway.upstream import OrttoClient
 from gateway.upstream_rate import upstream_pacer
 
 log = logging.getLogger(__name__)
-
-DELIVERY = web.AppKey("delivery", Delivery)
-CLIENT = web.AppKey("ortto_client", OrttoClient)
 
 # Keep-alive connections to Ortto: one per in-flight batch is plenty.
 UPSTREAM_CONNECTIONS = 32
@@ -52,7 +61,7 @@ def create_app(
 ) -> web.Application:
     """The public application; resources open in `cleanup_ctx` in the order of the flow.
 
-    `feed` is where the console's events go (`gateway.feed.open_feed`); by default an
+    `feed` is where the console's events go (`gateway.feed_open.open_feed`); by default an
     in-process ring that nothing reads."""
     metrics = metrics or Metrics(registry, settings.activities)
     cors = CorsPolicy(settings.allowed_origins)
@@ -66,79 +75,11 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[CLOCK] = clock
     app[LIFECYCLE] = Lifecycle()
     app[ADMISSION] = admission
     app[FEED] = feed if feed is not None else MemoryFeed()
-    app[handlers.CORS] = cors
-
-    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, keepalive_timeout=30)
-        async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
-            app[CLIENT] = OrttoClient(
-                session,
-                settings.upstream_endpoint,
-                settings.api_key,
-                timeout=settings.upstream_timeout,
-                secrets=settings.secrets,
-            )
-            yield
-
-    async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
-        spool = Spool(
-            settings.spool_path,
-            max_rows=settings.spool_max_rows,
-            max_bytes=settings.spool_max_bytes,
-            commit_on=settings.spool_commit,
-            exclusive=True,  # one gateway per spool file: a second one is refused
-        )
-        await spool.open()
-        log.info("spool open", extra={"data": {"path": spool.path, "commit_on": spool.commit_on}})
-        metrics.spool_commit_mode.labels(spool.commit_on).set(1)
-        app[SPOOL] = spool
-        try:
-            yield
-        finally:
-            await spool.close()
-
-    async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
-        pacer = upstream_pacer(settings, metrics)  # shared by every host with Redis
-        delivery = Delivery(
-            app[SPOOL],
-            app[CLIENT],
-            metrics,
-            rate=settings.upstream_rate,
-            concurrency=settings.upstream_concurrency,
-            batch_max_wait=settings.batch_max_wait,
-            clock=clock,
-            feed=app[FEED],
-            personal=settings.console_personal,
-            pacer=pacer,
-        )
-        app[DELIVERY] = delivery
-        delivery.start()
-        try:
-            yield
-        finally:
-            await delivery.stop(settings.drain_timeout)
-            await pacer.close()
-
-    async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = limiter_store(settings, metrics)
-        if isinstance(store, FallbackStore):
-            await store.warm_up()
-        sink: Sink = (
-            SpoolSink(app[SPOOL], metrics)
-            if settings.delivery == "queue"
-            else ForwardSink(app[CLIENT], metrics)
-        )
-        app[RELAY] = Relay(
-            settings, Limiter(store, clock=clock), sink, metrics, clock=clock, feed=app[FEED]
-        )
-        app[LIFECYCLE].started = True
-        try:
-            yield
-        finally:
-            await store.close()
+    app[CORS] = cors
 
     app.cleanup_ctx.append(upstream_ctx)
     if settings.delivery == "queue":
@@ -162,6 +103,94 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz, name="healthz")
     app.router.add_get("/readyz", handlers.readyz, name="readyz")
     return app
+
+
+# The cleanup contexts, one per resource. Each reads what it needs from the app's keys
+# (`gateway.keys`) and sets the key of what it owns, so each runs alone on an app that
+# holds those keys (tests/test_app_contexts.py). `create_app` appends them in this order.
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one HTTP session to Ortto, and the client over it: `CLIENT`."""
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
+        app[CLIENT] = OrttoClient(
+            session,
+            settings.upstream_endpoint,
+            settings.api_key,
+            timeout=settings.upstream_timeout,
+            secrets=settings.secrets,
+        )
+        yield
+
+
+async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The spool file, opened for this process alone and closed on the way out: `SPOOL`."""
+    settings = app[SETTINGS]
+    spool = Spool(
+        settings.spool_path,
+        max_rows=settings.spool_max_rows,
+        max_bytes=settings.spool_max_bytes,
+        commit_on=settings.spool_commit,
+        exclusive=True,  # one gateway per spool file: a second one is refused
+    )
+    await spool.open()
+    log.info("spool open", extra={"data": {"path": spool.path, "commit_on": spool.commit_on}})
+    app[METRICS].spool_commit_mode.labels(spool.commit_on).set(1)
+    app[SPOOL] = spool
+    try:
+        yield
+    finally:
+        await spool.close()
+
+
+async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Delivery from `SPOOL` through `CLIENT`, started, and stopped (drained for at most
+    the drain timeout) on the way out: `DELIVERY`."""
+    settings, metrics = app[SETTINGS], app[METRICS]
+    pacer = upstream_pacer(settings, metrics)  # shared by every host with Redis
+    delivery = Delivery(
+        app[SPOOL],
+        app[CLIENT],
+        metrics,
+        rate=settings.upstream_rate,
+        concurrency=settings.upstream_concurrency,
+        batch_max_wait=settings.batch_max_wait,
+        clock=app[CLOCK],
+        feed=app[FEED],
+        personal=settings.console_personal,
+        pacer=pacer,
+    )
+    app[DELIVERY] = delivery
+    delivery.start()
+    try:
+        yield
+    finally:
+        await delivery.stop(settings.drain_timeout)
+        await pacer.close()
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The limiter's store and the relay over it, into `SPOOL` (queue mode) or straight
+    through `CLIENT`: `RELAY`. The last context: the app is started once it has run."""
+    settings, metrics, clock = app[SETTINGS], app[METRICS], app[CLOCK]
+    store = limiter_store(settings, metrics)
+    if isinstance(store, FallbackStore):
+        await store.warm_up()
+    sink: Sink = (
+        SpoolSink(app[SPOOL], metrics)
+        if settings.delivery == "queue"
+        else ForwardSink(app[CLIENT], metrics)
+    )
+    app[RELAY] = Relay(
+        settings, Limiter(store, clock=clock), sink, metrics, clock=clock, feed=app[FEED]
+    )
+    app[LIFECYCLE].started = True
+    try:
+        yield
+    finally:
+        await store.close()
 
 
 def limiter_store(settings: Settings, metrics: Metrics) -> LimitStore:

@@ -21,16 +21,9 @@ from gateway.config import (
     read_key_file,
 )
 from gateway.logs import setup_logging
+from gateway.runtime import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop
 from gateway.settings_docs import settings_help
 from gateway.spool import SpoolError, SpoolInUse
-
-EXIT_CONFIG = 2
-# The spool file is held by another running gateway: kept apart from EXIT_CONFIG (as
-# documented) because it is no bad setting: it clears when that gateway stops.
-EXIT_IN_USE = 3
-# The spool cannot be opened (full or read-only disk, a path that cannot be a file): as a
-# bad setting, the operator's to fix, and restarting will not help until then.
-EXIT_SPOOL = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,7 +178,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if settings.delivery == "queue":
         # Spool files of a former worker count: their accepted activities must still go out.
         from gateway.spool.adopt import adopt_orphans
-        from gateway.workers import drained_spool_files, spool_files
+        from gateway.spool.files import drained_spool_files, spool_files
 
         owned = drained_spool_files(settings.spool_path, args.workers)
         adopt_orphans(spool_files(settings.spool_path), owned)
@@ -245,16 +238,6 @@ def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
-def run_loop(coro: Any) -> Any:
-    """Run a coroutine on uvloop when it is installed, else asyncio's loop; its result."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    else:
-        return uvloop.run(coro)
-
-
 def _shim(args: argparse.Namespace) -> int:
     from gateway.shim import ShimFile, pinned_snippet
 
@@ -285,7 +268,7 @@ def _sign_identity(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _dead_letters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from gateway.workers import spool_files
+    from gateway.spool.files import spool_files
 
     settings = _settings(args, env, require_api_key=False)
     files = [args.spool] if args.spool else spool_files(settings.spool_path)

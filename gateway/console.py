@@ -22,16 +22,14 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from gateway import deadletters
-from gateway.config import ACTIVITIES_PATH, Settings, describe
+from gateway.config import ACTIVITIES_PATH, describe
 from gateway.console_core import (
     SSE_HEARTBEAT,
     console_off_reason,
@@ -46,8 +44,10 @@ from gateway.console_core import (
     test_activity,
     without_secrets,
 )
+from gateway.console_state import Console
 from gateway.errors import new_request_id
 from gateway.feed import TEST_HEADER, Feed, FeedEvent, console_test_token
+from gateway.keys import CONSOLE
 
 log = logging.getLogger("gateway.console")
 
@@ -78,40 +78,6 @@ PAGE_HEADERS = {
 }
 
 
-@dataclass
-class PublicAddress:
-    """Where the public listener is bound: known only once it listens (port 0 in tests)."""
-
-    host: str
-    port: int | None = None
-
-
-@dataclass
-class Console:
-    """What the console reads: settings, the feed, the metrics registry, the public
-    listener (for the test button) and the spool files (for dead letters)."""
-
-    settings: Settings
-    feed: Feed
-    registry: CollectorRegistry
-    public: PublicAddress
-    spool_files: Callable[[], list[str]] | None = None
-    # Per process: signs session tokens and login cookies (a restart logs everyone out).
-    secret: str = field(default_factory=new_secret)
-    closing: asyncio.Event = field(default_factory=asyncio.Event)
-    streams: set[asyncio.Queue[FeedEvent | None]] = field(default_factory=set)
-    session: aiohttp.ClientSession | None = None
-
-    def files(self) -> list[str]:
-        """The spool files whose dead letters the console shows."""
-        if self.spool_files is not None:
-            return self.spool_files()
-        from gateway.workers import spool_files
-
-        return spool_files(self.settings.spool_path)
-
-
-CONSOLE = web.AppKey("console", Console)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import HostPort, Settings, load_settings
+from gateway.keys import DEMO_STATE
 from gateway.sandbox import SandboxState, create_sandbox_app
 from gateway.server import bound_port, serve
 
@@ -19,7 +20,6 @@ DEMO_KEY = "demo-sandbox-key"
 PAGE = Path(__file__).parent / "static" / "demo.html"
 # How to move the demo off a port in use, said in the one-line error.
 DEMO_LISTEN_FIX = "give --listen another port, e.g. make demo PORT=8090"
-DEMO_STATE = web.AppKey("demo_sandbox_state", SandboxState)
 
 
 def demo_settings(where: HostPort, upstream: str, spool_dir: str) -> Settings:

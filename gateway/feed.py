@@ -7,7 +7,8 @@ what was forwarded to Ortto for one activity by its key.
 
 `MemoryFeed` keeps a bounded ring in this process. With `GATEWAY_REDIS_URL` set, a
 Redis stream carries the events instead, so the console of `--workers N` (served by the
-supervisor) and of several hosts sees every process's events merged (`gateway.feed_redis`).
+supervisor) and of several hosts sees every process's events merged (`gateway.feed_redis`;
+`gateway.feed_open` picks one).
 """
 
 from __future__ import annotations
@@ -149,20 +150,6 @@ class MemoryFeed:
 
     async def close(self) -> None:
         return None
-
-
-def open_feed(settings: Any, *, worker: int | None = None) -> Feed:
-    """The feed a gateway process (or the `--workers` supervisor) publishes to and reads.
-
-    In-process without `GATEWAY_REDIS_URL`; with it a Redis stream shared by every worker
-    and host (so the supervisor's console sees every worker's events). Whoever opens a
-    feed must `await feed.close()` on the way out, on the loop that used it: a Redis feed
-    flushes what it still holds then, and closes its connections."""
-    if not settings.redis_url:
-        return MemoryFeed(worker=worker)
-    from gateway.feed_redis import redis_feed_from_settings  # the optional `redis` extra
-
-    return redis_feed_from_settings(settings, worker=worker)
 
 
 # The label the test marker signs, and the derivation of its key from the API key.

@@ -7,19 +7,17 @@ import hashlib
 from aiohttp import HttpVersion11, web
 
 from gateway.body import CODINGS, BodyDecoder, read_body, too_large
-from gateway.cors import CorsPolicy
 from gateway.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
     UnsupportedMediaType,
 )
-from gateway.keys import ADMISSION, LIFECYCLE, METRICS, RELAY, SETTINGS, SPOOL
+from gateway.keys import ADMISSION, CORS, LIFECYCLE, METRICS, RELAY, SETTINGS, SPOOL
 from gateway.middlewares import CLIENT_IP, LOG_DATA, REQUEST_ID, TEST, json_response
 from gateway.shim import ShimFile
 from gateway.validation import decode_body
 
-CORS = web.AppKey("cors", CorsPolicy)
 # The shim's one route: `/ortto-relay.js`, or `/ortto-relay.<version>.js`.
 SHIM_ROUTE = r"/ortto-relay{version:(\.[0-9a-f]{1,64})?}.js"
 SHIM_CONTENT_TYPE = "application/javascript; charset=utf-8"

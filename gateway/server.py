@@ -15,11 +15,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import DELIVERY, create_app, create_metrics_app
+from gateway.app import create_app, create_metrics_app
 from gateway.config import ConfigError, HostPort, Settings
-from gateway.console import Console, PublicAddress
-from gateway.feed import open_feed
-from gateway.keys import LIFECYCLE
+from gateway.console_state import Console, PublicAddress
+from gateway.feed_open import open_feed
+from gateway.keys import DELIVERY, LIFECYCLE
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.server")

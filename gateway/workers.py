@@ -16,54 +16,27 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import tempfile
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 from gateway.config import ConfigError, Settings
+from gateway.runtime import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop
+from gateway.spool.files import worker_spool_path
 
 log = logging.getLogger("gateway.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# Exit codes of a worker that a restart would not fix (cli.EXIT_SPOOL and EXIT_CONFIG, 2;
-# cli.EXIT_IN_USE, 3).
-FATAL_EXITS = frozenset({2, 3})
+# Exit codes of a worker that a restart would not fix.
+FATAL_EXITS = frozenset({EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL})
 # A worker that keeps dying is restarted at most this often.
 RESTART_DELAY = 1.0
 # How long the supervisor waits for workers beyond their own drain timeout.
 EXIT_GRACE = 5.0
 # How often a worker checks that its supervisor is still there.
 PARENT_CHECK_INTERVAL = 1.0
-
-
-def worker_spool_path(spool_path: str, index: int) -> str:
-    """The spool file of worker `index`: `data/spool.sqlite3` -> `data/spool.w1.sqlite3`."""
-    path = Path(spool_path)
-    return str(path.with_name(f"{path.stem}.w{index}{path.suffix}"))
-
-
-def drained_spool_files(spool_path: str, workers: int) -> list[str]:
-    """The spool files `serve --workers <workers>` drains (the first takes in orphans)."""
-    if workers == 1:
-        return [spool_path]
-    return [worker_spool_path(spool_path, i) for i in range(workers)]
-
-
-def spool_files(spool_path: str) -> list[str]:
-    """The spool file and every worker's, those that exist (for the dead-letters command)."""
-    path = Path(spool_path)
-    found = [str(path)] if path.exists() else []
-    # Exactly `<stem>.w<N><suffix>`: a glob alone would also take SQLite's `-wal` and
-    # `-shm` files beside a worker's spool when the path has no suffix.
-    name = re.compile(re.escape(path.stem) + r"\.w[0-9]+" + re.escape(path.suffix))
-    found += sorted(
-        str(p) for p in path.parent.glob(f"{path.stem}.w*{path.suffix}") if name.fullmatch(p.name)
-    )
-    return found
 
 
 def check_workers(settings: Settings, workers: int) -> None:
@@ -79,7 +52,6 @@ def check_workers(settings: Settings, workers: int) -> None:
 
 def _worker_main(settings: Settings, index: int, supervisor: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
-    from gateway.cli import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop
     from gateway.logs import setup_logging
     from gateway.spool import SpoolInUse, SpoolOpenError
 
@@ -166,8 +138,8 @@ async def _supervise(settings: Settings, workers: int, metrics_dir: str) -> int:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     from gateway.app import create_metrics_app
-    from gateway.console import Console, PublicAddress
-    from gateway.feed import open_feed
+    from gateway.console_state import Console, PublicAddress
+    from gateway.feed_open import open_feed
     from gateway.server import bound_port, check_bindable, start_site
 
     check_bindable(settings.listen, "GATEWAY_LISTEN", reuse_port=True)

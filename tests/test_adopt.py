@@ -16,7 +16,7 @@ from gateway.enrich import enrich
 from gateway.sandbox import SandboxState, wait_for
 from gateway.spool import Spool, schema
 from gateway.spool.adopt import adopt_orphans
-from gateway.workers import drained_spool_files, spool_files, worker_spool_path
+from gateway.spool.files import drained_spool_files, spool_files, worker_spool_path
 from tests.processes import GatewayProcess
 from tests.spool_support import to_queue
 

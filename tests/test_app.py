@@ -11,9 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.app import METRICS
 from gateway.config import parse_rate
-from gateway.keys import SETTINGS, SPOOL
+from gateway.keys import METRICS, SETTINGS, SPOOL
 from gateway.logs import JsonFormatter
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.sinks import REFUSED_ACTIVITY

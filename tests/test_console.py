@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_metrics_app
 from gateway.config import HostPort, Settings
-from gateway.console import CSRF_HEADER, Console, PublicAddress
+from gateway.console import CSRF_HEADER
 from gateway.console_core import (
     console_off_reason,
     is_loopback,
@@ -28,6 +28,7 @@ from gateway.console_core import (
     mask_emails,
     sse_event,
 )
+from gateway.console_state import Console, PublicAddress
 from gateway.feed import Forwarded, MemoryFeed
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for

@@ -14,8 +14,8 @@ from gateway.feed import (
     console_test_token,
     is_test,
     mask_strings,
-    open_feed,
 )
+from gateway.feed_open import open_feed
 from tests.conftest import base_settings
 
 DEADLINE = 10.0

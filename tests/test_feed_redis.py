@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from gateway.feed import FeedEvent, Forwarded, open_feed
+from gateway.feed import FeedEvent, Forwarded
+from gateway.feed_open import open_feed
 from gateway.feed_redis import RedisFeed, seq_of, stream_id_of
 from gateway.sandbox import wait_for
 from tests import redis_support

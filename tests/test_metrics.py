@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gateway.app import METRICS, create_metrics_app
+from gateway.app import create_metrics_app
+from gateway.keys import METRICS
 from gateway.metrics import OTHER_ACTIVITY, Metrics, status_group
 from gateway.reasons import REFUSAL_REASONS, WARNING_REASONS
 from gateway.sandbox import SandboxState, wait_for

@@ -15,7 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.app import METRICS, create_app
+from gateway.app import create_app
+from gateway.keys import METRICS
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for
 from gateway.server import runner_options

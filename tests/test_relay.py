@@ -10,12 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.app import DELIVERY
 from gateway.config import ActivitySpec, parse_rate
 from gateway.errors import Unavailable
 from gateway.feed import TEST_HEADER, FeedEvent, console_test_token
 from gateway.identity import person_hash, sign_identity, sign_person_id
-from gateway.keys import FEED, RELAY, SETTINGS
+from gateway.keys import DELIVERY, FEED, RELAY, SETTINGS
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import FakeClock, GatewayFactory, refusals, request_line
 

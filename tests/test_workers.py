@@ -197,7 +197,7 @@ async def test_dead_redis_follows_the_on_error_mode(
 async def test_local_mode_keeps_limiting_while_redis_is_down(
     make_gateway: GatewayFactory,
 ) -> None:
-    from gateway.app import METRICS
+    from gateway.keys import METRICS
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     client = await make_gateway(redis_url=dead, limiter_on_error="local")

@@ -11,6 +11,7 @@ letters. The package's modules, one job each:
 - `commit`: where a group commits (the event loop or a thread) and the fsync probe that
   picks one.
 - `adopt`: spool files no process drains any more, moved into one that is drained.
+- `files`: which files those are: the spool path, and one beside it per worker.
 """
 
 from gateway.spool.commit import fsync_dir, fsync_times

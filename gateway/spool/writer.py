@@ -30,15 +30,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from gateway.spool import commit, dead_letters, schema
 from gateway.spool.dead_letters import DeadLetter
 from gateway.spool.errors import SpoolError, SpoolFull
 from gateway.spool.items import QueuedActivity, SpooledItem
-
-if TYPE_CHECKING:
-    from gateway.spool.queue import Spool
 
 logger = logging.getLogger("gateway.spool")
 
@@ -177,6 +174,16 @@ class ListDead(Op[list[DeadLetter]]):
 Outcome = tuple[Op[Any], bool, object]
 
 
+class Owner(Protocol):
+    """Who the writer answers, on the event loop (the `Spool`): it knows no more of it."""
+
+    def _on_open(self, result: Snapshot | BaseException) -> None: ...
+
+    def _on_group(self, outcomes: list[Outcome], snapshot: Snapshot) -> None: ...
+
+    def _on_stop(self, error: BaseException | None) -> None: ...
+
+
 @dataclass
 class _Effect:
     """What a write changes in memory once its transaction has committed."""
@@ -217,7 +224,7 @@ class Writer:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Owner,
         loop: asyncio.AbstractEventLoop,
         ops: queue.SimpleQueue[Op[Any] | None],
         path: str,
