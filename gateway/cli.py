@@ -107,6 +107,22 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("ids", nargs="*", type=int, help="dead-letter ids (default: all)")
     purge.add_argument("--error", help="only those whose error contains this text")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    spool = sub.add_parser("spool", help="move a retired host's backlog: export, import")
+    spool_sub = spool.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = spool_sub.add_parser("export", help="write queued activities as JSON Lines")
+    importer = spool_sub.add_parser("import", help="add exported activities to a spool")
+    for action in (export, importer):
+        action.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
+        action.add_argument(
+            "--spool", help="one spool file (default: GATEWAY_SPOOL_PATH, and every worker's)"
+        )
+    export.add_argument("--dead-letters", action="store_true", help="the dead letters too")
+    export.add_argument("-o", "--output", help="a new file (default: standard output)")
+    export.add_argument(
+        "--move", action="store_true", help="delete what was exported (needs -o; gateway stopped)"
+    )
+    importer.add_argument("file", help="a file `spool export` wrote")
     return parser
 
 
@@ -147,6 +163,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _sign_identity(args, env)
         if args.command == "shim":
             return _shim(args)
+        if args.command == "spool":
+            return _spool(args, env)
     except ConfigError as exc:
         print(f"ortto-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -342,3 +360,48 @@ def _print_letter(args: argparse.Namespace, letter: Any, *, several: bool) -> No
             f"{row['id']:>8}  {row['failed_at']}  {row['activity_id']:<32} "
             f"{row['person']:<14} {row['error']}{where}"
         )
+
+
+def _spool(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`spool export` and `spool import` (gateway.spool.transfer), with their counts."""
+    from pathlib import Path
+
+    from gateway.spool import transfer
+    from gateway.upstream import redact
+    from gateway.workers import spool_files
+
+    settings = _settings(args, env, require_api_key=False)
+    files = [args.spool] if args.spool else spool_files(settings.spool_path)
+    if args.action == "import":
+        # Into the first spool file a gateway drains (worker 0's takes in orphans too).
+        target = files[0] if files else settings.spool_path
+        done = transfer.import_file(Path(args.file), target)
+        print(
+            f"imported {done.queued} activities and {done.dead_letters} dead letters into "
+            f"{target}; skipped {done.duplicates} as duplicates"
+        )
+        return 0
+    if not files:
+        raise SpoolError(f"no spool at {settings.spool_path}")
+    if args.move and not args.output:
+        raise ConfigError("spool export --move: needs -o FILE (written and synced first)")
+
+    def masked(error: str) -> str:
+        return redact(error, settings.secrets)
+
+    if args.output:
+        exported = transfer.export_to_file(
+            files, Path(args.output), dead=args.dead_letters, move=args.move, redact=masked
+        )
+    else:
+        sys.stdout.flush()
+        exported = transfer.export_to_stream(
+            files, sys.stdout.buffer, dead=args.dead_letters, redact=masked
+        )
+        sys.stdout.buffer.flush()
+    print(
+        f"{'moved' if args.move else 'exported'} {exported.queued} activities and "
+        f"{exported.dead_letters} dead letters",
+        file=sys.stderr,
+    )
+    return 0

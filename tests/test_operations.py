@@ -825,3 +825,121 @@ def test_kubernetes_manifests(tmp_path: Path) -> None:
     ]
     assert [p["name"] for s in monitored for p in s["spec"]["ports"]].count("metrics") == 1
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+
+
+# --- Kubernetes: the drain-and-move way
+
+DRAIN_AND_MOVE = KUBERNETES / "drain-and-move"
+
+
+def drain_and_move_kit() -> dict[str, dict[str, Any]]:
+    """The kit's documents by kind (one each)."""
+    kustomization = yaml.safe_load((DRAIN_AND_MOVE / "kustomization.yaml").read_text())
+    docs = [d for name in kustomization["resources"] for d in load_yaml_docs(DRAIN_AND_MOVE / name)]
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert len(by_kind) == len(docs) == 3, [d["kind"] for d in docs]
+    return by_kind
+
+
+def test_kubernetes_drain_and_move_manifests() -> None:
+    kit = drain_and_move_kit()
+    (sts,) = load_yaml_docs(KUBERNETES / "statefulset.yaml")
+    configmap = yaml.safe_load((KUBERNETES / "configmap.yaml").read_text())
+    deployment, claim, script = kit["Deployment"], kit["PersistentVolumeClaim"], kit["ConfigMap"]
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    # Same pod as the StatefulSet's but for the command, the volumes and the grace period.
+    (sts_container,) = sts["spec"]["template"]["spec"]["containers"]
+    for field in ("envFrom", "env", "ports", "readinessProbe", "livenessProbe", "lifecycle"):
+        assert container[field] == sts_container[field], field
+    assert container["securityContext"] == sts_container["securityContext"]
+    assert deployment["spec"]["template"]["metadata"] == sts["spec"]["template"]["metadata"]
+    drain = parse_seconds(configmap["data"]["GATEWAY_DRAIN_TIMEOUT"])
+    # preStop + drain + the export of a full spool.
+    assert spec["terminationGracePeriodSeconds"] >= drain + 5 + 30
+    # One spool per pod (emptyDir), the shared handoff claim, run.sh from the ConfigMap.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert "emptyDir" in volumes["spool"] and mounts["spool"] == SPOOL_DIR
+    handoff = next(n for n, v in volumes.items() if "persistentVolumeClaim" in v)
+    assert volumes[handoff]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    run = next(n for n, v in volumes.items() if v.get("configMap", {}).get("name"))
+    assert volumes[run]["configMap"]["name"] == script["metadata"]["name"]
+    assert container["command"] == ["sh", f"{mounts[run]}/run.sh"]
+    text = script["data"]["run.sh"]
+    assert f"HANDOFF_DIR:-{mounts[handoff]}" in text
+    assert "spool export --move" in text and "spool import" in text
+
+    # The mover pod for a retired StatefulSet pod mounts one of its claims.
+    (mover,) = load_yaml_docs(KUBERNETES / "spool-mover.yaml")
+    (template,) = sts["spec"]["volumeClaimTemplates"]
+    (volume,) = mover["spec"]["volumes"]
+    name = volume["persistentVolumeClaim"]["claimName"]
+    assert name.startswith(f"{template['metadata']['name']}-{sts['metadata']['name']}-")
+    assert mover["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == SPOOL_DIR
+    assert (
+        "spool-mover.yaml"
+        not in yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())["resources"]
+    )
+
+
+@pytest.mark.slow
+async def test_kubernetes_run_sh_hands_a_stopped_pods_backlog_to_the_next(
+    sandbox: TestServer, sandbox_state: SandboxState, tmp_path: Path, reaper: list[Any]
+) -> None:
+    """run.sh for real: pod A stops while Ortto is down and exports its backlog to the
+    handoff directory; pod B imports it at start and delivers it, once."""
+    from tests.processes import Process, gateway_env, http_ok
+
+    script = tmp_path / "run.sh"
+    script.write_text(drain_and_move_kit()["ConfigMap"]["data"]["run.sh"])
+    handoff = tmp_path / "handoff"
+    upstream = str(sandbox.make_url("")).rstrip("/")
+
+    def pod(name: str) -> tuple[Process, str]:
+        port, metrics = free_port(), free_port()
+        env = gateway_env(
+            upstream,
+            tmp_path / name / "spool.sqlite3",
+            GATEWAY_LISTEN=f"127.0.0.1:{port}",
+            GATEWAY_METRICS_LISTEN=f"127.0.0.1:{metrics}",
+            GATEWAY_DRAIN_TIMEOUT="1s",
+        )
+        env |= {
+            "HANDOFF_DIR": str(handoff),
+            "HOSTNAME": name,
+            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        }
+        process = Process(["sh", str(script)], tmp_path / f"{name}.log", env=env, name=name)
+        reaper.append(process)
+        return process, f"http://127.0.0.1:{port}"
+
+    sandbox_state.add_fault(Fault(status=503, count=1_000_000))
+    emails = [f"k{i}@example.com" for i in range(5)]
+    async with aiohttp.ClientSession() as session:
+        a, a_url = pod("pod-a")
+        await a.start_ready(lambda: http_ok(session, a_url + "/readyz"))
+        body = {
+            "activities": [
+                {"activity_id": "act:cm:login", "fields": {"str::email": e}} for e in emails
+            ]
+        }
+        async with session.post(a_url + PATH, json=body) as resp:
+            assert resp.status == 202, await resp.text()
+        await wait_for(lambda: len(sandbox_state.requests) > 0, timeout=15)
+        assert await a.stop_async(signal.SIGTERM, timeout=30) == 0, a.output()
+        (exported,) = handoff.glob("*.jsonl")
+        assert exported.name.startswith("pod-a-")
+        assert len(exported.read_bytes().splitlines()) == len(emails)
+
+        sandbox_state.clear_faults()
+        b, b_url = pod("pod-b")
+        await b.start_ready(lambda: http_ok(session, b_url + "/readyz"))
+        await wait_for(lambda: len(sandbox_state.activities) >= len(emails), timeout=60)
+        assert sorted(x.email or "" for x in sandbox_state.activities) == emails
+        assert sandbox_state.duplicates == 0
+        assert list(handoff.glob("*.jsonl")) == list(handoff.glob("taken/*")) == []
+        # B had nothing left: it hands off no file.
+        assert await b.stop_async(signal.SIGTERM, timeout=30) == 0, b.output()
+    assert list(handoff.glob("*.jsonl")) == []

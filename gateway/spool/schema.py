@@ -7,6 +7,11 @@ Versions (``PRAGMA user_version``): 1 kept the payload alone in the queue; 2 add
 activity id, the person's hash and `created` beside it (`QueuedActivity`), and `created`
 to the dead letters. A file of version 1 is migrated when opened: its rows get the
 columns from their payloads, in the transaction that raises the version.
+
+The `imported_keys` table (what `spool import` took in, by activity `key`, so importing
+the same export twice sends nothing twice; see `transfer`) is created in any file that
+lacks it, without a new version: a gateway of version 2 ignores a table it does not know,
+so a file that has it can still be opened by the gateway it came from (a rollback).
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ _TABLES = (
         created REAL
     )""",
     "CREATE INDEX IF NOT EXISTS dead_letters_failed_at ON dead_letters (failed_at)",
+    """CREATE TABLE IF NOT EXISTS imported_keys (
+        key TEXT PRIMARY KEY,
+        imported_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS imported_keys_at ON imported_keys (imported_at)",
 )
 # Version 1 -> 2: the columns beside the payload (filled by `_fill_columns`).
 _TO_2 = (
