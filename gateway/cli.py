@@ -367,8 +367,8 @@ def _spool(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from pathlib import Path
 
     from gateway.spool import transfer
+    from gateway.spool.files import spool_files
     from gateway.upstream import redact
-    from gateway.workers import spool_files
 
     settings = _settings(args, env, require_api_key=False)
     files = [args.spool] if args.spool else spool_files(settings.spool_path)
