@@ -17,6 +17,7 @@ from gateway.admission import Admission
 from gateway.client_ip import TrustedProxies, parse_networks
 from gateway.config import ACTIVITIES_PATH, Settings
 from gateway.console import mount_console
+from gateway.console_core import console_off_reason
 from gateway.console_state import Console
 from gateway.cors import CorsPolicy
 from gateway.delivery import Delivery
@@ -62,7 +63,7 @@ def create_app(
     """The public application; resources open in `cleanup_ctx` in the order of the flow.
 
     `feed` is where the console's events go (`gateway.feed_open.open_feed`); by default an
-    in-process ring that nothing reads."""
+    in-process ring, and none at all when the console is off (no event is then built)."""
     metrics = metrics or Metrics(registry, settings.activities)
     cors = CorsPolicy(settings.allowed_origins)
     trusted = TrustedProxies(parse_networks(settings.trusted_proxies))
@@ -78,7 +79,10 @@ def create_app(
     app[CLOCK] = clock
     app[LIFECYCLE] = Lifecycle()
     app[ADMISSION] = admission
-    app[FEED] = feed if feed is not None else MemoryFeed()
+    if feed is None and console_off_reason(settings) is None:
+        feed = MemoryFeed()
+    if feed is not None:  # else no console reads events: none are built
+        app[FEED] = feed
     app[CORS] = cors
 
     app.cleanup_ctx.append(upstream_ctx)
@@ -158,7 +162,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         concurrency=settings.upstream_concurrency,
         batch_max_wait=settings.batch_max_wait,
         clock=app[CLOCK],
-        feed=app[FEED],
+        feed=app.get(FEED),
         personal=settings.console_personal,
         pacer=pacer,
     )
@@ -184,7 +188,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         else ForwardSink(app[CLIENT], metrics)
     )
     app[RELAY] = Relay(
-        settings, Limiter(store, clock=clock), sink, metrics, clock=clock, feed=app[FEED]
+        settings, Limiter(store, clock=clock), sink, metrics, clock=clock, feed=app.get(FEED)
     )
     app[LIFECYCLE].started = True
     try:

@@ -230,6 +230,29 @@ def parse_list(value: str | list[Any]) -> tuple[str, ...]:
     return tuple(item.strip() for item in items if item.strip())
 
 
+# A console token shorter than this is refused: the login form is the only thing between
+# the network and replaying, purging and sending activities.
+MIN_CONSOLE_TOKEN_CHARS = 24
+
+
+def _console_token(text: str) -> str:
+    token = text.strip()
+    if len(token) < MIN_CONSOLE_TOKEN_CHARS or any(c.isspace() or ord(c) < 32 for c in token):
+        raise ValueError(
+            f"needs at least {MIN_CONSOLE_TOKEN_CHARS} characters and no spaces or control "
+            "characters (e.g. `openssl rand -hex 24`)"
+        )
+    return token
+
+
+def _host_names(value: str | list[Any]) -> tuple[str, ...]:
+    names = tuple(name.lower().rstrip(".") for name in parse_list(value))
+    for name in names:
+        if not name or any(c in name for c in "/:@ ") or not name.isascii():
+            raise ValueError(f"expected host names such as ops.example.com, got {_shown(name)}")
+    return names
+
+
 def parse_bool(text: str) -> bool:
     """`true/false`, `1/0`, `yes/no`, `on/off`."""
     lowered = text.strip().lower()
@@ -565,10 +588,18 @@ class Settings:
     )
     console_token: str | None = setting(
         None,
-        "a token the console asks for (needed when the metrics listener is not on loopback; "
-        "without it the console is off there)",
-        str,
+        "a token the console asks for, at least 24 characters (needed when the metrics "
+        "listener is not on loopback; without it the console is off there)",
+        _console_token,
         masked="value",
+    )
+    console_hosts: tuple[str, ...] = setting(
+        (),
+        "comma list of host names the console may be reached by (an IP address or "
+        "`localhost` always may): any other `Host` is refused, against DNS rebinding",
+        _host_names,
+        shown="empty: IP addresses and `localhost`",
+        takes_list=True,
     )
     console_personal: bool = setting(
         False,

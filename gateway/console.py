@@ -29,12 +29,14 @@ import aiohttp
 from aiohttp import web
 
 from gateway import deadletters
-from gateway.config import ACTIVITIES_PATH, describe
+from gateway.config import ACTIVITIES_PATH, Settings, describe
 from gateway.console_core import (
     SSE_HEARTBEAT,
     console_off_reason,
     delivery_state,
     derive,
+    host_allowed,
+    host_of,
     last_event_id,
     local_address,
     mask_emails,
@@ -59,11 +61,19 @@ CSRF_HEADER = "X-Console-Token"
 HEARTBEAT_SECONDS = 15.0
 # Events sent to a new stream before it follows; the page keeps about as many rows.
 INITIAL_EVENTS = 500
-# Events queued for one slow stream before more are dropped (the page shows a gap).
-STREAM_BACKLOG = 2000
+# Events queued for one slow stream: past this the stream ends, and the page reconnects
+# and resumes from its Last-Event-ID (nothing is skipped without the page knowing).
+STREAM_BACKLOG = 1000
+# Open streams at once; more get a 503 (each holds a task, a queue, maybe a Redis read).
+MAX_STREAMS = 20
+# Dead-letter ids one replay or purge may name, and their range (SQLite's INTEGER).
+MAX_IDS = 1000
+MAX_ID = 2**63 - 1
 # Last Ortto answers shown in the delivery panel.
 RECENT_DELIVERIES = 20
 DEAD_LETTER_LIMIT = 200
+# A login lasts this long (seconds); a restart of the gateway ends it sooner.
+LOGIN_MAX_AGE = 12 * 3600
 MAX_EMAIL_CHARS = 254
 TEST_TIMEOUT = 10.0
 PAGE_HEADERS = {
@@ -81,12 +91,17 @@ PAGE_HEADERS = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def warn_console_off(settings: Settings) -> None:
+    """Say why the console is off, unless it was turned off on purpose."""
+    reason = console_off_reason(settings)
+    if reason is not None and settings.console:
+        log.warning("operator console off", extra={"data": {"reason": reason}})
+
+
 def mount_console(app: web.Application, console: Console) -> bool:
     """Add the console's routes to the metrics app; False (and a warning) when it is off."""
-    reason = console_off_reason(console.settings)
-    if reason is not None:
-        if console.settings.console:
-            log.warning("operator console off", extra={"data": {"reason": reason}})
+    if console_off_reason(console.settings) is not None:
+        warn_console_off(console.settings)
         return False
     app[CONSOLE] = console
     app.cleanup_ctx.append(_client_ctx)
@@ -113,10 +128,7 @@ def mount_console(app: web.Application, console: Console) -> bool:
 def _logged_in(request: web.Request) -> bool:
     console = request.app[CONSOLE]
     token = console.settings.console_token
-    if not token:
-        return True
-    auth = request.headers.get("Authorization", "")
-    if auth.startswith("Bearer ") and same(auth[len("Bearer ") :].strip(), token):
+    if not token or _bearer(request):
         return True
     return same(request.cookies.get(AUTH_COOKIE), derive(console.secret, "login", token))
 
@@ -125,18 +137,54 @@ def _session_token(request: web.Request, session: str) -> str:
     return derive(request.app[CONSOLE].secret, "csrf", session)
 
 
+def _bearer(request: web.Request) -> bool:
+    """Logged in by `Authorization: Bearer` (a script: a browser never adds it by itself)."""
+    token = request.app[CONSOLE].settings.console_token
+    auth = request.headers.get("Authorization", "")
+    return token is not None and auth.startswith("Bearer ") and same(auth[7:].strip(), token)
+
+
+def _host_refusal(request: web.Request) -> str | None:
+    """Why the request's Host (and a POST's Origin) cannot be the console's, or None.
+
+    Against DNS rebinding: a page of another site whose name now resolves to 127.0.0.1
+    would otherwise be same-origin with a loopback console. Its requests carry that
+    name as Host; an IP address, `localhost` or a GATEWAY_CONSOLE_HOSTS name cannot be
+    another site's."""
+    host = host_of(request.host)
+    if not host_allowed(host, request.app[CONSOLE].settings.console_hosts):
+        return f"console: Host {host[:64]!r} is not this console's (GATEWAY_CONSOLE_HOSTS)"
+    origin = request.headers.get("Origin")
+    if (
+        request.method == "POST"
+        and origin is not None
+        and origin.partition("://")[2].lower() != request.host.lower()
+    ):
+        return "console: a POST from another origin"
+    return None
+
+
 def _guarded(handler: Handler, *, post: bool = False) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
+        refusal = _host_refusal(request)
+        if refusal is not None:
+            return _error(403, refusal)
         if not _logged_in(request):
             if request.path.rstrip("/") == "/console":
                 return _login_page(status=401)
             return _error(401, "console: log in first (GATEWAY_CONSOLE_TOKEN)")
-        if post:
+        if post and not _bearer(request):
             session = request.cookies.get(SESSION_COOKIE)
             given = request.headers.get(CSRF_HEADER)
             if session is None or not same(given, _session_token(request, session)):
                 return _error(403, "console: missing or wrong session token; reload the page")
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("console: unexpected error", extra={"data": {"path": request.path}})
+            return _error(500, "console: internal error (see the gateway's log)")
         response.headers.update(PAGE_HEADERS)
         return response
 
@@ -159,10 +207,16 @@ def _login_page(status: int = 200, message: str = "") -> web.Response:
 
 async def _login(request: web.Request) -> web.StreamResponse:
     console = request.app[CONSOLE]
+    refusal = _host_refusal(request)
+    if refusal is not None:
+        return _error(403, refusal)
     token = console.settings.console_token
     if not token:
         raise web.HTTPSeeOther("/console")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except ValueError:
+        return _login_page(400, "The form could not be read.")
     given = form.get("token")
     if not isinstance(given, str) or not same(given, token):
         return _login_page(401, "Wrong token.")
@@ -173,6 +227,8 @@ async def _login(request: web.Request) -> web.StreamResponse:
         path="/console",
         httponly=True,
         samesite="Strict",
+        secure=request.secure,
+        max_age=LOGIN_MAX_AGE,
     )
     response.headers.update(PAGE_HEADERS)
     return response
@@ -186,7 +242,14 @@ async def _page(request: web.Request) -> web.StreamResponse:
     page = (STATIC / "console.html").read_text(encoding="utf-8")
     page = page.replace("{{SESSION_TOKEN}}", _session_token(request, session))
     response = web.Response(text=page, content_type="text/html", charset="utf-8")
-    response.set_cookie(SESSION_COOKIE, session, path="/console", httponly=True, samesite="Strict")
+    response.set_cookie(
+        SESSION_COOKIE,
+        session,
+        path="/console",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
     return response
 
 
@@ -207,6 +270,8 @@ def _asset(name: str, content_type: str) -> Handler:
 async def _events(request: web.Request) -> web.StreamResponse:
     """Recent events, then each new one (server-sent events); a comment as heartbeat."""
     console = request.app[CONSOLE]
+    if len(console.streams) >= MAX_STREAMS:
+        return _error(503, f"console: {MAX_STREAMS} streams are open already")
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no", **PAGE_HEADERS}
     )
@@ -216,11 +281,16 @@ async def _events(request: web.Request) -> web.StreamResponse:
     pump: asyncio.Task[None] | None = None
     try:
         after = last_event_id(request.headers.get("Last-Event-ID"))
+        recent = await console.feed.recent(INITIAL_EVENTS)
+        newest = max((e.get("seq", 0) for e in recent), default=0)
+        if after is not None and after > newest:
+            # An id from before a restart (the in-process feed counts from 1 again):
+            # start over, or the page would wait for the count to pass it.
+            after = None
         if after is None:
-            recent = await console.feed.recent(INITIAL_EVENTS)
             for event in recent:
-                await response.write(sse_event(dict(event)))
-            after = max((e.get("seq", 0) for e in recent), default=0)
+                await response.write(sse_event(_shown(console, dict(event))))
+            after = newest
         pump = asyncio.create_task(_pump(console.feed, after, queue))
         while not console.closing.is_set():
             try:
@@ -230,7 +300,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
                 continue
             if item is None:
                 break
-            await response.write(sse_event(dict(item)))
+            await response.write(sse_event(_shown(console, dict(item))))
     except ConnectionResetError:  # the page went away
         pass
     finally:
@@ -249,8 +319,9 @@ async def _pump(feed: Feed, after: int, queue: asyncio.Queue[FeedEvent | None]) 
     reconnects with Last-Event-ID)."""
     try:
         async for event in feed.follow(after):
-            if queue.qsize() < STREAM_BACKLOG:
-                queue.put_nowait(event)
+            if queue.qsize() >= STREAM_BACKLOG:
+                break  # too slow a reader: end the stream, the page resumes from its id
+            queue.put_nowait(event)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -362,10 +433,11 @@ async def _act(
             return _error(400, "console: `spool` must be one of the gateway's spool files")
         if (
             not isinstance(ids, list)
-            or not ids
+            or not 0 < len(ids) <= MAX_IDS
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+            or not all(0 < i <= MAX_ID for i in ids)
         ):
-            return _error(400, "console: `ids` must be a non-empty list of dead-letter ids")
+            return _error(400, f"console: `ids` must be a list of 1 to {MAX_IDS} dead-letter ids")
         done = await action([spool], ids=ids)
     log.info(
         "console: dead letters",

@@ -62,6 +62,31 @@ def console_off_reason(settings: Settings) -> str | None:
     return None
 
 
+def host_of(host_header: str | None) -> str:
+    """The host name of a Host header, lower case, without port or brackets."""
+    host = (host_header or "").strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def host_allowed(host: str, names: tuple[str, ...]) -> bool:
+    """Whether a Host may be the console's: an IP address, `localhost`, or a listed name.
+
+    A site that rebinds its own name to this machine's address sends that name as Host;
+    no other site's page can have an IP address of this machine or `localhost` as its
+    origin."""
+    if host == "localhost" or host in names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def new_secret() -> str:
     """A fresh random token (a session id, the process's signing secret)."""
     return secrets.token_urlsafe(32)

@@ -63,11 +63,13 @@ from gateway.metrics import Metrics, status_group
 from gateway.spool import Spool, SpoolClosed, SpooledItem, SpoolError
 from gateway.upstream import (
     BATCH_OVERHEAD,
+    MASKED,
     Entry,
     OrttoClient,
     UpstreamError,
     UpstreamResponse,
     encode_batch,
+    mask_emails,
     read_answer,
 )
 from gateway.upstream_rate import LocalPacer, UpstreamPacer
@@ -650,6 +652,19 @@ class Delivery:
             event["ms"] = round(elapsed * 1000, 3)
         self._feed.publish(event)
 
+    def _mask_sent(self, text: str) -> str:
+        """A string of an activity as sent, for the console: emails and secrets masked,
+        cut to `FORWARDED_VALUE_CHARS`. The gateway's own validated output, so the cheap
+        checks do (`redact`, for Ortto's text, also looks for parts of secrets)."""
+        if "@" in text:
+            text = mask_emails(text)
+        for secret in self._client.secrets:
+            if secret in text:
+                text = text.replace(secret, MASKED)
+        return (
+            text if len(text) <= FORWARDED_VALUE_CHARS else text[:FORWARDED_VALUE_CHARS] + "\u2026"
+        )
+
     def _forward(self, item: SpooledItem, status: int, answer: Any) -> None:
         """Record what Ortto was sent for one activity and what it answered: the body's
         emails masked unless the console is personal, Ortto's text always redacted (so
@@ -661,7 +676,7 @@ class Delivery:
             body = None
         redact = self._client.redact
         if not self._personal:
-            body = mask_strings(body, lambda text: redact(text, FORWARDED_VALUE_CHARS))
+            body = mask_strings(body, self._mask_sent)
         forwarded: Forwarded = {
             "key": _key_of(item.payload),
             "time": self._clock(),

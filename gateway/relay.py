@@ -50,6 +50,8 @@ from gateway.validation import (
 KEYS_REPORT_INTERVAL = 1.0
 # The request log line names at most this many distinct field paths of refusals.
 MAX_LOGGED_FIELDS = 10
+# A refused activity's id as the console's event shows it: the browser's text, cut.
+MAX_EVENT_ACTIVITY_ID = 128
 # The request log line (middlewares.py) is where a request's summary goes.
 REQUEST_LOG = logging.getLogger("gateway.http")
 log = logging.getLogger("gateway.relay")
@@ -245,7 +247,9 @@ class Relay:
                 "client": client,
             }
             if isinstance(activity, dict) and isinstance(activity.get("activity_id"), str):
-                event["activity_id"] = activity["activity_id"]
+                # The browser's text: as long as an activity id may be, no longer (the
+                # console masks an email in it).
+                event["activity_id"] = activity["activity_id"][:MAX_EVENT_ACTIVITY_ID]
             if reason:
                 event["reason"] = reason
                 event["field"] = log_field(field) if field else None  # never a value

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app, create_metrics_app
 from gateway.config import ConfigError, HostPort, Settings
+from gateway.console import warn_console_off
+from gateway.console_core import console_off_reason
 from gateway.console_state import Console, PublicAddress
 from gateway.feed_open import open_feed
 from gateway.keys import DELIVERY, LIFECYCLE
@@ -165,7 +167,8 @@ async def serve(
         check_bindable(settings.metrics_listen, "GATEWAY_METRICS_LISTEN")
     registry = CollectorRegistry()
     metrics = Metrics(registry, settings.activities, process_metrics=worker is None)
-    feed = open_feed(settings, worker=worker)
+    # No console, no events: the relay and delivery then build none.
+    feed = open_feed(settings, worker=worker) if console_off_reason(settings) is None else None
     app = create_app(settings, metrics=metrics, feed=feed)
     for prefix, sub in (extra_apps or {}).items():
         # Before the sub-app: its resource would take the bare prefix too, and 404 it.
@@ -174,7 +177,11 @@ async def serve(
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
     # The console's test button posts to the public listener: its port is known once bound.
     public = PublicAddress(settings.listen.host)
-    console = None if worker is not None else Console(settings, feed, registry, public)
+    console = None
+    if worker is None and feed is not None:
+        console = Console(settings, feed, registry, public)
+    elif worker is None:
+        warn_console_off(settings)
     metrics_runner = web.AppRunner(create_metrics_app(registry, console=console), access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -228,7 +235,8 @@ async def serve(
     finally:
         await runner.cleanup()
         await metrics_runner.cleanup()
-        await feed.close()
+        if feed is not None:
+            await feed.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)

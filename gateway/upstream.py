@@ -89,6 +89,11 @@ def redact(text: str | bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_
     return text
 
 
+def mask_emails(text: str) -> str:
+    """Every email-like run's local part masked (`****@example.com`), as `redact` does."""
+    return _EMAIL.sub(_mask_email, text)
+
+
 def _mask_email(match: re.Match[str]) -> str:
     local = match[1]
     quotes = local[: len(local) - len(local.lstrip("'`"))]
@@ -207,6 +212,11 @@ class OrttoClient:
 
     def __repr__(self) -> str:
         return f"OrttoClient({self.endpoint!r})"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The key and the other configured secrets, as `redact` masks them."""
+        return tuple(s for s in self._secrets if len(s) >= MIN_SECRET_CHARS)
 
     def redact(self, text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
         """`redact` with the key and the other configured secrets."""

@@ -18,11 +18,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_metrics_app
-from gateway.config import HostPort, Settings
+from gateway import console as console_module
+from gateway.app import create_app, create_metrics_app
+from gateway.config import ConfigError, HostPort, Settings, load_settings
 from gateway.console import CSRF_HEADER
 from gateway.console_core import (
     console_off_reason,
+    host_allowed,
+    host_of,
     is_loopback,
     last_event_id,
     mask_emails,
@@ -30,6 +33,7 @@ from gateway.console_core import (
 )
 from gateway.console_state import Console, PublicAddress
 from gateway.feed import Forwarded, MemoryFeed
+from gateway.keys import FEED
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for
 from gateway.server import serve
@@ -464,3 +468,133 @@ class running:
         self.stop.set()
         assert self.task is not None
         await asyncio.wait_for(self.task, 30)
+
+
+# -- abuse: DNS rebinding, bad input, too many streams
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:9108", True),
+        ("[::1]:9108", True),
+        ("localhost:9108", True),
+        ("10.0.0.5", True),
+        ("ops.example.com", True),  # listed in GATEWAY_CONSOLE_HOSTS below
+        ("evil.example:9108", False),  # a site that rebound its name to 127.0.0.1
+        ("127.0.0.1.evil.example", False),
+        ("", False),
+    ],
+)
+def test_host_allowed(host: str, allowed: bool) -> None:
+    assert host_allowed(host_of(host), ("ops.example.com",)) is allowed
+
+
+async def test_a_rebound_host_name_is_refused_everywhere(
+    aiohttp_client: ClientFactory, settings: Settings
+) -> None:
+    client = await console_client(aiohttp_client, settings)
+    token = await session_token(client)
+    evil = {"Host": "evil.example:9108"}
+    for path in ("/console", "/console/events", "/console/api/state", "/console/console.js"):
+        async with client.get(path, headers=evil) as resp:
+            assert resp.status == 403, path
+            assert "Host" in (await resp.json())["error"]
+    purge = "/console/api/dead-letters/purge"
+    async with client.post(purge, json={"all": True}, headers={**evil, CSRF_HEADER: token}) as r:
+        assert r.status == 403
+    # A POST from another origin, even with the right Host and token.
+    headers = {CSRF_HEADER: token, "Origin": "https://evil.example"}
+    async with client.post(purge, json={"all": True}, headers=headers) as resp:
+        assert resp.status == 403
+    # A listed name is the console's.
+    listed = await console_client(aiohttp_client, replace(settings, console_hosts=("ops.lan",)))
+    async with listed.get("/console/api/state", headers={"Host": "ops.lan:9108"}) as resp:
+        assert resp.status == 200
+
+
+async def test_bad_input_is_a_4xx_never_a_500(
+    aiohttp_client: ClientFactory, settings: Settings
+) -> None:
+    client = await console_client(aiohttp_client, settings)
+    token = await session_token(client)
+    spool = settings.spool_path
+    for ids in ([2**70], [0], [-1], list(range(1, 1002)), [], ["1"], [True]):
+        async with client.post(
+            "/console/api/dead-letters/replay",
+            json={"spool": spool, "ids": ids},
+            headers={CSRF_HEADER: token},
+        ) as resp:
+            assert resp.status == 400, ids
+    guarded = await console_client(
+        aiohttp_client, replace(settings, console_token="console-token-0123456789abcdef")
+    )
+    async with guarded.post(
+        "/console/login",
+        data=b"--x\r\nbroken",
+        headers={"Content-Type": "multipart/form-data"},  # no boundary
+    ) as resp:
+        assert resp.status == 400
+
+
+async def test_a_bearer_script_needs_no_page_session(
+    aiohttp_client: ClientFactory, settings: Settings
+) -> None:
+    token = "console-token-0123456789abcdef"
+    client = await console_client(aiohttp_client, replace(settings, console_token=token))
+    path = "/console/api/dead-letters/purge"
+    async with client.post(path, json={"all": True}) as resp:
+        assert resp.status == 401
+    auth = {"Authorization": f"Bearer {token}"}
+    async with client.post(path, json={"all": True}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_streams_are_capped(
+    aiohttp_client: ClientFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console_module, "MAX_STREAMS", 2)
+    client = await console_client(aiohttp_client, settings)
+    first = await client.get("/console/events")
+    second = await client.get("/console/events")
+    assert first.status == second.status == 200
+    async with client.get("/console/events") as resp:
+        assert resp.status == 503
+    first.close()
+    second.close()
+
+
+async def test_an_id_from_before_a_restart_starts_over(
+    aiohttp_client: ClientFactory, settings: Settings
+) -> None:
+    # The in-process feed counts from 1 again after a restart; a page still holds 5000.
+    feed = MemoryFeed()
+    feed.publish({"kind": "activity", "outcome": "accepted", "activity_id": "act:cm:login"})
+    client = await console_client(aiohttp_client, settings, feed)
+    async with client.get("/console/events", headers={"Last-Event-ID": "5000"}) as resp:
+        seq, event = await read_event(resp)
+        assert seq == 1 and event["activity_id"] == "act:cm:login"
+
+
+async def test_the_stream_masks_what_a_browser_sent(
+    aiohttp_client: ClientFactory, settings: Settings
+) -> None:
+    feed = MemoryFeed()
+    feed.publish({"kind": "activity", "outcome": "refused", "activity_id": "jane@example.com"})
+    client = await console_client(aiohttp_client, settings, feed)
+    async with client.get("/console/events") as resp:
+        _, event = await read_event(resp)
+        assert event["activity_id"] == "****@example.com"
+
+
+async def test_a_short_console_token_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_CONSOLE_TOKEN"):
+        load_settings({"GATEWAY_API_KEY": API_KEY, "GATEWAY_CONSOLE_TOKEN": "short"})
+
+
+def test_no_console_no_feed(settings: Settings) -> None:
+    # Off, nothing reads events: none are built on the request path or in delivery.
+    assert FEED not in create_app(replace(settings, console=False))
+    exposed = replace(settings, metrics_listen=HostPort("0.0.0.0", 9108))
+    assert FEED not in create_app(exposed)  # off: not loopback, no token
+    assert isinstance(create_app(settings)[FEED], MemoryFeed)

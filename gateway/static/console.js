@@ -122,6 +122,7 @@ function connect() {
     const ev = JSON.parse(message.data);
     if (paused) {
       held.push(ev);
+      if (held.length > MAX_EVENTS) held.shift(); // bounded: only the newest are kept
       $("paused-note").textContent = held.length + " new while paused";
     } else {
       add(ev);
