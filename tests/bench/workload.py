@@ -26,6 +26,23 @@ BODY_TEMPLATE = (
     '"attributes":{"str:cm:payment-plan":"$100 starter plan","bol:cm:account-owner":true,'
     '"str:cm:web-browser":"Google Chrome","int::v":1530}}]}'
 )
+# One activity of the template, for bodies of several (`batch_body`).
+ACTIVITY_TEMPLATE = BODY_TEMPLATE[len('{"activities":[') : -len("]}")]
+
+
+def one_body(local: str) -> str:
+    """The body of one activity for the person `{local}@example.com`."""
+    return BODY_TEMPLATE.replace("{local}", local)
+
+
+def batch_body(local: str, count: int) -> str:
+    """A body of `count` activities, each for its own person (`{local}-{i}@example.com`)."""
+    activities = ",".join(
+        ACTIVITY_TEMPLATE.replace("{local}", f"{local}-{i}") for i in range(count)
+    )
+    return '{"activities":[' + activities + "]}"
+
+
 # What the gateway answers for one accepted activity (and what the baseline answers).
 ACCEPTED_BODY = {"activities": [{"status": "queued", "person_status": "queued"}]}
 
