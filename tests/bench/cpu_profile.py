@@ -30,7 +30,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.server import runner_options
-from tests.bench.workload import ACTIVITY_ID, PATH, batch_body, client_ip, one_body
+from tests.bench.workload import ACTIVITY_ID, PATH, batch_body, client_ip, one_body, per_ip
 
 CONNECTIONS = 32
 
@@ -50,9 +50,10 @@ def _settings(spool: str, log_level: str) -> object:
 def _request(port: int, n: int, activities: int) -> bytes:
     local = f"p{n}"
     body = (one_body(local) if activities == 1 else batch_body(local, activities)).encode()
+    ip = client_ip(0, n, per_ip(activities))
     return (
         f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nX-Forwarded-For: {client_ip(0, n * activities)}\r\n"
+        f"Content-Type: application/json\r\nX-Forwarded-For: {ip}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
