@@ -655,7 +655,7 @@ ROWS = {
     "durable": "gateway, durable spool",
     "memory": "gateway, in-memory spool",
     "info_logs": "gateway, durable spool, INFO logs",
-    "batch10": "gateway, durable, 10 activities/request",
+    "batch10": "gateway, durable, 10 per request",
     "redis_w1": "gateway, Redis limits, 1 worker",
     "redis_w2": "gateway, Redis limits, 2 workers",
 }
