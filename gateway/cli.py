@@ -26,6 +26,17 @@ from gateway.settings_docs import settings_help
 from gateway.spool import SpoolError, SpoolInUse
 
 
+def worker_count(text: str) -> int:
+    """`--workers`: a number, or `auto` for one worker per CPU this process may use."""
+    if text.strip().lower() == "auto":
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        return len(usable) if usable else os.cpu_count() or 1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers nor auto") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ortto-gateway",
@@ -41,9 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML settings file (default: $GATEWAY_CONFIG)")
     serve.add_argument(
         "--workers",
-        type=int,
+        type=worker_count,
         default=1,
-        help="processes sharing the public port (more than 1 needs GATEWAY_REDIS_URL)",
+        help="processes sharing the public port, or `auto`: one per CPU this process may "
+        "run on (more than 1 needs GATEWAY_REDIS_URL)",
     )
 
     demo = sub.add_parser("demo", help="gateway + sandbox upstream + demo page, no account needed")

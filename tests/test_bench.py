@@ -60,7 +60,8 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
 
     rows = results["rows"]
-    assert list(rows) == ["baseline", "shell", "durable", "memory", "info_logs"]
+    assert list(rows) == ["baseline", "shell", "durable", "memory", "info_logs", "batch10"]
+    assert rows["batch10"]["activities_per_request"] == 10
     for row in rows.values():
         assert row["accepted_per_s"] > 0
         assert row["non_202"] == 0 and row["errors"] == 0
@@ -80,6 +81,7 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     report = proc.stdout
     assert "baseline: bare aiohttp app" in report
     assert "gateway, durable spool" in report
+    assert "10 activities per request: " in report
     assert "HTTP shell alone (relay stubbed)" in report
     assert "spool commits (GATEWAY_SPOOL_COMMIT=loop): loop in every gateway row" in report
     assert "redis: rows skipped (--no-redis)" in report

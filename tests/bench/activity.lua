@@ -3,7 +3,7 @@
 -- Arguments (after `--`): prefix, ip_base, body format, per_ip.
 --   prefix     makes the emails of this phase unique (a thread number is appended)
 --   ip_base    first /32 block of 10.0.0.0/8 used by this phase
---   body       a string.format pattern whose %s is the email's local part
+--   body       the body, where each `{local}` is replaced by the email's local part
 --   per_ip     requests sent from one X-Forwarded-For address before the next
 -- Every response status is counted, and done() prints one line:
 --   BENCH_RESULT {"requests": ..., "duration_us": ..., "statuses": {"202": ...}, ...}
@@ -20,7 +20,7 @@ end
 local counter = 0
 local prefix = "w"
 local ip_base = 0
-local body_fmt = "%s"
+local body_tpl = "{local}"
 local per_ip = 50
 local headers = { ["Content-Type"] = "application/json" }
 statuses = {}
@@ -28,7 +28,7 @@ statuses = {}
 function init(args)
    prefix = args[1] .. "t" .. tid
    ip_base = tonumber(args[2]) + tid * 1048576
-   body_fmt = args[3]
+   body_tpl = args[3]
    per_ip = tonumber(args[4])
 end
 
@@ -39,7 +39,9 @@ function request()
    headers["X-Forwarded-For"] = string.format(
       "10.%d.%d.%d", math.floor(block / 65536), math.floor(block / 256) % 256, block % 256
    )
-   return wrk.format("POST", nil, headers, string.format(body_fmt, prefix .. "-" .. n))
+   -- The local part is letters, digits and "-": nothing `gsub` reads as a pattern.
+   local body = string.gsub(body_tpl, "{local}", prefix .. "-" .. n)
+   return wrk.format("POST", nil, headers, body)
 end
 
 function response(status, hdrs, body)

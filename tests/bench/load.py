@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.bench.workload import LUA_SCRIPT, PER_IP, lua_body_format
+from tests.bench.workload import LUA_SCRIPT, body_template, per_ip
 
 ACCEPTED = 202
 REQUEST_TIMEOUT = 10.0  # seconds; a request slower than this is counted as a timeout
@@ -115,8 +115,10 @@ def run_wrk(
     duration: int,
     prefix: str,
     ip_base: int,
+    activities: int = 1,
 ) -> LoadResult:
-    """Run wrk with `activity.lua` for `duration` seconds and parse its BENCH_RESULT line."""
+    """Run wrk with `activity.lua` for `duration` seconds and parse its BENCH_RESULT line
+    (`activities` per request)."""
     argv = [
         wrk,
         f"-t{threads}",
@@ -129,8 +131,8 @@ def run_wrk(
         "--",
         prefix,
         str(ip_base),
-        lua_body_format(),
-        str(PER_IP),
+        body_template(activities),
+        str(per_ip(activities)),
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next(

@@ -11,6 +11,8 @@ one of them is under load at a time):
    a fixed offered rate of half that maximum.
 4. gateway, in-memory spool (`GATEWAY_SPOOL_PATH=:memory:`): max accepted/s.
 5. gateway, durable spool with `GATEWAY_LOG_LEVEL=INFO` (one JSON line per request).
+5b. gateway, durable spool, 10 activities per request (each its own person): reported
+   as activities per second, like every row (a request of one is one activity).
 6. scale-out: the gateway, durable spool, limits in Redis (`GATEWAY_REDIS_URL`), run as
    `serve --workers 1` and as `serve --workers 2` (a supervisor and two workers sharing
    the port with SO_REUSEPORT, each with its own spool file in the temp dir); Redis is
@@ -255,6 +257,7 @@ class Row:
     label: str
     threads: int | None = None  # wrk threads and connections when not the run's
     connections: int | None = None
+    activities: int = 1  # per request: the row's figures count activities, not requests
     results: list[LoadResult] = field(default_factory=list)
     warmups: list[LoadResult | None] = field(default_factory=list)
     cpus: list[dict[str, float]] = field(default_factory=list)
@@ -265,7 +268,8 @@ class Row:
     def accepted_per_s(self) -> float:
         """Accepted activities per second over every round's measured seconds."""
         seconds = sum(r.duration for r in self.results)
-        return sum(r.accepted for r in self.results) / seconds if seconds > 0 else 0.0
+        accepted = sum(r.accepted for r in self.results) * self.activities
+        return accepted / seconds if seconds > 0 else 0.0
 
     def add(self, result: LoadResult, warmup: LoadResult | None, cpu: dict[str, float]) -> None:
         self.results.append(result)
@@ -278,16 +282,18 @@ class Row:
         cpu_s = sum(
             c.get("server", 0.0) * r.duration for c, r in zip(self.cpus, self.results, strict=True)
         )
-        return sum(r.accepted for r in self.results) / cpu_s if cpu_s > 0 else None
+        accepted = sum(r.accepted for r in self.results) * self.activities
+        return accepted / cpu_s if cpu_s > 0 else None
 
     def as_dict(self) -> dict[str, Any]:
-        rates = [r.accepted_per_s for r in self.results]
+        rates = [r.accepted_per_s * self.activities for r in self.results]
         per_cpu = self.accepted_per_server_cpu_s
         mean = self.accepted_per_s
         cpu_keys = sorted({k for c in self.cpus for k in c})
         rss = [k for k in self.peak_rss_kib if k is not None]
         return {
             "label": self.label,
+            "activities_per_request": self.activities,
             "accepted_per_s": round(mean, 1),
             "accepted_per_server_cpu_s": round(per_cpu, 1) if per_cpu is not None else None,
             "rounds_accepted_per_s": [round(r, 1) for r in rates],
@@ -438,9 +444,10 @@ class Bench:
                 duration=seconds,
                 prefix=prefix,
                 ip_base=ip_base,
+                activities=row.activities,
             )
         else:
-            factory = RequestFactory(HOST, target.port, prefix, ip_base)
+            factory = RequestFactory(HOST, target.port, prefix, ip_base, row.activities)
             result = asyncio.run(
                 closed_loop(
                     HOST,
@@ -465,7 +472,8 @@ class Bench:
         cpu = meter.stop(load_tool_is_child=self.wrk is not None)
         row.add(result, warm, cpu)
         progress(
-            f"  {result.accepted_per_s:,.0f} accepted/s, {result.non_accepted} non-202, "
+            f"  {result.accepted_per_s * row.activities:,.0f} activities/s accepted, "
+            f"{result.non_accepted} non-202, "
             f"{result.error_count} errors; CPU cores {fmt_cpu(cpu)}"
         )
         return result
@@ -647,9 +655,12 @@ ROWS = {
     "durable": "gateway, durable spool",
     "memory": "gateway, in-memory spool",
     "info_logs": "gateway, durable spool, INFO logs",
+    "batch10": "gateway, durable, 10 per request",
     "redis_w1": "gateway, Redis limits, 1 worker",
     "redis_w2": "gateway, Redis limits, 2 workers",
 }
+# Rows whose requests carry several activities (their figures are activities per second).
+BATCHES = {"batch10": 10}
 # The scale-out rows: `serve --workers N` with the limits in this run's Redis.
 SCALE_OUT = {"redis_w1": 1, "redis_w2": 2}
 
@@ -792,7 +803,7 @@ def run(opts: Options) -> dict[str, Any]:
             results["redis"] = {"skipped": opts.no_redis_reason}
             progress(f"redis rows skipped: {opts.no_redis_reason}")
         keys = [k for k in ROWS if bench.redis is not None or k not in SCALE_OUT]
-        rows = {key: Row(key, ROWS[key]) for key in keys}
+        rows = {key: Row(key, ROWS[key], activities=BATCHES.get(key, 1)) for key in keys}
         for key in SCALE_OUT:
             if key in rows:
                 rows[key].threads = opts.scale_out_threads
