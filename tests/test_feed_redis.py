@@ -66,14 +66,15 @@ async def test_two_workers_are_read_merged_in_order(feeds: list[RedisFeed]) -> N
     assert [e["request_id"] for e in await reader.recent(2)] == ["r1", "r2"]
 
     # Resumed after the first event, by its id or its seq; then woken by a new one.
-    for after in (recent[0]["id"], recent[0]["seq"]):
+    for i, after in enumerate((recent[0]["id"], recent[0]["seq"])):
         follower = reader.follow(after=after)
-        got = [await asyncio.wait_for(anext(follower), DEADLINE) for _ in range(2)]
-        assert [e["request_id"] for e in got] == ["r1", "r2"]
+        missed = ["r1", "r2"] + [f"r{3 + j}" for j in range(i)]  # the last pass's too
+        got = [await asyncio.wait_for(anext(follower), DEADLINE) for _ in missed]
+        assert [e["request_id"] for e in got] == missed
         waiting = asyncio.ensure_future(anext(follower))
-        w1.publish(event(3))
+        w1.publish(event(3 + i))
         new = await asyncio.wait_for(waiting, DEADLINE)
-        assert (new["request_id"], new["worker"]) == ("r3", 1)
+        assert (new["request_id"], new["worker"]) == (f"r{3 + i}", 1)
         await follower.aclose()
         await w1.flush()
 
