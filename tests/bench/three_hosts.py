@@ -6,7 +6,9 @@ Three gateway processes (`python -m gateway serve`, each with its own durable sp
 every one with `GATEWAY_REDIS_URL` set to the same Redis) deliver to one sandbox that
 refuses (429) more than `--plan` requests in any sliding second, as Ortto does for the
 account. The gateways are told the plan less `--margin` (5%: docs/scaling-upstream.md).
-The sandbox runs in this process, so every request's arrival time and answer is known.
+The sandbox is a process of its own (this module with `--serve-sandbox PORT`, so the
+load's work here does not delay its timestamps); it also answers `GET /_bench/requests`
+with each request's arrival time, status and host, and every email received.
 
 Traffic, for `--warmup` + `--duration` seconds: every `TICK` each host is posted its part
 of `PER_TICK` activities, split 10:1:1, each activity a new person. The gateways batch
@@ -45,7 +47,7 @@ import orjson
 from aiohttp import web
 
 from gateway.config import ORTTO_MAX_ACTIVITIES
-from gateway.sandbox import ReceivedRequest, SandboxState, create_sandbox_app
+from gateway.sandbox import SANDBOX_STATE, ReceivedRequest, SandboxState, create_sandbox_app
 from gateway.server import free_port
 from tests.bench.procs import Proc, Procs, child_env, http, wait_ready
 from tests.bench.workload import ACTIVITY_ID, PATH
@@ -84,6 +86,32 @@ def host_of(request: ReceivedRequest) -> int:
     return hosts.pop()
 
 
+async def _bench_requests(request: web.Request) -> web.Response:
+    """Every request as the sandbox recorded it, and every email it received."""
+    state = request.app[SANDBOX_STATE]
+    body = {
+        "requests": [
+            {
+                "time": r.time,
+                "status": r.status,
+                "activities": r.n_activities,
+                "host": host_of(r) if r.n_activities else None,
+            }
+            for r in state.requests
+        ],
+        "emails": [a.email for a in state.activities],
+        "duplicates": state.duplicates,
+    }
+    return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+
+
+def serve_sandbox(port: int, plan: float) -> None:
+    """The sandbox limited to the plan, until SIGTERM."""
+    app = create_sandbox_app(SandboxState(api_key=API_KEY, rate_per_second=plan))
+    app.router.add_get("/_bench/requests", _bench_requests)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
 class Hosts:
     """The three gateways, the sandbox they deliver to, and the traffic they are sent."""
 
@@ -91,7 +119,7 @@ class Hosts:
         self.args = args
         self.workdir = workdir
         self.procs = Procs(workdir)
-        self.state = SandboxState(api_key=API_KEY, rate_per_second=args.plan)
+        self.sandbox_port = free_port(HOST)
         self.told = args.plan * (1 - args.margin)
         self.ports = [free_port(HOST) for _ in SPLIT]
         self.metrics_ports = [free_port(HOST) for _ in SPLIT]
@@ -102,7 +130,28 @@ class Hosts:
         self.traffic_s = 0.0  # seconds of traffic so far
         self.per_tick = [PER_TICK * part // sum(SPLIT) for part in SPLIT]
 
-    def start_gateways(self, upstream: str) -> None:
+    def start_sandbox(self) -> None:
+        argv = [sys.executable, "-m", "tests.bench.three_hosts", "--plan", f"{self.args.plan:g}"]
+        argv += ["--redis-url", "", "--serve-sandbox", str(self.sandbox_port)]
+        proc = self.procs.start("sandbox", argv, child_env({}))
+        wait_ready(proc, f"http://{HOST}:{self.sandbox_port}/_sandbox/stats")
+
+    def sandbox_stats(self) -> dict[str, Any]:
+        status, body = http(f"http://{HOST}:{self.sandbox_port}/_sandbox/stats")
+        if status != 200:
+            raise RuntimeError(f"sandbox stats: {status}")
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def sandbox_records(self) -> dict[str, Any]:
+        status, body = http(f"http://{HOST}:{self.sandbox_port}/_bench/requests", timeout=30)
+        if status != 200:
+            raise RuntimeError(f"sandbox records: {status}")
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def start_gateways(self) -> None:
+        upstream = f"http://{HOST}:{self.sandbox_port}"
         for i, (port, metrics_port) in enumerate(zip(self.ports, self.metrics_ports, strict=True)):
             env = child_env(
                 {
@@ -175,17 +224,15 @@ class Hosts:
         self.traffic_s += loop.time() - start
 
     async def drain(self) -> float:
-        """Wait (with a deadline) until every accepted activity reached the sandbox."""
+        """Wait (with a deadline) until the sandbox holds as many activities as accepted."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        while not self.accepted <= self.received():
-            if loop.time() - started > self.args.drain_timeout:
+        while loop.time() - started < self.args.drain_timeout:
+            stats = await asyncio.to_thread(self.sandbox_stats)
+            if stats["activities"] + stats["duplicates"] >= len(self.accepted):
                 break
             await asyncio.sleep(0.05)  # polling a condition with a deadline
         return loop.time() - started
-
-    def received(self) -> set[str]:
-        return {a.email for a in self.state.activities if a.email}
 
     def fallbacks(self) -> list[float | None]:
         out: list[float | None] = []
@@ -205,14 +252,14 @@ def measure(
 ) -> dict[str, Any]:
     """The figures, from the sandbox's records (times on its clock: `time.time`)."""
     args = hosts.args
-    requests = list(hosts.state.requests)
+    records = hosts.sandbox_records()
+    requests = records["requests"]
     start, end = window
-    measured = [r for r in requests if start <= r.time < end]
+    measured = [r for r in requests if start <= r["time"] < end]
     used = len(measured) / (end - start)
-    by_host = Counter(host_of(r) for r in measured if r.n_activities)
-    received = [a.email for a in hosts.state.activities]
-    counts = Counter(received)
-    statuses = Counter(str(r.status) for r in requests)
+    by_host = Counter(r["host"] for r in measured if r["activities"])
+    counts = Counter(records["emails"])
+    statuses = Counter(str(r["status"]) for r in requests)
     return {
         "plan_per_s": args.plan,
         "told_per_s": round(hosts.told, 3),
@@ -226,10 +273,10 @@ def measure(
         "used_over_plan": round(used / args.plan, 3),
         "used_over_told": round(used / hosts.told, 3),
         "requests_per_s_by_host": [round(by_host[i] / (end - start), 2) for i in range(len(SPLIT))],
-        "activities_per_request": round(sum(r.n_activities for r in measured) / len(measured), 1)
+        "activities_per_request": round(sum(r["activities"] for r in measured) / len(measured), 1)
         if measured
         else None,
-        "most_in_one_second": most_in_one_second([r.time for r in requests]),
+        "most_in_one_second": most_in_one_second([r["time"] for r in requests]),
         "upstream_requests": len(requests),
         "upstream_statuses": dict(sorted(statuses.items())),
         "upstream_429": statuses.get("429", 0),
@@ -237,7 +284,7 @@ def measure(
         "refused_by_gateways": dict(hosts.refused),
         "delivered": len(counts),
         "lost": len(hosts.accepted - set(counts)),
-        "duplicates": sum(n - 1 for n in counts.values() if n > 1) + hosts.state.duplicates,
+        "duplicates": sum(n - 1 for n in counts.values() if n > 1) + records["duplicates"],
         "drain_s": round(drain_s, 2),
         "fallbacks": hosts.fallbacks(),
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -247,27 +294,24 @@ def measure(
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     started = time.monotonic()
     hosts = Hosts(args, workdir)
-    runner = web.AppRunner(create_sandbox_app(hosts.state), access_log=None)
-    await runner.setup()
     try:
-        port = free_port(HOST)
-        await web.TCPSite(runner, HOST, port).start()
-        hosts.start_gateways(f"http://{HOST}:{port}")
+        hosts.start_sandbox()
+        hosts.start_gateways()
         await hosts.wait_ready()
         connector = aiohttp.TCPConnector(limit=32)
         async with aiohttp.ClientSession(connector=connector) as session:
             await hosts.traffic(session, args.warmup)
-            window_start = time.time()
+            window_start = time.time()  # the sandbox's clock
             await hosts.traffic(session, args.duration)
             window = (window_start, time.time())
         drain_s = await hosts.drain()
         result = measure(hosts, started, window, drain_s)
-        await asyncio.gather(*(asyncio.to_thread(p.stop) for p in hosts.gateways))
-        result["exit_statuses"] = [p.popen.returncode for p in hosts.gateways]
+        gateways = hosts.gateways
+        await asyncio.gather(*(asyncio.to_thread(p.stop) for p in gateways))
+        result["exit_statuses"] = [p.popen.returncode for p in gateways]
         return result
     finally:
         await asyncio.to_thread(hosts.procs.stop_all)
-        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +324,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     parser.add_argument("--spool-commit", default="auto", choices=("auto", "loop", "thread"))
     parser.add_argument("--workdir", type=Path, help="where spools and logs go (a temp dir)")
+    parser.add_argument("--serve-sandbox", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_sandbox is not None:
+        serve_sandbox(args.serve_sandbox, args.plan)
+        return
     if args.duration <= 0 or args.plan <= 0 or not 0 <= args.margin < 1:
         parser.error("--duration and --plan must be > 0, --margin in [0, 1)")
     with tempfile.TemporaryDirectory(prefix="three-hosts-", dir=args.workdir) as workdir:
