@@ -31,6 +31,11 @@ worker and host that send with the same key to the same Ortto base:
 - Keys: `<prefix>:upstream:{<16 hex>}:rate|pause`; the hex is a BLAKE2b digest of the
   upstream base and the API key, so two accounts (or a sandbox and Ortto) never share
   a budget and no key appears in Redis.
+- Redis Cluster (`redis+cluster://`): both scripts name their keys (`KEYS`), which share
+  the hash tag, so redis-py routes each `EVALSHA` to the node holding the account's slot
+  (after a `NOSCRIPT` it loads the script on every primary and runs the call again).
+  `TIME` before a write is fine: Redis 5+ replicates a script by its effects.
+  tests/test_multi_host.py runs three hosts on a real three-node cluster.
 
 When Redis fails (an error or `GATEWAY_LIMITER_TIMEOUT`), the request is paced by the
 local fallback instead, at this process's share (`GATEWAY_UPSTREAM_RATE_FALLBACK`,

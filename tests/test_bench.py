@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import redis_support
+from tests.bench.report import three_hosts_lines
 from tests.bench.soak import Received, verdict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,41 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     assert "HTTP shell alone (relay stubbed)" in report
     assert "spool commits (GATEWAY_SPOOL_COMMIT=loop): loop in every gateway row" in report
     assert "redis: rows skipped (--no-redis)" in report
+    # The three-host row needs Redis (its own test below runs it).
+    assert results["three_hosts"] == {"skipped": "--no-redis"}
+    assert "three hosts, one account: skipped (--no-redis)" in report
+
+
+@pytest.mark.redis
+def test_a_short_three_host_run_counts_every_request_and_activity(tmp_path: Path) -> None:
+    """The three-host row for a second: it runs, delivers everything once, and reports."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    with redis_support.running(directory) as server:
+        proc = run_tool(
+            "tests.bench.three_hosts",
+            "--redis-url",
+            server.url,
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--spool-commit",
+            "loop",
+            "--workdir",
+            str(tmp_path),
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert data["split"] == [10, 1, 1] and data["plan_per_s"] == 20
+    assert data["accepted"] > 0 and data["refused_by_gateways"] == {}
+    assert data["delivered"] == data["accepted"]
+    assert data["lost"] == 0 and data["duplicates"] == 0
+    assert data["requests_per_s"] > 0 and data["upstream_requests"] > 0
+    assert sum(data["upstream_statuses"].values()) == data["upstream_requests"]
+    assert len(data["fallbacks"]) == 3 and data["exit_statuses"] == [0, 0, 0]
+    lines = three_hosts_lines({"three_hosts": data})
+    assert lines[0].startswith("three hosts, one account") and "429s:" in lines[2]
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 Three gateway processes (separate spools, one Redis) deliver to one sandbox whose rate
 limit is the account's plan. Traffic is split 10:1:1. Everything is measured on the
 sandbox's own timestamps of the requests it received; the test's waits are only
-generous deadlines for conditions.
+generous deadlines for conditions. The shared state is one Redis server, then a real
+three-node Redis Cluster (the account's two keys share a hash tag, so each script call
+goes to one node); either way no host may fall back to pacing alone.
 
 Measured on a 2-CPU machine also running other test suites (load average 7 to 10), with
 the gateways told 19 requests a second: 18.0 to 19.1 in steady state (90 to 95% of the
@@ -29,6 +31,7 @@ from aiohttp.test_utils import TestServer
 from gateway.sandbox import Fault, ReceivedRequest, SandboxState, wait_for
 from tests import redis_support
 from tests.processes import GatewayProcess
+from tests.redis_cluster_support import running_cluster
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -49,12 +52,17 @@ AFTER = 2.0  # seconds of traffic after it
 TRY_IN = 2  # the 429's try-in-seconds
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[redis_support.RedisServer]:
+@pytest.fixture(params=["redis", "cluster"])
+def redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """`GATEWAY_REDIS_URL` of the shared state: one Redis server, or a 3-node Cluster."""
     directory = tmp_path / "redis"
     directory.mkdir()
-    with redis_support.running(directory) as server:
-        yield server
+    if request.param == "redis":
+        with redis_support.running(directory) as server:
+            yield server.url
+    else:
+        with running_cluster(directory) as cluster:
+            yield cluster.url
 
 
 @pytest.fixture
@@ -82,20 +90,30 @@ def most_in_one_second(times: list[float]) -> int:
     return most
 
 
+async def fallback_count(session: aiohttp.ClientSession, host: GatewayProcess) -> float:
+    """`ortto_gateway_upstream_rate_fallback_total` of one host."""
+    async with session.get(f"http://127.0.0.1:{host.metrics_port}/metrics") as resp:
+        text = await resp.text()
+    name = "ortto_gateway_upstream_rate_fallback_total "
+    return next(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
+
+
 async def test_three_hosts_share_the_account_rate_and_its_pauses(
     sandbox: TestServer,
     sandbox_state: SandboxState,
     session: aiohttp.ClientSession,
-    redis_server: redis_support.RedisServer,
+    redis_url: str,
     tmp_path: Path,
     reaper: list[Any],
 ) -> None:
     sandbox_state.rate_per_second = PLAN
     upstream = str(sandbox.make_url("")).rstrip("/")
     env = {
-        "GATEWAY_REDIS_URL": redis_server.url,
+        "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_UPSTREAM_RATE": str(RATE),
         "GATEWAY_IP_LIMIT": "1000000/1h",
+        # Generous: on a busy machine a slow Redis answer must not count as a failure.
+        "GATEWAY_LIMITER_TIMEOUT": "5s",
     }
     hosts = [
         GatewayProcess(upstream, tmp_path / f"spool{i}.sqlite3", tmp_path / f"gw{i}.log", env=env)
@@ -133,10 +151,13 @@ async def test_three_hosts_share_the_account_rate_and_its_pauses(
         sandbox_state.add_fault(Fault(status=429, try_in_seconds=TRY_IN))
         await traffic(AFTER)
         await wait_for(lambda: {a.email for a in sandbox_state.activities} >= accepted, timeout=30)
+        # Every request was paced by the shared pacer: none fell back to a local share.
+        fallbacks = [await fallback_count(session, h) for h in hosts]
     finally:
         for h in hosts:
             await h.stop_async()
 
+    assert fallbacks == [0, 0, 0]
     requests = sandbox_state.requests
     # Every accepted activity delivered exactly once.
     received = [a.email for a in sandbox_state.activities]

@@ -299,6 +299,7 @@ def render(results: dict[str, Any]) -> str:
             + (", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items()) if v) or "none")
         )
     lines += _scale_out_lines(results)
+    lines += three_hosts_lines(results)
     limiter = results.get("limiter")
     if limiter:
         traced = limiter.get("traced_bytes_per_key")
@@ -387,6 +388,44 @@ def _scale_out_lines(results: dict[str, Any]) -> list[str]:
         f"(one new person each; limiter errors: {so['limiter_errors']}); processes left "
         f"after SIGTERM to the supervisor: {so['processes_left_after_stop']}",
     ]
+
+
+def three_hosts_lines(results: dict[str, Any]) -> list[str]:
+    """Three gateways sharing one account's upstream rate through Redis."""
+    th = results.get("three_hosts")
+    if not th:
+        return []
+    if "skipped" in th:
+        return [f"three hosts, one account: skipped ({th['skipped']})"]
+    by_host = "/".join(f"{r:.2f}" for r in th["requests_per_s_by_host"])
+    split = ":".join(str(p) for p in th["split"])
+    lines = [
+        f"three hosts, one account (separate spools, one Redis, sandbox limited to the plan "
+        f"{th['plan_per_s']:g}/s, gateways told {th['told_per_s']:g}/s), traffic {split}, "
+        f"{th['sent_activities_per_s']:,} activities/s for {th['warmup_s']:g} s + "
+        f"{th['duration_s']:g} s measured:",
+        f"  {th['requests_per_s']:.2f} upstream requests/s = {th['used_over_plan']:.3f} of the "
+        f"plan ({th['used_over_told']:.3f} of the rate told); by host {by_host}; "
+        f"{_f(th['activities_per_request'], '.1f')} activities per request",
+        f"  most in any one second: {th['most_in_one_second']} (plan {th['plan_per_s']:g}); "
+        f"429s: {th['upstream_429']}; {th['delivered']:,} of {th['accepted']:,} accepted "
+        f"delivered ({th['lost']:,} lost, {th['duplicates']:,} duplicates, drained "
+        f"{th['drain_s']:g} s after the load); paced without Redis: "
+        f"{sum(f or 0 for f in th['fallbacks']):g}",
+    ]
+    bad = (
+        th["most_in_one_second"] > th["plan_per_s"]
+        or th["upstream_429"]
+        or th["lost"]
+        or th["duplicates"]
+        or any(f != 0 for f in th["fallbacks"])
+    )
+    if bad:
+        lines.append(
+            "WARNING: the three hosts exceeded the plan, met 429s, lost or duplicated "
+            "activities, or paced without Redis: see three_hosts in the JSON"
+        )
+    return lines
 
 
 def _store_lines(results: dict[str, Any]) -> list[str]:

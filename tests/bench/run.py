@@ -20,10 +20,15 @@ one of them is under load at a time):
 7. limiter memory per key at 1,000,000 keys (`limiter_mem.py`, a fresh process).
 8. limiter stores (`limiter_stores.py`, a fresh process): `MemoryStore` vs `RedisStore`
    acquires/s (32 callers, 1 and 100 activities per call) and Redis memory per key.
+9. three hosts, one account (`three_hosts.py`, a fresh process): three gateways with
+   separate spools sharing the upstream rate through this run's Redis, delivering to a
+   sandbox limited to `--plan-rate`, traffic 10:1:1 for `--warmup` + `--duration`:
+   upstream requests/s used against the plan, the most in any one second, 429s,
+   duplicates.
 
 Redis is the run's own `redis-server` (free loopback port, `--save "" --appendonly no`,
 in the temp dir), started after the sandbox and stopped at the end; without
-redis-server (or `--no-redis`) rows 6 and 8 are skipped and the report says so.
+redis-server (or `--no-redis`) rows 6, 8 and 9 are skipped and the report says so.
 
 Rows 1-6 are measured `--rounds` times (default 2) in mirrored order (1 2 3 4 5 6, 6 5 4 3 2 1),
 each time in a fresh process, so a drift in the machine's load weighs on every row alike.
@@ -98,6 +103,7 @@ class Options:
     store_callers: int
     redis_memory_keys: int
     upstream_rate: float
+    plan_rate: float
     drain_timeout: float
     spool_dir: Path | None
     spool_commit: str
@@ -164,6 +170,12 @@ def parse_args(argv: list[str] | None) -> Options:
         "--upstream-rate", type=float, default=30.0, help="GATEWAY_UPSTREAM_RATE (30: Business)"
     )
     parser.add_argument(
+        "--plan-rate",
+        type=float,
+        default=20.0,
+        help="the three-host row's plan: the sandbox's requests/s (20; gateways told 95%%)",
+    )
+    parser.add_argument(
         "--drain-timeout", type=float, help="max seconds to wait for the spool to drain"
     )
     parser.add_argument(
@@ -215,6 +227,7 @@ def parse_args(argv: list[str] | None) -> Options:
         store_callers=args.store_callers,
         redis_memory_keys=args.redis_memory_keys,
         upstream_rate=args.upstream_rate,
+        plan_rate=args.plan_rate,
         drain_timeout=args.drain_timeout or (45.0 if quick else 120.0),
         spool_dir=args.spool_dir,
         spool_commit=args.spool_commit,
@@ -621,6 +634,42 @@ class Bench:
         progress(f"  Redis: {mem['used_memory_bytes_per_key']} B/key (used_memory)")
         return data
 
+    def three_hosts(self) -> dict[str, Any]:
+        """Three gateways, one account's rate shared through this run's Redis (fresh process)."""
+        assert self.redis is not None
+        opts = self.opts
+        self.redis.flushall()
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.bench.three_hosts",
+            "--redis-url",
+            self.redis.url,
+            "--plan",
+            f"{opts.plan_rate:g}",
+            "--warmup",
+            str(opts.warmup),
+            "--duration",
+            str(opts.duration),
+            "--drain-timeout",
+            f"{opts.drain_timeout:g}",
+            "--spool-commit",
+            opts.spool_commit,
+            "--workdir",
+            str(self.workdir),
+        ]
+        progress(
+            f"three hosts, one account: plan {opts.plan_rate:g}/s, traffic 10:1:1, "
+            f"{opts.warmup} s warm-up + {opts.duration} s measured"
+        )
+        data = self._json_child("three-hosts", argv)
+        progress(
+            f"  {data['requests_per_s']:.2f} upstream requests/s = {data['used_over_plan']:.3f} "
+            f"of the plan; most in one second {data['most_in_one_second']}; "
+            f"429s {data['upstream_429']}; duplicates {data['duplicates']}"
+        )
+        return data
+
 
 def progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
@@ -786,6 +835,7 @@ def run(opts: Options) -> dict[str, Any]:
             "connections": opts.connections,
             "threads": opts.threads,
             "upstream_rate": opts.upstream_rate,
+            "plan_rate": opts.plan_rate,
             "quick": opts.quick,
             "limiter_keys": opts.limiter_keys,
             "spool_commit": opts.spool_commit,
@@ -816,6 +866,10 @@ def run(opts: Options) -> dict[str, Any]:
                 first_durable = key == "durable" and round_no == 0
                 run_row(bench, rows[key], results, first_durable=first_durable)
         bench.sandbox_call("/_sandbox/reset", "POST")
+        if bench.redis is not None:
+            results["three_hosts"] = bench.three_hosts()
+        else:
+            results["three_hosts"] = {"skipped": opts.no_redis_reason}
         results["limiter"] = bench.limiter_memory()
         if bench.redis is not None:
             results["limiter_stores"] = bench.limiter_stores()
