@@ -7,6 +7,7 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -143,7 +144,7 @@ async def test_dead_letters_list_replay_purge(
     assert await _depth(path) == (2, 0)
 
 
-async def _run_sync(fn, *args):  # type: ignore[no-untyped-def]
+async def _run_sync(fn: Callable[..., int], *args: str) -> int:
     import asyncio
 
     return await asyncio.to_thread(fn, *args)

@@ -39,10 +39,10 @@ from tests.spool_support import to_queue
 DAY = 86400.0
 
 
-def payload(i: int, *, created: float | None = None, **fields: Any) -> bytes:
+def payload(i: int, *, created: float | None = None, fields: dict[str, str] | None = None) -> bytes:
     activity = {
         "activity_id": "act:cm:login",
-        "fields": {"str::email": f"p{i}@example.com", **fields},
+        "fields": {"str::email": f"p{i}@example.com", **(fields or {})},
     }
     return orjson.dumps(enrich(activity, "192.0.2.1", created or time.time()))
 
@@ -253,7 +253,7 @@ async def test_per_activity_refusal_in_200_is_dead_lettered_then_replayed(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     good = [payload(i) for i in range(4)]
-    bad = payload(99, **{"str:cm:nickname": "Shorty"})
+    bad = payload(99, fields={"str:cm:nickname": "Shorty"})
     await rig.spool.put(to_queue([*good[:2], bad, *good[2:]]))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 4)
@@ -312,7 +312,7 @@ async def test_refusals_named_in_details_need_no_bisection(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     # Every activity carries an unknown person field: Ortto's 400 lists each one.
-    await rig.spool.put(to_queue([payload(i, **{"str:cm:nope": "x"}) for i in range(40)]))
+    await rig.spool.put(to_queue([payload(i, fields={"str:cm:nope": "x"}) for i in range(40)]))
     rig.start()
     await rig.settled()
     assert len(sandbox_state.requests) == 1
@@ -819,7 +819,7 @@ async def test_a_refusal_within_a_200_is_dead_lettered_in_the_feed(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     feed = MemoryFeed()
-    good, bad = payload(1), payload(99, **{"str:cm:nickname": "Shorty"})
+    good, bad = payload(1), payload(99, fields={"str:cm:nickname": "Shorty"})
     await rig.spool.put(to_queue([good, bad]))
     rig.start(feed=feed)
     await rig.settled()
@@ -830,7 +830,7 @@ async def test_a_refusal_within_a_200_is_dead_lettered_in_the_feed(
 
 
 def test_the_key_of_a_payload_is_its_last_one() -> None:
-    p = payload(3, **{"str:cm:note": 'a "key":"not-this" inside'})
+    p = payload(3, fields={"str:cm:note": 'a "key":"not-this" inside'})
     assert _key_of(p) == orjson.loads(p)["key"]
     assert _key_of(b"{}") == ""
 

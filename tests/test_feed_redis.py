@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +67,7 @@ async def test_two_workers_are_read_merged_in_order(feeds: list[RedisFeed]) -> N
     # Resumed after the first event, by its id or its seq; then woken by a new one.
     for after in (recent[0]["id"], recent[0]["seq"]):
         follower = reader.follow(after=after)
+        assert isinstance(follower, AsyncGenerator)  # closed below
         got = [await asyncio.wait_for(anext(follower), DEADLINE) for _ in range(2)]
         assert [e["request_id"] for e in got] == ["r1", "r2"]
         waiting = asyncio.ensure_future(anext(follower))
@@ -106,8 +107,13 @@ async def test_nothing_secret_is_stored(feeds: list[RedisFeed], server: RedisSer
     try:
         dumped = b""
         for key in (w0.events_key, w0.forwarded_key):
-            for _id, fields in await raw.xrange(key):
-                dumped += b"".join(fields.values())
+            entries = await raw.xrange(key)
+            assert entries is not None
+            for _id, fields in entries:
+                assert fields is not None
+                for value in fields.values():
+                    assert isinstance(value, bytes)
+                    dumped += value
     finally:
         await raw.aclose()
     assert b"0123456789ab" in dumped  # what was scanned is what was written

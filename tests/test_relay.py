@@ -156,7 +156,11 @@ async def test_a_request_bigger_than_the_whole_spool_is_413_not_try_again(
     for i in range(3):
         body = {"activities": [activity(f"big{i}@example.com")]}
         assert (await client.post(PATH, json=body)).status == 202
-        await wait_for(lambda n=i + 1: len(sandbox_state.activities) == n)
+
+        def delivered(n: int = i + 1) -> bool:
+            return len(sandbox_state.activities) == n
+
+        await wait_for(delivered)
 
 
 # -- the browser's key: idempotent submissions
