@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.spool import Spool, SpooledItem, SpoolError
 from gateway.upstream import EXCERPT_CHARS, OrttoClient, UpstreamResponse
+from gateway.validation import ActivityBody
 from tests.conftest import API_KEY
 from tests.disk_support import Disk
 from tests.spool_support import to_queue
@@ -40,7 +41,7 @@ DAY = 86400.0
 
 
 def payload(i: int, *, created: float | None = None, fields: dict[str, str] | None = None) -> bytes:
-    activity = {
+    activity: ActivityBody = {
         "activity_id": "act:cm:login",
         "fields": {"str::email": f"p{i}@example.com", **(fields or {})},
     }
@@ -167,7 +168,7 @@ async def test_largest_activities_fit_one_request(rig: Rig, sandbox_state: Sandb
     big = "x" * 3900
     payloads = []
     for i in range(100):
-        activity = {
+        activity: ActivityBody = {
             "activity_id": "act:cm:login",
             "fields": {"str::email": f"big{i}@example.com"},
             "attributes": {f"txt:cm:t{j}": big for j in range(3)},
@@ -643,7 +644,7 @@ async def test_activities_go_to_ortto_grouped_by_their_merge_by(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     def keyed(i: int, merge_by: list[str] | None) -> bytes:
-        activity: dict[str, Any] = {
+        activity: ActivityBody = {
             "activity_id": "act:cm:login",
             "fields": {"str::email": f"m{i}@example.com", "str::ei": f"u-{i}"},
         }
@@ -719,7 +720,7 @@ async def test_a_failing_batch_never_gives_back_rows_it_gave_back_already(
     # rows, those an earlier request had given back too: by then another batch's, which
     # was sending them while a third one got them again.
     def activity(email: str, merge_by: list[str] | None) -> bytes:
-        body: dict[str, Any] = {"activity_id": "act:cm:login", "fields": {"str::email": email}}
+        body: ActivityBody = {"activity_id": "act:cm:login", "fields": {"str::email": email}}
         if merge_by:
             body["merge_by"] = merge_by
         return orjson.dumps(enrich(body, "192.0.2.1", time.time()))
