@@ -823,7 +823,7 @@ def _bol(value: Any, where: str) -> bool:
     return value
 
 
-def _dtz(value: Any, where: str) -> dict[str, Any]:
+def _dtz(value: Any, where: str) -> dict[str, int | str]:
     if not isinstance(value, dict):
         raise BadRequest(
             f'{where} must be a date object {{"year", "month", "day", "timezone"}}, '
@@ -843,7 +843,7 @@ def _dtz(value: Any, where: str) -> dict[str, Any]:
         raise BadRequest(
             f"{where} must have integer year, month and day forming a real date", field=where
         )
-    out: dict[str, Any] = {"year": year, "month": month, "day": day}
+    out: dict[str, int | str] = {"year": year, "month": month, "day": day}
     if "timezone" in value:
         out["timezone"] = _string(value["timezone"], MAX_TIMEZONE_CHARS, f"{where}.timezone")
     return out
@@ -870,7 +870,7 @@ def _tme(value: Any, where: str) -> str:
     )
 
 
-def _phn(value: Any, where: str) -> dict[str, Any]:
+def _phn(value: Any, where: str) -> dict[str, str | bool]:
     """`{"c", "n"}` (`c` may be left out) in digits, separators removed; a number given
     with a leading `+` becomes `{"phone", "parse_with_country_code": true}`; or
     `{"phone", "parse_with_country_code"?}` as given."""
@@ -892,7 +892,7 @@ def _phn(value: Any, where: str) -> dict[str, Any]:
         phone = _string(value["phone"], MAX_STR_CHARS, f"{where}.phone")
         if not phone.strip():
             raise BadRequest(f"{where} is blank", field=where)
-        out: dict[str, Any] = {"phone": phone}
+        out: dict[str, str | bool] = {"phone": phone}
         if "parse_with_country_code" in value:
             out["parse_with_country_code"] = _bol(
                 value["parse_with_country_code"], f"{where}.parse_with_country_code"
