@@ -24,7 +24,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gateway
+	$(BIN)/mypy gateway tests
 
 # `make test`: lint, then every test (real Redis, nginx, Chromium, Prometheus; ~3 min).
 # `make test-fast`: only the tests that start no server and no process (pure modules,

@@ -7,7 +7,9 @@ import ipaddress
 import itertools
 import secrets
 import time
-from typing import Any
+from typing import cast
+
+from gateway.validation import ActivityBody, EnrichedActivity
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,19 +36,21 @@ def new_key() -> str:
     return f"{_KEY_PREFIX}{next(_key_counter):08x}"
 
 
-def enrich(activity: dict[str, Any], client_ip: str | None, now: float) -> dict[str, Any]:
+def enrich(activity: ActivityBody, client_ip: str | None, now: float) -> EnrichedActivity:
     """Set `location.source_ip` (unless a custom or address location was given), `created`, `key`.
 
     The browser's own `source_ip`, `created` and `key` were dropped by validation:
     the address comes from the connection (through trusted proxies only), and the
     time and key from the gateway, so a page cannot back-date or collide activities.
+    In place: the same dict is returned, now holding what an `EnrichedActivity` does.
     """
+    enriched = cast(EnrichedActivity, activity)
     location = activity.get("location")
     if not location or not (location.get("custom") or location.get("address")):
-        activity["location"] = {"source_ip": client_ip} if client_ip else {}
-    activity["created"] = iso_millis(now)
-    activity["key"] = new_key()
-    return activity
+        enriched["location"] = {"source_ip": client_ip} if client_ip else {}
+    enriched["created"] = iso_millis(now)
+    enriched["key"] = new_key()
+    return enriched
 
 
 # Truncation used by GATEWAY_IP_ANONYMIZE: what Google Analytics' IP anonymisation keeps.

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from gateway.config import is_ascii_digits
 from gateway.errors import BadRequest, Unauthorized
-from gateway.validation import NO_IDENTIFIER, Activity
+from gateway.validation import NO_IDENTIFIER, ActivityParts
 
 EMAIL_PREFIX = "e:"
 EXTERNAL_ID_PREFIX = "x:"
@@ -45,7 +45,7 @@ PERSON_ID_PREFIX = "p:"
 PERSON_HASH_BYTES = 6
 
 
-def person_key(activity: Activity) -> str:
+def person_key(activity: ActivityParts) -> str:
     """The limiter's person key of a validated activity (see the module docstring)."""
     fields = activity.get("fields") or {}
     email = fields.get("str::email")
@@ -60,7 +60,7 @@ def person_key(activity: Activity) -> str:
     raise BadRequest(NO_IDENTIFIER, field="fields")
 
 
-def person_hash(activity_or_key: Activity | str, *, secret: bytes = b"") -> str:
+def person_hash(activity_or_key: ActivityParts | str, *, secret: bytes = b"") -> str:
     """A short stable hash of a person key (or an activity's) for logs and dead letters.
 
     Never log an email: log this. Unkeyed, a known email can be checked against
@@ -104,7 +104,9 @@ def sign_person_id(person_id: str, secret: str, expires: int) -> str:
     return f"{TOKEN_VERSION}.{expires}.{_mac(secret, expires, subject)}"
 
 
-def verify_identity(token: object, activity: Activity, secrets: Sequence[str], now: float) -> None:
+def verify_identity(
+    token: object, activity: ActivityParts, secrets: Sequence[str], now: float
+) -> None:
     """Raise `Unauthorized` unless `token` signs this activity's person (its `person_id`
     when it has one, else its email) and has not expired."""
     if not isinstance(token, str) or not token:

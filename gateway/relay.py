@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import orjson
 
@@ -36,7 +36,8 @@ from gateway.reasons import Reason
 from gateway.sinks import QUEUED, Sink, SinkResult
 from gateway.spool import QueuedActivity
 from gateway.validation import (
-    Activity,
+    ActivityBody,
+    EnrichedActivity,
     FieldWarning,
     ParsedRequest,
     first_error,
@@ -67,7 +68,7 @@ class RelayResult:
     log: dict[str, Any] | None = None  # merged into the request's log line
 
 
-def _keep_signed_identifier(item: Activity, warnings: list[FieldWarning]) -> None:
+def _keep_signed_identifier(item: ActivityBody, warnings: list[FieldWarning]) -> None:
     """Where a signed identity is required, only the identifier it signs goes to Ortto
     (the `person_id`, else the email): another one, unverified, could choose whose
     record the activity changes."""
@@ -91,7 +92,7 @@ def _keep_signed_identifier(item: Activity, warnings: list[FieldWarning]) -> Non
 
 
 def _settle_merge_by(
-    item: Activity, request_merge_by: list[str] | None, warnings: list[FieldWarning]
+    item: ActivityBody, request_merge_by: list[str] | None, warnings: list[FieldWarning]
 ) -> None:
     """The activity's `merge_by` (its own, else the request's), kept only when it cannot
     choose another person's record (`merge_by_problem`). Kept on the activity, it travels
@@ -261,7 +262,7 @@ class Relay:
             if entry is not None and entry.get("duplicate"):
                 event["duplicate"] = True  # what Ortto gets is the first copy, another key
             elif not reason and isinstance(item, dict) and "key" in item:
-                event["key"] = item["key"]
+                event["key"] = cast(EnrichedActivity, item)["key"]  # enriched in place
             if test:
                 event["test"] = True
             feed.publish(event)
@@ -281,6 +282,7 @@ class Relay:
         ip_key = limit_key(parse_ip(client_ip)) if client_ip else ""
         checks: list[Check] = []
         positions: list[int] = []
+        valid: list[ActivityBody] = []  # the activity at each of `positions`
         errors: list[GatewayError] = []
         for i, item in enumerate(items):
             if not isinstance(item, GatewayError):
@@ -311,13 +313,14 @@ class Relay:
             )
             _settle_merge_by(item, parsed.merge_by, parsed.warnings[i])
             positions.append(i)
+            valid.append(item)
         if not checks:
             raise first_error(parsed) or errors[0]
 
         # Enriched and encoded before the limits: the exact size reserves room in the spool
         # first, so a request the spool cannot take is refused before any limit is charged,
         # and one that was charged cannot then find the spool full.
-        encoded = [orjson.dumps(enrich(items[pos], source_ip, now)) for pos in positions]  # type: ignore[arg-type]
+        encoded = [orjson.dumps(enrich(activity, source_ip, now)) for activity in valid]
         held_rows, held_bytes = len(encoded), sum(map(len, encoded))
         if not self.sink.reserve(held_rows, held_bytes):
             self.metrics.spool_full.inc()
@@ -344,6 +347,7 @@ class Relay:
             self.metrics.limiter_keys.set(self.limiter.store.key_count())
         accepted: list[QueuedActivity] = []
         accepted_at: list[int] = []
+        accepted_items: list[ActivityBody] = []
         accepted_checks: list[Check] = []
         # Only the INFO request line lists who was accepted (each hash is spooled anyway).
         summarize = REQUEST_LOG.isEnabledFor(logging.INFO)
@@ -351,7 +355,9 @@ class Relay:
         limited_after: list[float] = []
         limited_by: list[Reason] = []
         duplicates = in_flight = 0
-        for pos, check, result, payload in zip(positions, checks, results, encoded, strict=True):
+        for pos, activity, check, result, payload in zip(
+            positions, valid, checks, results, encoded, strict=True
+        ):
             if result.verdict == "duplicate":  # stored before under the browser's key
                 entries[pos] = {**QUEUED, "duplicate": True}
                 duplicates += 1
@@ -382,6 +388,7 @@ class Relay:
             person = person_hash(check.person_key)
             accepted.append(QueuedActivity(payload, check.activity_id, person, now))
             accepted_at.append(pos)
+            accepted_items.append(activity)
             accepted_checks.append(check)
             if summarize:
                 people.append(person)
@@ -414,7 +421,7 @@ class Relay:
         # The request's merge_by as each accepted activity settled it (`_settle_merge_by`):
         # sent as the request's only when they all agree (sync mode; queue mode's delivery
         # groups by each activity's own).
-        merge_bys = {tuple(items[pos].get("merge_by") or ()) for pos in accepted_at}  # type: ignore[union-attr]
+        merge_bys = {tuple(a.get("merge_by") or ()) for a in accepted_items}
         merge_by = list(merge_bys.pop()) or None if len(merge_bys) == 1 else None
         # Shielded: a request cancelled meanwhile (a client gone at shutdown) still has its
         # write finish and its keys settled, so a retry is neither lost nor sent twice.
@@ -425,7 +432,7 @@ class Relay:
         store.add_done_callback(lambda task: task.cancelled() or task.exception())
         outcome = await asyncio.shield(store)
         for pos, check_pos in zip(accepted_at, range(len(accepted)), strict=True):
-            activity_id = items[pos]["activity_id"]  # type: ignore[index]
+            activity_id = accepted_items[check_pos]["activity_id"]
             self.metrics.count_activity(activity_id, "accepted")
             if outcome.delivered and outcome.entries[check_pos].get("status") != "invalid":
                 self.metrics.count_activity(activity_id, "delivered")
@@ -445,7 +452,9 @@ class Relay:
         }
         return RelayResult(outcome.status, body, log=summary)
 
-    def _check_person_id(self, item: Activity, parsed: ParsedRequest, i: int, now: float) -> None:
+    def _check_person_id(
+        self, item: ActivityBody, parsed: ParsedRequest, i: int, now: float
+    ) -> None:
         """A browser-chosen `person_id` needs a signed identity for it (a website-safety
         rule: anyone who learns an id could otherwise act on that person's record).
         Without one it is dropped with a warning, or, as the only identifier, refused."""

@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import orjson
 
@@ -55,7 +55,49 @@ from gateway.errors import (
 )
 from gateway.reasons import Reason
 
-Activity = dict[str, Any]  # one activity in Ortto's shape
+# A checked field or attribute value, by its name's type prefix: `str`, `txt`, `tme` and
+# `geo`'s name as text; `int` (int64); `bol`; `sst` a list of text; `dtz`, `phn`, `geo` and
+# `obj` objects (`obj` holds any JSON, bounded by `decode_body` and the size check).
+FieldValue = str | int | bool | list[str] | dict[str, Any]
+
+
+class Location(TypedDict, total=False):
+    """An activity's `location`: the gateway's `source_ip`, or the browser's `custom`
+    (`country_name`, `region_name`, `city_name`, `position_name`; `lat` and `lng` as
+    numbers) or `address` (lines of text)."""
+
+    source_ip: str
+    custom: dict[str, str | float]
+    address: dict[str, str]
+
+
+class ActivityParts(TypedDict, total=False):
+    """What an activity may carry besides its id, location, `created` and `key`: the
+    person (`fields`, `person_id`), `attributes` and `merge_by`."""
+
+    fields: dict[str, FieldValue]
+    attributes: dict[str, FieldValue]
+    person_id: str
+    merge_by: list[str]
+
+
+class ActivityBody(ActivityParts, total=False):
+    """One activity as validation leaves it (the module docstring): only what was
+    checked. Validation always sets `location` (`{}` when none was given)."""
+
+    activity_id: Required[str]
+    location: Location
+
+
+class EnrichedActivity(ActivityParts):
+    """One activity as it goes to Ortto: validated, then enriched (`enrich`)."""
+
+    activity_id: str
+    location: Location
+    created: str
+    key: str
+
+
 # What was changed or dropped: `{"field", "reason": "dropped" | "normalised", "code",
 # "message"}`; `code` is one of `reasons.WARNING_REASONS`.
 FieldWarning = dict[str, str]
@@ -153,7 +195,7 @@ INT_TEXT_RE = re.compile(r"-?[0-9]{1,19}")
 class ParsedRequest:
     """A request body: per activity in order the normalised activity or its refusal."""
 
-    items: list[Activity | GatewayError]
+    items: list[ActivityBody | GatewayError]
     async_: bool
     merge_by: list[str] | None
     tokens: list[str | None]  # per activity: its signed identity token, if any (never forwarded)
@@ -360,7 +402,7 @@ def _merge_by(value: Any, where: str = "merge_by") -> list[str] | None:
 
 def _item(
     raw: Any, settings: Settings
-) -> tuple[Activity | GatewayError, list[FieldWarning], str | None]:
+) -> tuple[ActivityBody | GatewayError, list[FieldWarning], str | None]:
     notes = Notes(settings.strict)
     try:
         activity = _activity(raw, settings, notes)
@@ -388,7 +430,7 @@ def _browser_key(value: Any) -> str:
     return value
 
 
-def _activity(raw: Any, settings: Settings, notes: Notes) -> Activity:
+def _activity(raw: Any, settings: Settings, notes: Notes) -> ActivityBody:
     if not isinstance(raw, dict):
         raise BadRequest(f"an activity must be a JSON object, got {_kind(raw)}")
     activity_id = raw.get("activity_id")
@@ -446,7 +488,7 @@ def _activity(raw: Any, settings: Settings, notes: Notes) -> Activity:
 
     out_attributes = _attributes(attributes, spec, activity_id, notes)
 
-    out: Activity = {"activity_id": activity_id}
+    out: ActivityBody = {"activity_id": activity_id}
     if out_fields:
         out["fields"] = out_fields
     if out_attributes:
@@ -508,8 +550,8 @@ def _external_id(value: str) -> str:
 
 def _attributes(
     attributes: dict[str, Any], spec: ActivitySpec, activity_id: str, notes: Notes
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+) -> dict[str, FieldValue]:
+    out: dict[str, FieldValue] = {}
     for name, value in attributes.items():
         if not isinstance(name, str) or not FIELD_NAME_RE.fullmatch(name):
             notes.drop(
@@ -549,7 +591,7 @@ def _attributes(
     return out
 
 
-def merge_by_problem(activity: Activity, merge_by: list[str]) -> str | None:
+def merge_by_problem(activity: ActivityParts, merge_by: list[str]) -> str | None:
     """Why a browser's `merge_by` may not go to Ortto with this activity, or None.
 
     Ortto finds the person by the first `merge_by` field it can and then sets the others:
@@ -628,10 +670,10 @@ def _person_id(value: Any) -> str | None:
     return value.strip()
 
 
-def _location(value: Any, notes: Notes) -> dict[str, Any]:
+def _location(value: Any, notes: Notes) -> Location:
     """Keep a `custom` or `address` location; drop a browser's `source_ip` (never trusted)."""
     location = _optional_object(value, "location", notes)
-    out: dict[str, Any] = {}
+    out: Location = {}
     for key in location:
         if key in CLIENT_SET_IP_KEYS:
             notes.ignored(
@@ -648,9 +690,9 @@ def _location(value: Any, notes: Notes) -> dict[str, Any]:
             )
     custom = _optional_object(location.get("custom"), "location.custom", notes)
     if custom:
-        custom = _custom_location(custom, notes)
-        if custom:
-            out["custom"] = custom
+        checked = _custom_location(custom, notes)
+        if checked:
+            out["custom"] = checked
     address = _optional_object(location.get("address"), "location.address", notes)
     if address:
         try:
@@ -660,8 +702,8 @@ def _location(value: Any, notes: Notes) -> dict[str, Any]:
     return out
 
 
-def _custom_location(custom: dict[str, Any], notes: Notes) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _custom_location(custom: dict[str, Any], notes: Notes) -> dict[str, str | float]:
+    out: dict[str, str | float] = {}
     for given, value in custom.items():
         key = CUSTOM_LOCATION_ALIASES.get(given, given)
         where = f"location.custom.{_show(given, quote=False)}"
@@ -718,23 +760,24 @@ def _address(address: dict[str, Any]) -> dict[str, str]:
 # -- values, by the type prefix of the field name
 
 
-def _value(name: Any, value: Any, section: str, notes: Notes) -> Any:
+def _value(name: Any, value: Any, section: str, notes: Notes) -> FieldValue:
     """The checked value of field `name` in `section` ("fields" or "attributes"),
     normalised to Ortto's form where its meaning is plain (noted in `notes`)."""
     prefix = name[:3] if isinstance(name, str) else None
     # The common valid scalars first, before any error text is built (profiled: the
     # eager `where` strings cost more than the checks).
     kind = type(value)
+    valid: FieldValue = value  # returned as it is once a fast check below passes
     if kind is str:
         if (prefix == "str" and len(value) <= MAX_STR_CHARS) or (
             prefix == "txt" and len(value) <= MAX_TXT_CHARS
         ):
-            return value
+            return valid
     elif kind is int:
         if prefix == "int" and INT64_MIN <= value <= INT64_MAX:
-            return value
+            return valid
     elif kind is bool and prefix == "bol":
-        return value
+        return valid
     where = f"{section}.{_show(name, quote=False)}"
     check = _VALUE_CHECKS.get(prefix) if prefix is not None else None
     if check is None:
@@ -780,7 +823,7 @@ def _bol(value: Any, where: str) -> bool:
     return value
 
 
-def _dtz(value: Any, where: str) -> dict[str, Any]:
+def _dtz(value: Any, where: str) -> dict[str, int | str]:
     if not isinstance(value, dict):
         raise BadRequest(
             f'{where} must be a date object {{"year", "month", "day", "timezone"}}, '
@@ -800,7 +843,7 @@ def _dtz(value: Any, where: str) -> dict[str, Any]:
         raise BadRequest(
             f"{where} must have integer year, month and day forming a real date", field=where
         )
-    out: dict[str, Any] = {"year": year, "month": month, "day": day}
+    out: dict[str, int | str] = {"year": year, "month": month, "day": day}
     if "timezone" in value:
         out["timezone"] = _string(value["timezone"], MAX_TIMEZONE_CHARS, f"{where}.timezone")
     return out
@@ -827,7 +870,7 @@ def _tme(value: Any, where: str) -> str:
     )
 
 
-def _phn(value: Any, where: str) -> dict[str, Any]:
+def _phn(value: Any, where: str) -> dict[str, str | bool]:
     """`{"c", "n"}` (`c` may be left out) in digits, separators removed; a number given
     with a leading `+` becomes `{"phone", "parse_with_country_code": true}`; or
     `{"phone", "parse_with_country_code"?}` as given."""
@@ -849,7 +892,7 @@ def _phn(value: Any, where: str) -> dict[str, Any]:
         phone = _string(value["phone"], MAX_STR_CHARS, f"{where}.phone")
         if not phone.strip():
             raise BadRequest(f"{where} is blank", field=where)
-        out: dict[str, Any] = {"phone": phone}
+        out: dict[str, str | bool] = {"phone": phone}
         if "parse_with_country_code" in value:
             out["parse_with_country_code"] = _bol(
                 value["parse_with_country_code"], f"{where}.parse_with_country_code"
@@ -884,7 +927,7 @@ def _obj(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-_VALUE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+_VALUE_CHECKS: dict[str, Callable[[Any, str], FieldValue]] = {
     "str": _str,
     "txt": _txt,
     "int": _int,

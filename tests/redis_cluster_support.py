@@ -12,7 +12,8 @@ from pathlib import Path
 import redis
 
 from tests.conftest import need_binary
-from tests.redis_support import LOOPBACK, START_TIMEOUT, RedisServer, free_port, redis_binary
+from tests.processes import LOOPBACK, START_TIMEOUT, free_port
+from tests.redis_support import RedisServer, redis_binary
 
 NODES = 3
 # `--cluster create` asks every node to meet the others and waits for their configs to

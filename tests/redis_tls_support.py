@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import need_binary
-from tests.redis_support import LOOPBACK, RedisServer, free_port, running
+from tests.processes import LOOPBACK, free_port
+from tests.redis_support import RedisServer, running
 
 OPENSSL_TIMEOUT = 60.0  # seconds for one openssl command (key generation)
 

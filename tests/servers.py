@@ -164,10 +164,12 @@ async def run_nginx(
         process = Process(argv, prefix / "stderr.log", name="nginx")
         server = Nginx(process, prefix, port, other_port)
         ports = [port] if other_port is None else [port, other_port]
+
+        def listening(ports: list[int] = ports) -> bool:
+            return all(map(port_open, ports))
+
         with process.launch():
-            if not await process.wait_ready(
-                lambda ports=ports: all(map(port_open, ports)), START_TIMEOUT, what="listening"
-            ):
+            if not await process.wait_ready(listening, START_TIMEOUT, what="listening"):
                 last_logs = server.logs()
                 if "Address already in use" in last_logs:
                     continue

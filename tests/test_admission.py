@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.admission import Admission
@@ -67,7 +68,7 @@ def test_a_failure_while_reading_gives_the_slot_back() -> None:
 
 
 async def slow_upload(
-    stack: AsyncExitStack, client: TestClient[object, object]
+    stack: AsyncExitStack, client: TestClient[web.Request, web.Application]
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A request whose body never finishes: its headers and the first byte only."""
     reader, writer = await asyncio.open_connection(client.host, client.port)

@@ -17,6 +17,7 @@ from gateway.sandbox import SandboxState, wait_for
 from gateway.spool import Spool, schema
 from gateway.spool.adopt import adopt_orphans
 from gateway.spool.files import drained_spool_files, spool_files, worker_spool_path
+from gateway.validation import ActivityBody
 from tests.processes import GatewayProcess
 from tests.spool_support import to_queue
 
@@ -152,7 +153,7 @@ async def test_in_memory_spool_adopts_nothing(tmp_path: Path) -> None:
 
 
 def activity(i: int) -> bytes:
-    body: dict[str, Any] = {"activity_id": "act:cm:login", "fields": {"str::email": f"o{i}@x.io"}}
+    body: ActivityBody = {"activity_id": "act:cm:login", "fields": {"str::email": f"o{i}@x.io"}}
     return orjson.dumps(enrich(body, "192.0.2.1", time.time()))
 
 

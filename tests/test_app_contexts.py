@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.app import delivery_ctx, relay_ctx, spool_ctx, upstream_ctx
-from gateway.config import Settings
+from gateway.config import Delivery, Settings
 from gateway.feed import MemoryFeed
 from gateway.keys import CLIENT, CLOCK, DELIVERY, FEED, LIFECYCLE, METRICS, RELAY, SETTINGS, SPOOL
 from gateway.metrics import Metrics
@@ -107,9 +107,9 @@ async def test_delivery_context_starts_and_stops_delivery(settings: Settings) ->
         assert await spool.list_dead_letters() == []  # still open: not the context's to close
 
 
-@pytest.mark.parametrize("delivery", ["queue", "forward"])
+@pytest.mark.parametrize("delivery", ["queue", "sync"])
 async def test_relay_context_sets_the_relay_and_marks_the_app_started(
-    settings: Settings, delivery: str
+    settings: Settings, delivery: Delivery
 ) -> None:
     settings = replace(settings, delivery=delivery)
     # Into the spool, or straight through the Ortto client: what each mode's sink needs.

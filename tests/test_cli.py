@@ -7,6 +7,7 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -16,6 +17,7 @@ from gateway.cli import main
 from gateway.config import DECLARATIONS, env_name
 from gateway.settings_docs import documents, settings_help, table_in
 from gateway.spool import Spool, claim
+from gateway.validation import ActivityBody
 from tests.conftest import API_KEY
 from tests.spool_support import to_queue
 
@@ -143,7 +145,7 @@ async def test_dead_letters_list_replay_purge(
     assert await _depth(path) == (2, 0)
 
 
-async def _run_sync(fn, *args):  # type: ignore[no-untyped-def]
+async def _run_sync(fn: Callable[..., int], *args: str) -> int:
     import asyncio
 
     return await asyncio.to_thread(fn, *args)
@@ -199,14 +201,18 @@ def test_sign_identity_prints_a_token_the_gateway_accepts(
         == 0
     )
     token = capsys.readouterr().out.strip()
-    activity = {"activity_id": "act:cm:login", "fields": {"str::email": "chris@example.com"}}
+    activity: ActivityBody = {
+        "activity_id": "act:cm:login",
+        "fields": {"str::email": "chris@example.com"},
+    }
     verify_identity(token, activity, [secret], time.time())
     assert main(["sign-identity", "a@b.c"], {}) == 2
     assert "GATEWAY_IDENTITY_SECRET" in capsys.readouterr().err
     env = {"GATEWAY_IDENTITY_SECRET": secret}
     assert main(["sign-identity", "--person-id", "006a0f"], env) == 0
     token = capsys.readouterr().out.strip()
-    verify_identity(token, {**activity, "person_id": "006a0f"}, [secret], time.time())
+    by_id: ActivityBody = {**activity, "person_id": "006a0f"}
+    verify_identity(token, by_id, [secret], time.time())
     for both_or_neither in (["a@b.c", "--person-id", "006a0f"], []):
         assert main(["sign-identity", *both_or_neither], env) == 2
         assert "EMAIL or --person-id" in capsys.readouterr().err

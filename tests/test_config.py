@@ -178,7 +178,7 @@ person_limit = "3/1h"
     assert s.person_limit.count == 7
     assert s.allowed_origins == ("https://www.example.com",)
     spec = s.activities["act:cm:logged-in"]
-    assert spec.attributes == {"str:cm:payment-plan", "bol:cm:account-owner"}
+    assert spec.attributes == frozenset({"str:cm:payment-plan", "bol:cm:account-owner"})
     assert s.person_rate(spec).count == 3
     assert s.person_rate(s.activities["act:cm:signup"]).count == 7
     # The env list selects the enabled ids; the file still describes them.

@@ -454,9 +454,8 @@ class running:
             ready.set_result((public, metrics))
 
         self.task = asyncio.create_task(serve(self.settings, stop=self.stop, on_ready=on_ready))
-        await asyncio.wait(
-            [ready, self.task], timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED
-        )
+        first: list[asyncio.Future[Any]] = [ready, self.task]
+        await asyncio.wait(first, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
             self.stop.set()
             await self.task

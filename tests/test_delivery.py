@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.spool import Spool, SpooledItem, SpoolError
 from gateway.upstream import EXCERPT_CHARS, OrttoClient, UpstreamResponse
+from gateway.validation import ActivityBody
 from tests.conftest import API_KEY
 from tests.disk_support import Disk
 from tests.spool_support import to_queue
@@ -39,10 +40,10 @@ from tests.spool_support import to_queue
 DAY = 86400.0
 
 
-def payload(i: int, *, created: float | None = None, **fields: Any) -> bytes:
-    activity = {
+def payload(i: int, *, created: float | None = None, fields: dict[str, str] | None = None) -> bytes:
+    activity: ActivityBody = {
         "activity_id": "act:cm:login",
-        "fields": {"str::email": f"p{i}@example.com", **fields},
+        "fields": {"str::email": f"p{i}@example.com", **(fields or {})},
     }
     return orjson.dumps(enrich(activity, "192.0.2.1", created or time.time()))
 
@@ -167,7 +168,7 @@ async def test_largest_activities_fit_one_request(rig: Rig, sandbox_state: Sandb
     big = "x" * 3900
     payloads = []
     for i in range(100):
-        activity = {
+        activity: ActivityBody = {
             "activity_id": "act:cm:login",
             "fields": {"str::email": f"big{i}@example.com"},
             "attributes": {f"txt:cm:t{j}": big for j in range(3)},
@@ -253,7 +254,7 @@ async def test_per_activity_refusal_in_200_is_dead_lettered_then_replayed(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     good = [payload(i) for i in range(4)]
-    bad = payload(99, **{"str:cm:nickname": "Shorty"})
+    bad = payload(99, fields={"str:cm:nickname": "Shorty"})
     await rig.spool.put(to_queue([*good[:2], bad, *good[2:]]))
     rig.start()
     await wait_for(lambda: len(sandbox_state.activities) == 4)
@@ -312,7 +313,7 @@ async def test_refusals_named_in_details_need_no_bisection(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     # Every activity carries an unknown person field: Ortto's 400 lists each one.
-    await rig.spool.put(to_queue([payload(i, **{"str:cm:nope": "x"}) for i in range(40)]))
+    await rig.spool.put(to_queue([payload(i, fields={"str:cm:nope": "x"}) for i in range(40)]))
     rig.start()
     await rig.settled()
     assert len(sandbox_state.requests) == 1
@@ -643,7 +644,7 @@ async def test_activities_go_to_ortto_grouped_by_their_merge_by(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     def keyed(i: int, merge_by: list[str] | None) -> bytes:
-        activity: dict[str, Any] = {
+        activity: ActivityBody = {
             "activity_id": "act:cm:login",
             "fields": {"str::email": f"m{i}@example.com", "str::ei": f"u-{i}"},
         }
@@ -719,7 +720,7 @@ async def test_a_failing_batch_never_gives_back_rows_it_gave_back_already(
     # rows, those an earlier request had given back too: by then another batch's, which
     # was sending them while a third one got them again.
     def activity(email: str, merge_by: list[str] | None) -> bytes:
-        body: dict[str, Any] = {"activity_id": "act:cm:login", "fields": {"str::email": email}}
+        body: ActivityBody = {"activity_id": "act:cm:login", "fields": {"str::email": email}}
         if merge_by:
             body["merge_by"] = merge_by
         return orjson.dumps(enrich(body, "192.0.2.1", time.time()))
@@ -819,7 +820,7 @@ async def test_a_refusal_within_a_200_is_dead_lettered_in_the_feed(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:
     feed = MemoryFeed()
-    good, bad = payload(1), payload(99, **{"str:cm:nickname": "Shorty"})
+    good, bad = payload(1), payload(99, fields={"str:cm:nickname": "Shorty"})
     await rig.spool.put(to_queue([good, bad]))
     rig.start(feed=feed)
     await rig.settled()
@@ -830,7 +831,7 @@ async def test_a_refusal_within_a_200_is_dead_lettered_in_the_feed(
 
 
 def test_the_key_of_a_payload_is_its_last_one() -> None:
-    p = payload(3, **{"str:cm:note": 'a "key":"not-this" inside'})
+    p = payload(3, fields={"str:cm:note": 'a "key":"not-this" inside'})
     assert _key_of(p) == orjson.loads(p)["key"]
     assert _key_of(b"{}") == ""
 

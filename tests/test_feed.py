@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ async def test_follow_resumes_after_a_seq_and_wakes_on_publish() -> None:
     for n in range(3):
         feed.publish(event(n))
     follower = feed.follow(after=1)
+    assert isinstance(follower, AsyncGenerator)  # closed below
     assert (await asyncio.wait_for(anext(follower), DEADLINE))["seq"] == 2
     assert (await asyncio.wait_for(anext(follower), DEADLINE))["seq"] == 3
     waiting = asyncio.ensure_future(anext(follower))
@@ -56,6 +58,7 @@ async def test_follow_resumes_after_a_seq_and_wakes_on_publish() -> None:
     assert (await asyncio.wait_for(waiting, DEADLINE))["time"] == 9.0
     # An event's `id` resumes as its `seq` does.
     again = feed.follow(after="3")
+    assert isinstance(again, AsyncGenerator)
     assert (await asyncio.wait_for(anext(again), DEADLINE))["seq"] == 4
     await follower.aclose()
     await again.aclose()

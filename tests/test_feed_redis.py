@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,8 +66,10 @@ async def test_two_workers_are_read_merged_in_order(feeds: list[RedisFeed]) -> N
     assert [e["request_id"] for e in await reader.recent(2)] == ["r1", "r2"]
 
     # Resumed after the first event, by its id or its seq; then woken by a new one.
-    for i, after in enumerate((recent[0]["id"], recent[0]["seq"])):
+    afters: tuple[int | str, ...] = (recent[0]["id"], recent[0]["seq"])
+    for i, after in enumerate(afters):
         follower = reader.follow(after=after)
+        assert isinstance(follower, AsyncGenerator)  # closed below
         missed = ["r1", "r2"] + [f"r{3 + j}" for j in range(i)]  # the last pass's too
         got = [await asyncio.wait_for(anext(follower), DEADLINE) for _ in missed]
         assert [e["request_id"] for e in got] == missed
@@ -108,8 +110,13 @@ async def test_nothing_secret_is_stored(feeds: list[RedisFeed], server: RedisSer
     try:
         dumped = b""
         for key in (w0.events_key, w0.forwarded_key):
-            for _id, fields in await raw.xrange(key):
-                dumped += b"".join(fields.values())
+            entries = await raw.xrange(key)
+            assert entries is not None
+            for _id, fields in entries:
+                assert fields is not None
+                for value in fields.values():
+                    assert isinstance(value, bytes)
+                    dumped += value
     finally:
         await raw.aclose()
     assert b"0123456789ab" in dumped  # what was scanned is what was written

@@ -17,14 +17,14 @@ from gateway.identity import (
     sign_person_id,
     verify_identity,
 )
-from gateway.validation import parse_request
+from gateway.validation import ActivityBody, parse_request
 
 ACTIVITY = "act:cm:login"
 SETTINGS = Settings(activities={ACTIVITY: ActivitySpec(ACTIVITY)})
 
 
-def activity(fields: dict[str, Any] | None = None, person_id: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"activity_id": ACTIVITY, "location": {}}
+def activity(fields: dict[str, Any] | None = None, person_id: str | None = None) -> ActivityBody:
+    out: ActivityBody = {"activity_id": ACTIVITY, "location": {}}
     if fields is not None:
         out["fields"] = fields
     if person_id is not None:
@@ -45,7 +45,7 @@ def activity(fields: dict[str, Any] | None = None, person_id: str | None = None)
         (activity(None, "006a"), "p:006a"),
     ],
 )
-def test_person_key_normalisation(given: dict[str, Any], key: str) -> None:
+def test_person_key_normalisation(given: ActivityBody, key: str) -> None:
     assert person_key(given) == key
 
 
@@ -104,7 +104,7 @@ OTHER = "rotated-" + "y" * 40
 NOW = 1_800_000_000.0
 
 
-def _activity(email: str) -> dict[str, object]:
+def _activity(email: str) -> ActivityBody:
     return {"activity_id": "act:cm:login", "fields": {"str::email": email}}
 
 
@@ -182,7 +182,7 @@ def test_rotation_accepts_old_and_new_secrets() -> None:
 def test_identity_needs_an_email() -> None:
 
     token = sign_identity("chris@example.com", SECRET, int(NOW) + 60)
-    activity = {"activity_id": "act:cm:login", "fields": {"str::ei": "u-1"}}
+    activity: ActivityBody = {"activity_id": "act:cm:login", "fields": {"str::ei": "u-1"}}
     with pytest.raises(Unauthorized, match="str::email"):
         verify_identity(token, activity, [SECRET], NOW)
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import SSLConnection
 
 from gateway.config import parse_rate
@@ -73,7 +73,8 @@ def fresh_prefix() -> str:
 
 
 def check(person: str, ip: str = "203.0.113.7", activity: str = ACTIVITY) -> tuple[Rule, Rule]:
-    return rules_of(Check(activity, person, ip, PERSON, IP))
+    person_rule, ip_rule = rules_of(Check(activity, person, ip, PERSON, IP))
+    return person_rule, ip_rule
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -522,6 +523,7 @@ def test_cluster_and_sentinel_urls_choose_tls_and_key_layout() -> None:
     ]:
         store = redis_store_from_url(url, prefix="p", timeout=1.0)
         assert store.spread is spread
+        assert isinstance(store._client, RedisCluster)
         connection = store._client.connection_kwargs["connection_class"]
         assert issubclass(connection, SSLConnection) is url.startswith("rediss")
     plain = redis_store_from_url("redis://localhost/0", prefix="p", timeout=1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
+from pytest_aiohttp import AiohttpClient
 
 from gateway.app import create_metrics_app
 from gateway.keys import METRICS
@@ -51,7 +52,7 @@ def test_status_groups() -> None:
 async def test_flow_is_counted(
     make_gateway: GatewayFactory,
     sandbox_state: SandboxState,
-    aiohttp_client,  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient,
 ) -> None:
     client = await make_gateway()
     metrics = client.app[METRICS]

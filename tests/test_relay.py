@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -15,6 +15,7 @@ from gateway.errors import Unavailable
 from gateway.feed import TEST_HEADER, FeedEvent, console_test_token
 from gateway.identity import person_hash, sign_identity, sign_person_id
 from gateway.keys import DELIVERY, FEED, RELAY, SETTINGS
+from gateway.relay import Relay
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import FakeClock, GatewayFactory, refusals, request_line
 
@@ -155,7 +156,11 @@ async def test_a_request_bigger_than_the_whole_spool_is_413_not_try_again(
     for i in range(3):
         body = {"activities": [activity(f"big{i}@example.com")]}
         assert (await client.post(PATH, json=body)).status == 202
-        await wait_for(lambda n=i + 1: len(sandbox_state.activities) == n)
+
+        def delivered(n: int = i + 1) -> bool:
+            return len(sandbox_state.activities) == n
+
+        await wait_for(delivered)
 
 
 # -- the browser's key: idempotent submissions
@@ -195,7 +200,7 @@ async def test_a_key_whose_activity_was_not_stored_is_new_on_retry(
     make_gateway: GatewayFactory, sandbox_state: SandboxState
 ) -> None:
     client = await make_gateway()
-    relay = client.app[RELAY]
+    relay = cast(Relay, client.app[RELAY])
     submit = relay.sink.submit
     calls = 0
 
@@ -434,7 +439,7 @@ async def test_a_warning_is_counted_by_code_and_told_in_the_log(
         ("merge_by", "merge_by_not_allowed"),
     ]
     assert request_line(caplog)["warnings"] == {"set_by_gateway": 1, "merge_by_not_allowed": 1}
-    registry = client.app[RELAY].metrics.registry
+    registry = cast(Relay, client.app[RELAY]).metrics.registry
     labels = {"activity_id": "act:cm:login", "reason": "merge_by_not_allowed"}
     assert registry.get_sample_value("ortto_gateway_warnings_total", labels) == 1
 

@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 from gateway.relay import Relay, RelayResult
 from gateway.sinks import QUEUED, SinkResult
 from gateway.spool import QueuedActivity
+from gateway.validation import EnrichedActivity
 from tests.conftest import FakeClock, base_settings
 
 CLIENT = "203.0.113.7"
@@ -44,7 +45,7 @@ class FakeSink:
     of a batch answered as Ortto refused them (sync mode's per-activity answer)."""
 
     def __init__(self) -> None:
-        self.batches: list[list[dict[str, Any]]] = []
+        self.batches: list[list[EnrichedActivity]] = []
         self.queued: list[QueuedActivity] = []  # with the columns the relay fills
         self.calls: list[dict[str, Any]] = []
         self.held_rows = self.held_bytes = 0
@@ -53,7 +54,7 @@ class FakeSink:
         self.refuse: set[int] = set()
 
     @property
-    def sent(self) -> list[dict[str, Any]]:
+    def sent(self) -> list[EnrichedActivity]:
         return [a for batch in self.batches for a in batch]
 
     def reserve(self, count: int, nbytes: int) -> bool:

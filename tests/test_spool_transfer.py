@@ -15,10 +15,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.cli import EXIT_IN_USE, EXIT_SPOOL, main
+from gateway.cli import main
 from gateway.enrich import enrich
+from gateway.runtime import EXIT_IN_USE, EXIT_SPOOL
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.spool import Spool, claim, transfer
+from gateway.validation import ActivityBody
 from tests.conftest import API_KEY
 from tests.processes import GatewayProcess, run
 from tests.spool_support import to_queue
@@ -32,7 +34,7 @@ PATH = "/v1/activities/create"
 
 
 def activity(i: int) -> bytes:
-    body: dict[str, Any] = {"activity_id": "act:cm:login", "fields": {"str::email": f"m{i}@x.io"}}
+    body: ActivityBody = {"activity_id": "act:cm:login", "fields": {"str::email": f"m{i}@x.io"}}
     return orjson.dumps(enrich(body, "192.0.2.1", time.time()))
 
 

@@ -30,7 +30,7 @@ from gateway.validation import (
     MAX_ACTIVITY_BYTES,
     MAX_JSON_DEPTH,
     MAX_WARNINGS,
-    Activity,
+    ActivityBody,
     ParsedRequest,
     decode_body,
     first_error,
@@ -63,13 +63,13 @@ def good() -> dict[str, Any]:
     }
 
 
-def parse_one(activity: Any, s: Settings = SETTINGS) -> Activity | GatewayError:
+def parse_one(activity: Any, s: Settings = SETTINGS) -> ActivityBody | GatewayError:
     parsed = parse_request({"activities": [activity]}, s)
     assert len(parsed.items) == 1
     return parsed.items[0]
 
 
-def accepted(parsed: ParsedRequest) -> list[Activity]:
+def accepted(parsed: ParsedRequest) -> list[ActivityBody]:
     assert all(not isinstance(item, GatewayError) for item in parsed.items), parsed.items
     return [item for item in parsed.items if not isinstance(item, GatewayError)]
 
@@ -892,7 +892,7 @@ def test_any_bytes_decode_or_refuse(body: bytes, content_type: str) -> None:
 # -- never lose an activity over an optional part (the default, not strict)
 
 
-def lenient(activity: Any, s: Settings = LENIENT) -> tuple[Activity, list[dict[str, str]]]:
+def lenient(activity: Any, s: Settings = LENIENT) -> tuple[ActivityBody, list[dict[str, str]]]:
     parsed = parse_request({"activities": [activity]}, s)
     (item,) = parsed.items
     assert not isinstance(item, GatewayError), item.message

@@ -8,12 +8,14 @@ migrated (`schema.ensure_schema`), by this parse, the only one left.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 import orjson
 
 from gateway.errors import GatewayError
 from gateway.identity import person_hash, person_key
 from gateway.spool.items import QueuedActivity
+from gateway.validation import EnrichedActivity
 
 __all__ = ["created_at", "describe"]
 
@@ -38,7 +40,8 @@ def describe(payload: bytes) -> QueuedActivity:
         return QueuedActivity(payload, "", "", None)
     activity_id = data.get("activity_id")
     try:
-        who = person_hash(person_key(data))
+        # What the relay spooled; a row that is not fails in person_key, caught here.
+        who = person_hash(person_key(cast(EnrichedActivity, data)))
     except (GatewayError, KeyError, TypeError, ValueError, AttributeError):  # no person
         who = ""
     return QueuedActivity(
