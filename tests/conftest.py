@@ -127,6 +127,8 @@ def base_settings(tmp_path: Path, upstream: str, **overrides: Any) -> Settings:
         # Pinned: `auto` times this machine's fsync, so each gateway could differ; tests
         # whose subject is the spool run both modes (test_spool's `commit_on`).
         "GATEWAY_SPOOL_COMMIT": "loop",
+        # Generous: a busy machine's Redis call may take longer than the 0.5 s default.
+        "GATEWAY_LIMITER_TIMEOUT": "5s",
     }
     settings = load_settings(env)
     return replace(settings, **overrides) if overrides else settings

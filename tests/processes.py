@@ -263,6 +263,9 @@ def gateway_env(upstream: str, spool: Path, **settings: str) -> dict[str, str]:
         "GATEWAY_DRAIN_TIMEOUT": "5s",
         # Pinned: `auto` times this machine's fsync, so each gateway could differ.
         "GATEWAY_SPOOL_COMMIT": "loop",
+        # Generous: on a busy machine a Redis call can take longer than the 0.5 s default,
+        # and the limiter would fall back to its local store (limits no longer exact).
+        "GATEWAY_LIMITER_TIMEOUT": "5s",
         **settings,
     }
 
