@@ -17,7 +17,7 @@ import ipaddress
 import re
 import tomllib
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -1054,17 +1054,17 @@ def describe(settings: Settings) -> dict[str, Any]:
     out["upstream_endpoint"] = settings.upstream_endpoint
     # A secret given in the wrong setting as well (a key as the Redis prefix) stays masked.
     secrets = [s for s in settings.secrets if len(s) >= MIN_MASKED_CHARS]
-    return {k: _without(v, secrets) for k, v in out.items()} if secrets else out
+    return {k: without_secrets(v, secrets) for k, v in out.items()} if secrets else out
 
 
-def _without(value: Any, secrets: list[str]) -> Any:
-    """A described value with every secret in its strings masked."""
+def without_secrets(value: Any, secrets: Sequence[str]) -> Any:
+    """A JSON value with every secret in its strings (keys too) masked: `****`."""
     if isinstance(value, str):
         for secret in secrets:
             value = value.replace(secret, "****")
         return value
     if isinstance(value, list):
-        return [_without(v, secrets) for v in value]
+        return [without_secrets(v, secrets) for v in value]
     if isinstance(value, dict):
-        return {_without(k, secrets): _without(v, secrets) for k, v in value.items()}
+        return {without_secrets(k, secrets): without_secrets(v, secrets) for k, v in value.items()}
     return value

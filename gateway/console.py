@@ -29,7 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import deadletters
-from gateway.config import ACTIVITIES_PATH, Settings, describe
+from gateway.config import ACTIVITIES_PATH, Settings, describe, without_secrets
 from gateway.console_core import (
     SSE_HEARTBEAT,
     console_off_reason,
@@ -44,7 +44,6 @@ from gateway.console_core import (
     same,
     sse_event,
     test_activity,
-    without_secrets,
 )
 from gateway.console_state import Console
 from gateway.errors import new_request_id

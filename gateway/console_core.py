@@ -132,19 +132,6 @@ def mask_emails(value: Any) -> Any:
     return value
 
 
-def without_secrets(value: Any, hidden: tuple[str, ...]) -> Any:
-    """A JSON value with every secret in its strings replaced by `****`."""
-    if isinstance(value, str):
-        for secret in hidden:
-            value = value.replace(secret, "****")
-        return value
-    if isinstance(value, list):
-        return [without_secrets(v, hidden) for v in value]
-    if isinstance(value, dict):
-        return {k: without_secrets(v, hidden) for k, v in value.items()}
-    return value
-
-
 def delivery_state(registry: CollectorRegistry) -> dict[str, Any]:
     """The delivery panel's numbers from the metrics registry: `{name: value}` for plain
     series, `{name: {label value: value}}` for labelled ones."""

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
@@ -23,6 +23,9 @@ from gateway.keys import METRICS
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, create_sandbox_app
 from gateway.server import runner_options
+
+if TYPE_CHECKING:
+    from tests.redis_support import RedisServer
 
 EXAMPLES = Path(__file__).parent / "ortto-examples"
 API_KEY = "pk-test-5f1e0c7a9b8d4e3f2a1b0c9d8e7f6a5b"
@@ -210,3 +213,36 @@ def refusals(
     labels = {"activity_id": activity_id, "reason": reason}
     value = client.app[METRICS].registry.get_sample_value("ortto_gateway_refusals_total", labels)
     return value or 0.0
+
+
+# -- real Redis servers (tests/redis_support.py)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone."""
+    from tests import redis_support  # it needs this module's need_binary
+
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    with redis_support.running(directory) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server shared by a module's tests that do not stop it; each uses its own
+    prefix."""
+    from tests import redis_support
+
+    with redis_support.running(tmp_path_factory.mktemp("redis")) as running:
+        yield running
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, which it may stop, freeze and restart."""
+    from tests import redis_support
+
+    with redis_support.running(tmp_path) as running:
+        yield running

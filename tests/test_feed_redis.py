@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +15,6 @@ from gateway.feed import FeedEvent, Forwarded
 from gateway.feed_open import open_feed
 from gateway.feed_redis import RedisFeed, seq_of, stream_id_of
 from gateway.sandbox import wait_for
-from tests import redis_support
 from tests.conftest import API_KEY, base_settings
 from tests.redis_support import RedisServer
 
@@ -23,18 +22,6 @@ pytestmark = pytest.mark.redis
 
 DEADLINE = 10.0
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with redis_support.running(tmp_path_factory.mktemp("redis")) as running:
-        yield running
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_support.running(tmp_path) as running:
-        yield running
 
 
 @pytest.fixture

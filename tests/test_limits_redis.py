@@ -9,7 +9,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -44,20 +44,6 @@ WAIT_BOUND = 5.0
 ACTIVITY = "act:cm:logged-in"
 PERSON = parse_rate("10/1d")
 IP = parse_rate("100/1h")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A redis-server shared by the tests that do not stop it; each uses its own prefix."""
-    with redis_support.running(tmp_path_factory.mktemp("redis")) as running:
-        yield running
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test alone, which it may stop, freeze and restart."""
-    with redis_support.running(tmp_path) as running:
-        yield running
 
 
 @pytest.fixture

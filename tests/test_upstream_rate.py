@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -54,14 +54,6 @@ class CountingPacer(LocalPacer):
     async def acquire(self) -> None:
         self.acquired += 1
         await super().acquire()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[redis_support.RedisServer]:
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    with redis_support.running(directory) as server:
-        yield server
 
 
 @pytest.fixture

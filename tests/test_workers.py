@@ -7,7 +7,7 @@ import json
 import os
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,6 @@ from tests.processes import GatewayProcess
 
 PATH = "/v1/activities/create"
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[redis_support.RedisServer]:
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    with redis_support.running(directory) as server:
-        yield server
 
 
 @pytest.fixture
