@@ -171,8 +171,10 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await delivery.stop(settings.drain_timeout)
-        await pacer.close()
+        try:
+            await delivery.stop(settings.drain_timeout)
+        finally:
+            await pacer.close()
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -294,11 +294,22 @@ def _url(text: str) -> str:
     return text.strip().rstrip("/")
 
 
+# How a Redis Cluster URL's `?keys=` lays out the limiter's keys (gateway.limits.redis):
+# spread per person and per IP (the default), or one slot per activity.
+CLUSTER_KEYS = ("spread", "per-activity")
+
+
 def _redis_url(text: str) -> str:
     text = _one_line(text)
     problem = _secret_problem(text)  # it may hold a password
     if problem:
         raise ValueError(problem)
+    scheme = text.partition("://")[0]
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        query = parse_qs(urlsplit(text).query, keep_blank_values=True)
+        keys = query.get("keys", [CLUSTER_KEYS[0]])
+        if len(keys) != 1 or keys[0] not in CLUSTER_KEYS:
+            raise ValueError(f"a cluster URL's ?keys= is one of {', '.join(CLUSTER_KEYS)}")
     return text
 
 

@@ -331,7 +331,10 @@ class Delivery:
             self._leasing = True  # `stop` lets this iteration finish (see there)
             try:
                 await self._wait_until_allowed()
-                await self._pacer.acquire()
+                await self._pacer.acquire()  # may wait out a pause shared by another host
+                while self._paused_for() is not None:  # a local one began meanwhile
+                    await self._wait_until_allowed()
+                    await self._pacer.acquire()
                 items = await self._spool.lease(ORTTO_MAX_ACTIVITIES, MAX_BATCH_BYTES)
             except BaseException:
                 self._slots.release()

@@ -441,3 +441,11 @@ def test_describe_shows_every_field() -> None:
     assert list(shown) == [*(d.field for d in FIELD_DECLARATIONS), "upstream_endpoint"]
     assert shown["console_token"] == "(unset)"
     assert shown["identity_secrets"] == []
+
+
+def test_a_cluster_url_with_a_bad_keys_option_is_a_config_error() -> None:
+    # check-config says so, rather than `serve` failing at start with a traceback.
+    with pytest.raises(ConfigError, match="keys="):
+        load_settings(env(redis_url="redis+cluster://127.0.0.1:7000?keys=bogus"))
+    ok = load_settings(env(redis_url="redis+cluster://127.0.0.1:7000?keys=per-activity"))
+    assert ok.redis_url is not None

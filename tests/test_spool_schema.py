@@ -119,3 +119,25 @@ async def test_adoption_migrates_a_version_1_orphan(tmp_path: Path) -> None:
         ("act:cm:x", None),
         ("act:cm:login", LOGIN_CREATED),
     ]
+
+
+async def test_rows_an_older_gateway_added_after_the_upgrade_get_their_columns(
+    tmp_path: Path,
+) -> None:
+    # A new command (export, dead-letters) upgraded the file while an older gateway kept
+    # appending to it the old way: the next open fills those rows' columns.
+    path = tmp_path / "spool.sqlite3"
+    old_spool(path, [])
+    async with Spool(path):
+        pass  # upgraded to version 2
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO queue (payload, enqueued_at) VALUES (?, 1.0)", (LOGIN,))
+    db.commit()
+    db.close()
+    async with Spool(path) as spool:
+        (item,) = await spool.lease(10, 10_000)
+    assert (item.activity_id, item.person, item.created) == (
+        "act:cm:login",
+        person_hash("e:p@example.com"),
+        LOGIN_CREATED,
+    )

@@ -44,8 +44,8 @@ busiest activity's shard takes all its calls. By default a cluster's keys are
 slot and an IP's another. A check then runs as steps, one per slot, in the order of
 its rules (person, then IP): each step is the same atomic script (check every rule
 of the slot, charge all or none); a check refused by a step is only checked by the
-later ones (for its refusing rules and `retry_after`, exactly as one script would
-report them), and the charges its earlier steps made are taken back at once by
+later ones (for its refusing rules and `retry_after`, as one script would report
+them, but for a batch with one person twice: see docs/scaling-redis.md), and the charges its earlier steps made are taken back at once by
 `REFUND_SCRIPT` (each removes the very time it wrote). What this trades: no limit
 is ever exceeded (every charge is checked against its limit atomically, a refund
 only lowers a count), and an IP refusal is never wrong (the IP is charged last,
@@ -95,6 +95,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
+from gateway.config import CLUSTER_KEYS  # the default first (see Cluster above)
 from gateway.limits.base import ALLOWED, Decision, LimiterUnavailable, Rule
 
 # Checks one batch of activities in order. ARGV[1]: now in ms; then, for each check, its
@@ -199,8 +200,6 @@ URL_SCHEMES = (
     "redis+cluster",
     "rediss+cluster",
 )
-# A cluster URL's `?keys=`: the default first (see Cluster in the module docstring).
-CLUSTER_KEYS = ("spread", "per-activity")
 DIGEST_BYTES = 16  # 128 bits: no collision among billions of keys
 # A spread key's tag: 64 bits spread people over the 16384 slots (a collision only puts
 # two people in one slot, which is harmless).

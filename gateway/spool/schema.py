@@ -114,6 +114,10 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
             for statement in _TO_2:
                 db.execute(statement)
             _fill_columns(db)
+        elif version == SCHEMA_VERSION:
+            # Rows an older gateway appended after another process upgraded the file
+            # (while it still ran): they get their columns now.
+            _fill_columns(db, MISSING)
         for statement in _TABLES:
             db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -127,13 +131,18 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
         raise
 
 
-def _fill_columns(db: sqlite3.Connection) -> None:
-    """Give the rows of a version 1 file the columns their payloads hold."""
+# The rows an older gateway wrote: no activity id (every activity has one).
+MISSING = " WHERE activity_id = ''"
+
+
+def _fill_columns(db: sqlite3.Connection, where: str = "") -> None:
+    """Give rows (of a version 1 file, or `where` selects which) the columns their
+    payloads hold."""
 
     def fill(
         table: str, update: str, values: Callable[[QueuedActivity], tuple[object, ...]]
     ) -> None:
-        rows = db.execute(f"SELECT id, payload FROM {table}").fetchall()  # noqa: S608
+        rows = db.execute(f"SELECT id, payload FROM {table}{where}").fetchall()  # noqa: S608
         db.executemany(update, [(*values(describe(bytes(p))), i) for i, p in rows])
 
     fill(
