@@ -45,7 +45,8 @@ slot and an IP's another. A check then runs as steps, one per slot, in the order
 its rules (person, then IP): each step is the same atomic script (check every rule
 of the slot, charge all or none); a check refused by a step is only checked by the
 later ones (for its refusing rules and `retry_after`, as one script would report
-them, but for a batch with one person twice: see docs/scaling-redis.md), and the charges its earlier steps made are taken back at once by
+them, but for a batch with one person twice: see docs/scaling-redis.md), and the
+charges its earlier steps made are taken back at once by
 `REFUND_SCRIPT` (each removes the very time it wrote). What this trades: no limit
 is ever exceeded (every charge is checked against its limit atomically, a refund
 only lowers a count), and an IP refusal is never wrong (the IP is charged last,
