@@ -143,7 +143,11 @@ def _fill_columns(db: sqlite3.Connection, where: str = "") -> None:
         table: str, update: str, values: Callable[[QueuedActivity], tuple[object, ...]]
     ) -> None:
         rows = db.execute(f"SELECT id, payload FROM {table}{where}").fetchall()  # noqa: S608
-        db.executemany(update, [(*values(describe(bytes(p))), i) for i, p in rows])
+        described = [(describe(bytes(p)), i) for i, p in rows]
+        if where:  # only what a payload can tell: a row with no activity id stays as it is
+            described = [(a, i) for a, i in described if a.activity_id]
+        if described:
+            db.executemany(update, [(*values(a), i) for a, i in described])
 
     fill(
         "queue",
