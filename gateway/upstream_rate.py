@@ -198,6 +198,8 @@ class RedisPacer:
         self._retry_at: float | None = None  # monotonic; None while Redis answers
         self._writes: set[asyncio.Task[None]] = set()
         self._shared_reason = ""  # the shared pause last waited for (logged once each)
+        # A pause Redis did not take (reason, monotonic end): written once it answers again.
+        self._unshared: tuple[str, float] | None = None
 
     async def acquire(self) -> None:
         while True:
@@ -211,6 +213,7 @@ class RedisPacer:
                 self._failed("rate", exc)
                 continue
             self._retry_at = None
+            self._share_unshared()
             if wait_ms <= 0:
                 self._shared_reason = ""
                 return
@@ -241,18 +244,39 @@ class RedisPacer:
             return
         if self._skipping():
             self._on_fallback()
+            self._remember(reason, ms)
             return
+        self._write(reason, ms)
+
+    def _write(self, reason: str, ms: int) -> None:
         task = asyncio.get_running_loop().create_task(self.share_pause(reason, ms))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
     async def share_pause(self, reason: str, ms: int) -> None:
-        """Write a pause of `ms` for every host (unless a longer one is in force)."""
+        """Write a pause of `ms` for every host (unless a longer one is in force); if Redis
+        cannot take it now, it is written, for what is left of it, once Redis answers."""
         try:
             async with asyncio.timeout(self._timeout):
                 await self._pause([self._keys[1]], [ms, reason])
         except Exception as exc:
             self._failed("pause", exc)
+            self._remember(reason, ms)
+
+    def _remember(self, reason: str, ms: int) -> None:
+        until = self._monotonic() + ms / 1000
+        if self._unshared is None or until > self._unshared[1]:
+            self._unshared = (reason, until)
+
+    def _share_unshared(self) -> None:
+        """Redis answers again: the other hosts learn of a pause still in force here."""
+        if self._unshared is None:
+            return
+        reason, until = self._unshared
+        self._unshared = None
+        left = math.ceil((until - self._monotonic()) * 1000)
+        if left > 0:
+            self._write(reason, left)
 
     async def close(self) -> None:
         if self._writes:

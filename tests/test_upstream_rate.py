@@ -251,8 +251,16 @@ async def test_a_pause_not_written_is_counted(
 ) -> None:
     pacer = new_pacer(make_pacer, redis_server, 1.0, clock=clock, metrics=metrics)
     redis_server.stop()
-    await pacer.share_pause("auth", 1000)
+    await pacer.share_pause("auth", 30_000)
     assert fallbacks(metrics) == 1
+    # Redis is back: the first call that reaches it shares what is left of the pause.
+    redis_server.start()
+    clock.now += RETRY_INTERVAL
+    await pacer.acquire()
+    await pacer.close()  # waits for the pause to be written
+    make_pacer.remove(pacer)
+    other = new_pacer(make_pacer, redis_server, 1.0, clock=clock)
+    assert 20.0 < await other.try_acquire() <= 30.0 - RETRY_INTERVAL
 
 
 async def test_settings_choose_the_pacer(tmp_path: Path, metrics: Metrics) -> None:
