@@ -52,6 +52,18 @@ def settings(tmp_path: Path) -> Settings:
     return base_settings(tmp_path, "http://127.0.0.1:9")
 
 
+def served_settings(tmp_path: Path, upstream: str, **overrides: Any) -> Settings:
+    """Settings for a gateway served on free loopback ports, with an allowed origin."""
+    return base_settings(
+        tmp_path,
+        upstream,
+        listen=HostPort("127.0.0.1", 0),
+        metrics_listen=HostPort("127.0.0.1", 0),
+        allowed_origins=("https://shop.example",),
+        **overrides,
+    )
+
+
 async def console_client(
     aiohttp_client: ClientFactory,
     settings: Settings,
@@ -117,12 +129,7 @@ def test_mask_emails() -> None:
 @pytest.mark.integration  # serves real listeners
 async def test_public_listener_never_serves_the_console(tmp_path: Path) -> None:
     """`serve`: the console on the metrics listener; /console and its routes 404 on the public."""
-    settings = base_settings(
-        tmp_path,
-        "http://127.0.0.1:9",
-        listen=HostPort("127.0.0.1", 0),
-        metrics_listen=HostPort("127.0.0.1", 0),
-    )
+    settings = served_settings(tmp_path, "http://127.0.0.1:9")
     async with running(settings) as (public, private), aiohttp.ClientSession() as session:
         for path in (
             "/console",
@@ -202,12 +209,7 @@ async def test_stream_sends_recent_events_then_new_ones(
 @pytest.mark.integration  # serves real listeners
 async def test_shutdown_ends_open_streams(tmp_path: Path) -> None:
     """An open stream does not hold up the metrics listener's shutdown (60 s by default)."""
-    settings = base_settings(
-        tmp_path,
-        "http://127.0.0.1:9",
-        listen=HostPort("127.0.0.1", 0),
-        metrics_listen=HostPort("127.0.0.1", 0),
-    )
+    settings = served_settings(tmp_path, "http://127.0.0.1:9")
     stop = asyncio.Event()
     async with aiohttp.ClientSession() as session, running(settings, stop=stop) as (_, private):
         resp = await session.get(private + "/console/events")
@@ -403,13 +405,7 @@ async def test_dead_letters_list_replay_purge(
 async def test_test_activity_goes_through_the_public_listener(
     sandbox: TestServer, sandbox_state: SandboxState, tmp_path: Path
 ) -> None:
-    settings = base_settings(
-        tmp_path,
-        str(sandbox.make_url("")),
-        listen=HostPort("127.0.0.1", 0),
-        metrics_listen=HostPort("127.0.0.1", 0),
-        allowed_origins=("https://shop.example",),
-    )
+    settings = served_settings(tmp_path, str(sandbox.make_url("")))
     async with (
         running(settings) as (_, private),
         aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session,

@@ -25,10 +25,10 @@ from gateway.demo import run_demo
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.server import free_port
 from tests import redis_support
-from tests.conftest import base_settings, need_binary
+from tests.conftest import need_binary
 from tests.processes import GatewayProcess
 from tests.servers import run_chromium
-from tests.test_console import running
+from tests.test_console import running, served_settings
 
 pytestmark = pytest.mark.chromium
 
@@ -65,14 +65,7 @@ async def take_screenshot(page: Page, path: Path) -> None:
 
 
 def settings_for(sandbox: TestServer, tmp_path: Path, **overrides: Any) -> Settings:
-    return base_settings(
-        tmp_path,
-        str(sandbox.make_url("")),
-        listen=HostPort("127.0.0.1", 0),
-        metrics_listen=HostPort("127.0.0.1", 0),
-        allowed_origins=("https://shop.example",),
-        **overrides,
-    )
+    return served_settings(tmp_path, str(sandbox.make_url("")), **overrides)
 
 
 def activity(activity_id: str, email: str) -> dict[str, Any]:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.sandbox import Fault, ReceivedRequest, SandboxState, wait_for
+from gateway.sandbox import Fault, SandboxState, wait_for
 from tests import redis_support
+from tests.bench.three_hosts import email, host_of, most_in_one_second
 from tests.processes import GatewayProcess
 from tests.redis_cluster_support import running_cluster
 
@@ -71,25 +71,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-def host_of(request: ReceivedRequest) -> int:
-    """Which host sent a request: its activities' emails say so (`a<n>.<host>@...`)."""
-    activities = orjson.loads(request.body)["activities"]
-    hosts = {int(a["fields"]["str::email"].split("@")[0].split(".")[1]) for a in activities}
-    assert len(hosts) == 1
-    return hosts.pop()
-
-
-def most_in_one_second(times: list[float]) -> int:
-    """The most requests in any half-open second (t - 1, t], as the sandbox counts them."""
-    ordered = sorted(times)
-    most, first = 0, 0
-    for last, t in enumerate(ordered):
-        while ordered[first] <= t - 1.0:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
-
-
 async def fallback_count(session: aiohttp.ClientSession, host: GatewayProcess) -> float:
     """`ortto_gateway_upstream_rate_fallback_total` of one host."""
     async with session.get(f"http://127.0.0.1:{host.metrics_port}/metrics") as resp:
@@ -127,7 +108,7 @@ async def test_three_hosts_share_the_account_rate_and_its_pauses(
 
     async def post(host: int, count: int) -> None:
         nonlocal sent
-        emails = [f"a{sent + n}.{host}@example.com" for n in range(count)]
+        emails = [email(f"a{sent + n}", host) for n in range(count)]
         sent += count
         body = {
             "activities": [
