@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -197,7 +198,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _login_page(status: int = 200, message: str = "") -> web.Response:
-    page = (STATIC / "console-login.html").read_text(encoding="utf-8")
+    page = _static_text("console-login.html")
     page = page.replace("{{MESSAGE}}", message)
     return web.Response(
         text=page, status=status, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS
@@ -238,7 +239,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
 async def _page(request: web.Request) -> web.StreamResponse:
     session = request.cookies.get(SESSION_COOKIE) or new_secret()
-    page = (STATIC / "console.html").read_text(encoding="utf-8")
+    page = _static_text("console.html")
     page = page.replace("{{SESSION_TOKEN}}", _session_token(request, session))
     response = web.Response(text=page, content_type="text/html", charset="utf-8")
     response.set_cookie(
@@ -250,6 +251,12 @@ async def _page(request: web.Request) -> web.StreamResponse:
         secure=request.secure,
     )
     return response
+
+
+@functools.cache
+def _static_text(name: str) -> str:
+    """A page template, read once (not at every request)."""
+    return (STATIC / name).read_text(encoding="utf-8")
 
 
 def _asset(name: str, content_type: str) -> Handler:
