@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from gateway.config import Settings
+from gateway.feed import mask_strings
 
 METRIC_PREFIX = "ortto_gateway_"
 # The delivery panel's gauges and counters, as `/metrics` names them (summed or maxed
@@ -123,13 +124,7 @@ def last_event_id(header: str | None) -> int | None:
 
 def mask_emails(value: Any) -> Any:
     """A JSON value with every email's local part masked (`****@example.com`)."""
-    if isinstance(value, str):
-        return _EMAIL.sub(lambda m: "****@" + m.group(1), value)
-    if isinstance(value, list):
-        return [mask_emails(v) for v in value]
-    if isinstance(value, dict):
-        return {k: mask_emails(v) for k, v in value.items()}
-    return value
+    return mask_strings(value, lambda text: _EMAIL.sub(lambda m: "****@" + m.group(1), text))
 
 
 def delivery_state(registry: CollectorRegistry) -> dict[str, Any]:
