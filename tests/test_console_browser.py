@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Page, expect
 
 from gateway.config import HostPort, Settings, parse_rate
 from gateway.demo import run_demo
+from gateway.identity import person_hash
 from gateway.sandbox import Fault, SandboxState, wait_for
 from gateway.server import free_port
 from tests import redis_support
@@ -103,7 +104,9 @@ async def test_requests_appear_with_their_reasons(
         page = await open_console(browser, private)
         assert await post(session, public, activity("act:cm:login", "a@example.com")) == 202
         assert await post(session, public, activity("act:cm:login", "a@example.com")) == 429
-        assert await post(session, public, activity("act:cm:nope", "b@example.com")) == 404
+        async with session.post(public + PATH, json=activity("act:cm:nope", "b@example.com")) as r:
+            assert r.status == 404
+            nope_request = r.headers["X-Request-Id"]
         rows = page.locator("#events tbody tr")
         accepted = rows.filter(has_text="accepted").filter(has_text="act:cm:login")
         await expect(accepted.first).to_be_visible(timeout=TIMEOUT_MS)
@@ -127,6 +130,23 @@ async def test_requests_appear_with_their_reasons(
         assert await rows.count() == before
         await page.locator("#pause").click()
         await expect(rows.filter(has_text="test").first).to_be_visible(timeout=TIMEOUT_MS)
+        # The other filters: activity, outcome, person hash, request id; then clear.
+        await page.locator("#f-activity").fill("act:cm:nope")
+        await expect(rows).to_have_count(1, timeout=TIMEOUT_MS)
+        await page.locator("#f-activity").fill("")
+        await page.locator("#f-request").fill(nope_request)
+        await expect(rows).to_have_count(1, timeout=TIMEOUT_MS)
+        await expect(rows.first).to_contain_text("unknown_activity")
+        await page.locator("#f-request").fill("")
+        await page.locator("#f-person").fill(person_hash("e:a@example.com"))
+        await expect(rows).to_have_count(2, timeout=TIMEOUT_MS)  # accepted, then person_limit
+        await page.locator("#f-person").fill("")
+        await page.locator("#f-outcome").select_option("refused")
+        await expect(rows.filter(has_text="accepted")).to_have_count(0, timeout=TIMEOUT_MS)
+        await expect(rows.filter(has_text="person_limit")).to_have_count(1)
+        await page.locator("#f-outcome").select_option("")
+        await page.locator("#clear").click()
+        await expect(rows).to_have_count(0, timeout=TIMEOUT_MS)
         await page.close()
 
 
