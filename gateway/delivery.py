@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -669,25 +670,29 @@ class Delivery:
         )
 
     def _forward(self, item: SpooledItem, status: int, answer: Any) -> None:
-        """Record what Ortto was sent for one activity and what it answered: the body's
-        emails masked unless the console is personal, Ortto's text always redacted (so
-        the key and the other secrets are masked in both)."""
+        """Remember what Ortto was sent for one activity and what it answered; masked only
+        if the console asks (`_show`)."""
         assert self._feed is not None
+        show = functools.partial(self._show, item.payload, self._clock(), status, answer)
+        self._feed.record_forward(_key_of(item.payload), show)
+
+    def _show(self, payload: bytes, at: float, status: int, answer: Any) -> Forwarded:
+        """What was forwarded for one activity, for the console: the body's emails masked
+        unless the console is personal, Ortto's text always redacted (so the key and the
+        other secrets are masked in both)."""
         try:
-            body = orjson.loads(item.payload)
+            body = orjson.loads(payload)
         except orjson.JSONDecodeError:
             body = None
-        redact = self._client.redact
         if not self._personal:
             body = mask_strings(body, self._mask_sent)
-        forwarded: Forwarded = {
-            "key": _key_of(item.payload),
-            "time": self._clock(),
+        return {
+            "key": _key_of(payload),
+            "time": at,
             "body": body,
             "status": status,
-            "answer": mask_strings(answer, redact),
+            "answer": mask_strings(answer, self._client.redact),
         }
-        self._feed.record_forward(forwarded)
 
     async def _unproven(
         self, items: Sequence[SpooledItem], held: set[int], resp: UpstreamResponse, failures: int

@@ -76,12 +76,18 @@ class Forwarded(TypedDict):
     answer: Any  # Ortto's entry for this activity, or its whole answer
 
 
+# Builds what was forwarded for one activity, masked, when the console asks for it (or,
+# with Redis, when it is written out): masking every delivered activity up front cost
+# more than the rest of delivery put together.
+ShowForwarded = Callable[[], Forwarded]
+
+
 class Feed(Protocol):
     """Where events go. `publish` and `record_forward` are cheap and never raise."""
 
     def publish(self, event: FeedEvent) -> None: ...
 
-    def record_forward(self, forwarded: Forwarded) -> None: ...
+    def record_forward(self, key: str, show: ShowForwarded) -> None: ...
 
     async def recent(self, limit: int = RECENT_EVENTS) -> list[FeedEvent]: ...
 
@@ -103,7 +109,7 @@ class MemoryFeed:
         worker: int | None = None,
     ) -> None:
         self._events: deque[FeedEvent] = deque(maxlen=max_events)
-        self._forwarded: OrderedDict[str, Forwarded] = OrderedDict()
+        self._forwarded: OrderedDict[str, ShowForwarded] = OrderedDict()
         self._max_forwarded = max_forwarded
         self._seq = 0
         self._worker = worker
@@ -121,9 +127,9 @@ class MemoryFeed:
             self._changed.set()
             self._changed = None
 
-    def record_forward(self, forwarded: Forwarded) -> None:
-        self._forwarded[forwarded["key"]] = forwarded
-        self._forwarded.move_to_end(forwarded["key"])
+    def record_forward(self, key: str, show: ShowForwarded) -> None:
+        self._forwarded[key] = show
+        self._forwarded.move_to_end(key)
         while len(self._forwarded) > self._max_forwarded:
             self._forwarded.popitem(last=False)
 
@@ -146,7 +152,8 @@ class MemoryFeed:
             await self._changed.wait()
 
     async def forwarded(self, key: str) -> Forwarded | None:
-        return self._forwarded.get(key)
+        show = self._forwarded.get(key)
+        return show() if show is not None else None
 
     async def close(self) -> None:
         return None

@@ -24,7 +24,7 @@ first event (or `start()`); `close()` flushes what is left (for at most
 `CLOSE_TIMEOUT`) and closes the connections. Whoever opened the feed must await it.
 
 Nothing secret is stored: events hold reason codes, hashed people and keys of
-activities; forwarded bodies are masked by delivery before they get here. The
+activities; forwarded bodies are masked (by delivery's `show`) as they are written. The
 connection's password (in the URL) is never logged.
 """
 
@@ -44,7 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.feed import FORWARDED_BODIES, RECENT_EVENTS, FeedEvent, Forwarded
+from gateway.feed import FORWARDED_BODIES, RECENT_EVENTS, FeedEvent, Forwarded, ShowForwarded
 from gateway.limits.redis import redis_client_from_url
 
 log = logging.getLogger("gateway.feed")
@@ -141,7 +141,7 @@ class RedisFeed:
         self._block_ms = block_ms
         self._also_close = tuple(also_close)
         self._events: deque[FeedEvent] = deque()
-        self._forwards: deque[Forwarded] = deque()
+        self._forwards: deque[tuple[str, ShowForwarded]] = deque()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -157,8 +157,8 @@ class RedisFeed:
             event["worker"] = self._worker
         self._buffer(self._events, event)
 
-    def record_forward(self, forwarded: Forwarded) -> None:
-        self._buffer(self._forwards, forwarded)
+    def record_forward(self, key: str, show: ShowForwarded) -> None:
+        self._buffer(self._forwards, (key, show))
 
     def _buffer(self, queue: deque[Any], item: Any) -> None:
         if self._closed or len(self._events) + len(self._forwards) >= MAX_BUFFER:
@@ -209,10 +209,10 @@ class RedisFeed:
                     maxlen=self._max_events,
                     approximate=True,
                 )
-            for forwarded in forwards:
+            for key, show in forwards:
                 pipe.xadd(
                     self.forwarded_key,
-                    {"k": forwarded["key"], "f": orjson.dumps(forwarded)},
+                    {"k": key, "f": orjson.dumps(show())},
                     maxlen=self._max_forwarded,
                     approximate=True,
                 )

@@ -305,7 +305,7 @@ async def test_settings_masked_and_the_key_in_no_answer(
         "status": 200,
         "answer": {"echo": f"X-Api-Key: {API_KEY}"},  # an upstream echoing the key
     }
-    feed.record_forward(forwarded)
+    feed.record_forward("k1", lambda: forwarded)
     metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
     metrics.spool_depth.set(3)
     metrics.delivery_paused.labels("auth").set(1)
@@ -337,9 +337,14 @@ async def test_personal_setting_shows_full_emails(
     aiohttp_client: ClientFactory, settings: Settings
 ) -> None:
     feed = MemoryFeed()
-    feed.record_forward(
-        {"key": "k", "time": 1.0, "body": {"e": "jane@example.com"}, "status": 200, "answer": {}}
-    )
+    forwarded: Forwarded = {
+        "key": "k",
+        "time": 1.0,
+        "body": {"e": "jane@example.com"},
+        "status": 200,
+        "answer": {},
+    }
+    feed.record_forward("k", lambda: forwarded)
     client = await console_client(aiohttp_client, replace(settings, console_personal=True), feed)
     async with client.get("/console/api/forwarded/k") as resp:
         assert (await resp.json())["body"]["e"] == "jane@example.com"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
@@ -67,7 +68,7 @@ async def test_follow_resumes_after_a_seq_and_wakes_on_publish() -> None:
 async def test_forwarded_bodies_are_bounded_least_recently_recorded_first() -> None:
     feed = MemoryFeed(max_forwarded=2)
     for key in ("a", "b", "a", "c"):
-        feed.record_forward(forwarded(key))
+        feed.record_forward(key, functools.partial(forwarded, key))
     assert await feed.forwarded("b") is None
     assert await feed.forwarded("a") is not None
     assert await feed.forwarded("c") is not None
