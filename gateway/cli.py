@@ -21,7 +21,7 @@ from gateway.config import (
     read_key_file,
 )
 from gateway.logs import setup_logging
-from gateway.runtime import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop
+from gateway.runtime import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop, tune_gc
 from gateway.settings_docs import settings_help
 from gateway.spool import SpoolError, SpoolInUse
 
@@ -216,7 +216,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return run_loop(supervise(settings, args.workers)) or 0
     from gateway.server import serve
 
-    run_loop(serve(settings))
+    run_loop(serve(settings, on_ready=lambda _public, _metrics: tune_gc()))
     return 0
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -249,6 +250,7 @@ class Metrics:
         if process_metrics:
             ProcessCollector(namespace=PREFIX, registry=r)
             PlatformCollector(registry=r)
+            GCCollector(registry=r)
         self._initialise()
 
     def _initialise(self) -> None:

@@ -23,7 +23,7 @@ from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
 from gateway.config import ConfigError, Settings
-from gateway.runtime import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop
+from gateway.runtime import EXIT_CONFIG, EXIT_IN_USE, EXIT_SPOOL, run_loop, tune_gc
 from gateway.spool.files import worker_spool_path
 
 log = logging.getLogger("gateway.workers")
@@ -91,7 +91,7 @@ async def _run_worker(settings: Settings, index: int, supervisor: int) -> None:
 
     watcher = asyncio.create_task(watch_supervisor())
     try:
-        await serve(settings, stop=stop, worker=index)
+        await serve(settings, stop=stop, worker=index, on_ready=lambda _p, _m: tune_gc())
     finally:
         watcher.cancel()
 
