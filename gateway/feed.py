@@ -77,8 +77,9 @@ class Forwarded(TypedDict):
 
 
 # Builds what was forwarded for one activity, masked, when the console asks for it (or,
-# with Redis, when it is written out): masking every delivered activity up front cost
-# more than the rest of delivery put together.
+# with Redis, when it is written out): masking every delivered activity up front cost 14 %
+# of the server's CPU at full load. It holds only data nobody changes afterwards; a feed
+# that calls it where nobody would see an exception catches one.
 ShowForwarded = Callable[[], Forwarded]
 
 

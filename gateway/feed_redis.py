@@ -210,9 +210,18 @@ class RedisFeed:
                     approximate=True,
                 )
             for key, show in forwards:
+                try:
+                    shown = orjson.dumps(show())
+                except Exception as exc:  # an answer too odd to mask: that one is dropped
+                    self.dropped += 1
+                    log.warning(
+                        "console feed: a forwarded activity could not be shown",
+                        extra={"data": {"error": type(exc).__name__}},
+                    )
+                    continue
                 pipe.xadd(
                     self.forwarded_key,
-                    {"k": key, "f": orjson.dumps(show())},
+                    {"k": key, "f": shown},
                     maxlen=self._max_forwarded,
                     approximate=True,
                 )

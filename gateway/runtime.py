@@ -17,8 +17,8 @@ EXIT_SPOOL = 2
 
 # The collector's young-generation threshold while serving (CPython's default is 700).
 # A request allocates a few hundred containers and frees them by reference counting, so
-# at 700 a young collection ran every ~20 requests: 1,300 of them and 0.45 s of CPU per
-# 20,000 requests at full load. At 7,000: 10 in the same run (docs/benchmarks.md).
+# at 700 a young collection ran every ~20 requests under wrk: 1,315 of them and 0.45 s of
+# CPU in ~24,000 requests at full load. At 7,000: 10 in the same run (docs/benchmarks.md).
 GC_YOUNG_THRESHOLD = 7000
 
 
@@ -26,9 +26,9 @@ def tune_gc() -> None:
     """Once a server is up: freeze what start-up built (imports, settings, the app), so
     full collections no longer walk it, and collect the young generation less often.
 
-    Measured at full load (docs/benchmarks.md): the collector's CPU went from 0.83 s to
-    0.015 s over 20,000 requests, and p99 latency from 37 to 19 ms (full collections
-    walked some 45,000 start-up objects each time)."""
+    Measured at full load (docs/benchmarks.md): the collector's CPU (young and full
+    collections) went from 0.83 s to 0.015 s over ~24,000 requests, and p99 latency
+    from 37 to 19 ms (full collections walked some 45,000 start-up objects each time)."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

@@ -777,6 +777,30 @@ async def test_a_delivery_is_published_with_the_bodies_sent_emails_masked(
     assert API_KEY not in orjson.dumps([list(feed._events), shown(feed)]).decode()
 
 
+async def test_a_forwarded_body_is_masked_only_when_the_console_asks(
+    rig: Rig, sandbox_state: SandboxState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[bytes] = []
+    show = Delivery._show
+
+    def counted(self: Delivery, payload: bytes, *args: Any) -> Forwarded:
+        shown.append(payload)
+        return show(self, payload, *args)
+
+    monkeypatch.setattr(Delivery, "_show", counted)
+    feed = MemoryFeed()
+    payloads = [payload(i) for i in range(3)]
+    await rig.spool.put(to_queue(payloads))
+    rig.start(feed=feed)
+    await rig.settled()
+    assert len(sandbox_state.activities) == 3
+    assert shown == []  # delivered, and nothing masked yet
+    forwarded = await feed.forwarded(orjson.loads(payloads[2])["key"])
+    assert forwarded is not None
+    assert forwarded["body"]["fields"]["str::email"] == "****@example.com"
+    assert shown == [payloads[2]]
+
+
 async def test_a_personal_console_sees_the_emails_sent(
     rig: Rig, sandbox_state: SandboxState
 ) -> None:

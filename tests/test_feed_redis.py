@@ -90,6 +90,27 @@ async def test_forwarded_bodies_are_found_by_key(feeds: list[RedisFeed]) -> None
     assert await reader.forwarded("nope") is None
 
 
+async def test_a_forwarded_body_that_cannot_be_shown_is_dropped_and_the_rest_written(
+    feeds: list[RedisFeed],
+) -> None:
+    w0, _, reader = feeds
+
+    def unshowable() -> Forwarded:
+        raise RecursionError("an answer nested deeper than masking walks")
+
+    w0.record_forward("bad", unshowable)
+    w0.record_forward(
+        "good", shown({"key": "good", "time": 1.0, "body": {}, "status": 200, "answer": {}})
+    )
+    await w0.flush()
+    assert w0.dropped == 1
+    assert await reader.forwarded("bad") is None
+    assert (await reader.forwarded("good")) is not None
+    w0.publish(event(7))  # the writer still runs
+    await w0.flush()
+    assert (await reader.recent())[-1]["request_id"] == "r7"
+
+
 async def test_nothing_secret_is_stored(feeds: list[RedisFeed], server: RedisServer) -> None:
     w0, _, _ = feeds
     w0.publish(event(1, person="0123456789ab", reason="busy"))
