@@ -303,6 +303,17 @@ class GatewayProcess(Process):
         """Start and wait (with a deadline) until `/readyz` answers 200."""
         await self.start_ready(lambda: http_ok(session, self.url + "/readyz"))
 
+    async def metric(self, session: aiohttp.ClientSession, sample: str) -> float:
+        """One sample's value on its `/metrics`: `sample` is the name with its labels, as
+        exposed (`python_gc_collections_total{generation="0"}`)."""
+        async with session.get(f"http://{LOOPBACK}:{self.metrics_port}/metrics") as resp:
+            text = await resp.text()
+        prefix = sample + " "
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return float(line[len(prefix) :])
+        raise AssertionError(f"no {sample} on /metrics")
+
     def run_to_exit(self, timeout: float = 30) -> tuple[int, str, str]:
         """Run `serve` expecting it to stop by itself: exit code, stdout, stderr."""
         done = run(self.argv, env=self.env, timeout=timeout)

@@ -71,14 +71,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def fallback_count(session: aiohttp.ClientSession, host: GatewayProcess) -> float:
-    """`ortto_gateway_upstream_rate_fallback_total` of one host."""
-    async with session.get(f"http://127.0.0.1:{host.metrics_port}/metrics") as resp:
-        text = await resp.text()
-    name = "ortto_gateway_upstream_rate_fallback_total "
-    return next(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
-
-
 async def test_three_hosts_share_the_account_rate_and_its_pauses(
     sandbox: TestServer,
     sandbox_state: SandboxState,
@@ -133,7 +125,9 @@ async def test_three_hosts_share_the_account_rate_and_its_pauses(
         await traffic(AFTER)
         await wait_for(lambda: {a.email for a in sandbox_state.activities} >= accepted, timeout=30)
         # Every request was paced by the shared pacer: none fell back to a local share.
-        fallbacks = [await fallback_count(session, h) for h in hosts]
+        fallbacks = [
+            await h.metric(session, "ortto_gateway_upstream_rate_fallback_total") for h in hosts
+        ]
     finally:
         for h in hosts:
             await h.stop_async()

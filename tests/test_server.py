@@ -329,15 +329,7 @@ def test_an_unreadable_key_file_is_one_line_naming_the_setting_exit_2(
     assert err == f"ortto-gateway: GATEWAY_API_KEY_FILE: cannot read the file it names: {cause}\n"
 
 
-async def _gc_collections(session: aiohttp.ClientSession, gateway: GatewayProcess) -> float:
-    """`python_gc_collections_total` of the young generation, from `/metrics`."""
-    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
-    async with session.get(url) as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith('python_gc_collections_total{generation="0"}'):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no python_gc_collections_total for generation 0")
+YOUNG_COLLECTIONS = 'python_gc_collections_total{generation="0"}'
 
 
 async def test_serving_collects_the_young_generation_rarely(
@@ -350,9 +342,9 @@ async def test_serving_collects_the_young_generation_rarely(
     gateway = GatewayProcess(upstream, tmp_path / "spool.sqlite3", tmp_path / "gw.log")
     reaper.append(gateway)
     await gateway.start(session)
-    before = await _gc_collections(session, gateway)
+    before = await gateway.metric(session, YOUNG_COLLECTIONS)
     accepted: list[str] = []
     await _load(session, gateway.url, accepted, 3000)
     assert len(accepted) >= 3000
-    assert await _gc_collections(session, gateway) - before < 10
+    assert await gateway.metric(session, YOUNG_COLLECTIONS) - before < 10
     assert await gateway.stop_async() == 0
