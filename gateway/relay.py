@@ -341,7 +341,7 @@ class Relay:
                     reason="limiter_unavailable",
                 ) from None
             raise
-        self.metrics.limiter_seconds.observe(time.perf_counter() - started)
+        self.metrics.observe_limiter(time.perf_counter() - started)
         if now - self._keys_reported >= KEYS_REPORT_INTERVAL:
             self._keys_reported = now
             self.metrics.limiter_keys.set(self.limiter.store.key_count())

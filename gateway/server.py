@@ -235,6 +235,7 @@ async def serve(
     finally:
         await runner.cleanup()
         await metrics_runner.cleanup()
+        metrics.tally.flush()  # the last turn's counts (a worker's file outlives it)
         if feed is not None:
             await feed.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

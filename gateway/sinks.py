@@ -118,7 +118,7 @@ class SpoolSink:
         started = time.perf_counter()
         try:
             await self._spool.put(activities, reserved=True)
-            self._metrics.spool_write_seconds.observe(time.perf_counter() - started)
+            self._metrics.observe_spool_write(time.perf_counter() - started)
         except SpoolFull as exc:
             self._metrics.spool_full.inc()
             raise Unavailable(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, generate_latest
 from pytest_aiohttp import AiohttpClient
 
@@ -121,3 +123,65 @@ def test_refusals_and_warnings_are_counted_by_reason_with_bounded_labels() -> No
     assert get("ortto_gateway_refusals_total", labels) == 1
     labels = {"activity_id": OTHER_ACTIVITY, "reason": "unknown_key"}
     assert get("ortto_gateway_warnings_total", labels) == 1
+
+
+def _observe_all(metrics: Metrics, values: list[float]) -> None:
+    for i, seconds in enumerate(values):
+        metrics.count_activity("act:cm:a", "accepted")
+        metrics.observe_request("activities", 202 if i % 3 else 429, seconds)
+        metrics.observe_limiter(seconds / 10)
+        metrics.observe_spool_write(seconds / 2)
+
+
+# Values on and either side of bucket bounds (a bound itself counts in its own bucket).
+TALLY_VALUES = [0.0001, 0.0005, 0.0006, 0.001, 0.02, 0.025, 0.3, 2.5, 2.6, 40.0]
+
+
+async def test_a_turns_counts_are_applied_at_its_end_and_before_a_scrape() -> None:
+    metrics = Metrics(CollectorRegistry(), ["act:cm:a"], process_metrics=False)
+    registry = metrics.registry
+    child = metrics.activities.labels("act:cm:a", "accepted")
+    metrics.count_activity("act:cm:a", "accepted", 2)
+    assert child._value.get() == 0  # tallied for the end of the turn
+    assert (
+        registry.get_sample_value(
+            "ortto_gateway_activities_total", {"activity_id": "act:cm:a", "outcome": "accepted"}
+        )
+        == 2
+    )  # a scrape flushes first
+    metrics.count_activity("act:cm:a", "accepted")
+    await asyncio.sleep(0)  # the turn ends: the tally's callback runs
+    assert child._value.get() == 3
+
+
+def test_without_a_running_loop_counts_are_applied_at_once() -> None:
+    metrics = Metrics(CollectorRegistry(), ["act:cm:a"], process_metrics=False)
+    metrics.count_activity("act:cm:a", "accepted")
+    metrics.observe_limiter(0.002)
+    assert metrics.activities.labels("act:cm:a", "accepted")._value.get() == 1
+    assert metrics.limiter_seconds._sum.get() == 0.002
+
+
+async def test_tallied_histograms_and_counters_expose_what_one_by_one_would() -> None:
+    one_by_one = Metrics(CollectorRegistry(), ["act:cm:a"], process_metrics=False)
+
+    def plain() -> None:
+        _observe_all(one_by_one, TALLY_VALUES)
+        _observe_all(one_by_one, TALLY_VALUES)
+
+    # In a thread, where no loop runs: each value is applied at once, as before the tally.
+    await asyncio.get_running_loop().run_in_executor(None, plain)
+    tallied = Metrics(CollectorRegistry(), ["act:cm:a"], process_metrics=False)
+    _observe_all(tallied, TALLY_VALUES)
+    _observe_all(tallied, TALLY_VALUES)  # in this turn: tallied, then flushed by the scrape
+
+    def exposition(metrics: Metrics) -> list[str]:
+        return [
+            line
+            for line in generate_latest(metrics.registry).decode().splitlines()
+            if not line.startswith("#") and "_created" not in line
+        ]
+
+    expected = exposition(one_by_one)
+    assert any(line.startswith("ortto_gateway_http_request_seconds_bucket") for line in expected)
+    assert exposition(tallied) == expected
