@@ -156,13 +156,17 @@ class Relay:
         parsed: ParsedRequest = parse_request(data, self.settings)
         raw = data["activities"] if is_batch(data) else [data]
         entries: list[dict[str, Any] | None] = [None] * len(parsed.items)
+        # Each accepted activity's person hash, as spooled: the feed's event reuses it.
+        hashes: list[str | None] = [None] * len(parsed.items)
         refusal: GatewayError | None = None
         # The address as the activities (and the feed's events) carry it: anonymised once.
         source_ip = (
             anonymize_ip(client_ip) if client_ip and self.settings.ip_anonymize else client_ip
         )
         try:
-            result = await self._submit(parsed, raw, entries, client_ip, source_ip, request_id)
+            result = await self._submit(
+                parsed, raw, entries, hashes, client_ip, source_ip, request_id
+            )
             if result.status >= 400 and log_data is not None:  # e.g. 429: refused, with entries
                 log_data["reason"] = result.body.get("reason")
             return result
@@ -173,7 +177,9 @@ class Relay:
         finally:
             self._account(raw, entries, refusal, parsed, log_data)
             if self.feed is not None:
-                self._publish(raw, entries, refusal, parsed, source_ip or "", request_id, test)
+                self._publish(
+                    raw, entries, hashes, refusal, parsed, source_ip or "", request_id, test
+                )
 
     def _account(
         self,
@@ -186,10 +192,9 @@ class Relay:
         """Count each refused activity by reason (those left without an entry by a refusal
         of the whole request get its reason) and summarise reasons, field paths and
         warning codes for the request's log line."""
-        reasons: Counter[str] = Counter()
+        reasons: dict[str, int] = {}
         fields: set[str] = set()
         for activity, entry in zip(raw, entries, strict=True):
-            activity_id = activity.get("activity_id") if isinstance(activity, dict) else None
             if entry is None:
                 if refusal is None:
                     continue
@@ -198,15 +203,16 @@ class Relay:
                 reason, field = entry["reason"], entry.get("field")
             else:
                 continue
+            activity_id = activity.get("activity_id") if isinstance(activity, dict) else None
             self.metrics.count_refusal(activity_id, reason)
-            reasons[reason] += 1
+            reasons[reason] = reasons.get(reason, 0) + 1
             if field:
                 fields.add(log_field(field))
         if log_data is None or not REQUEST_LOG.isEnabledFor(logging.INFO):
             return
         if len(raw) > 1:  # one activity's reason and field are the request's (the shell's)
             if reasons:
-                log_data["reasons"] = dict(reasons)
+                log_data["reasons"] = reasons
             if fields:
                 log_data["fields"] = sorted(fields)[:MAX_LOGGED_FIELDS]
         codes = Counter(w["code"] for ws in (parsed.request_warnings, *parsed.warnings) for w in ws)
@@ -217,6 +223,7 @@ class Relay:
         self,
         raw: list[Any],
         entries: list[dict[str, Any] | None],
+        hashes: list[str | None],
         refusal: GatewayError | None,
         parsed: ParsedRequest,
         client: str,
@@ -230,8 +237,8 @@ class Relay:
         assert feed is not None
         settings = self.settings
         now = self._clock()
-        for activity, entry, item, warnings in zip(
-            raw, entries, parsed.items, parsed.warnings, strict=True
+        for activity, entry, item, warnings, hashed in zip(
+            raw, entries, parsed.items, parsed.warnings, hashes, strict=True
         ):
             if entry is None:
                 if refusal is None:
@@ -256,8 +263,9 @@ class Relay:
                 event["field"] = log_field(field) if field else None  # never a value
             if warnings:
                 event["warnings"] = [w["code"] for w in warnings]
-            person = _person(item if isinstance(item, dict) else activity)
-            if person:
+            if hashed is not None and not settings.console_personal:
+                event["person"] = hashed
+            elif person := _person(item if isinstance(item, dict) else activity):
                 event["person"] = person if settings.console_personal else person_hash(person)
             if entry is not None and entry.get("duplicate"):
                 event["duplicate"] = True  # what Ortto gets is the first copy, another key
@@ -272,6 +280,7 @@ class Relay:
         parsed: ParsedRequest,
         raw: list[Any],
         entries: list[dict[str, Any] | None],
+        hashes: list[str | None],
         client_ip: str | None,
         source_ip: str | None,
         request_id: str,
@@ -385,7 +394,7 @@ class Relay:
                 limited_by.append(reason)
                 self.metrics.count_activity(check.activity_id, result.verdict)
                 continue
-            person = person_hash(check.person_key)
+            person = hashes[pos] = person_hash(check.person_key)
             accepted.append(QueuedActivity(payload, check.activity_id, person, now))
             accepted_at.append(pos)
             accepted_items.append(activity)
