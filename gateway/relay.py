@@ -432,14 +432,19 @@ class Relay:
         # groups by each activity's own).
         merge_bys = {tuple(a.get("merge_by") or ()) for a in accepted_items}
         merge_by = list(merge_bys.pop()) or None if len(merge_bys) == 1 else None
-        # Shielded: a request cancelled meanwhile (a client gone at shutdown) still has its
-        # write finish and its keys settled, so a retry is neither lost nor sent twice.
-        store = asyncio.ensure_future(
-            self._store(accepted, accepted_checks, async_=parsed.async_, merge_by=merge_by)
-        )
-        # Its outcome is read here, or (cancelled meanwhile) by nobody: never logged as lost.
-        store.add_done_callback(lambda task: task.cancelled() or task.exception())
-        outcome = await asyncio.shield(store)
+        store = self._store(accepted, accepted_checks, async_=parsed.async_, merge_by=merge_by)
+        if any(check.idempotency_key is not None for check in accepted_checks):
+            # Shielded: a request cancelled meanwhile (a client gone at shutdown) still has
+            # its write finish and its keys settled, so a retry is neither lost nor sent twice.
+            task = asyncio.ensure_future(store)
+            # Read here, or (cancelled meanwhile) by nobody: never logged as lost.
+            task.add_done_callback(lambda task: task.cancelled() or task.exception())
+            outcome = await asyncio.shield(task)
+        else:
+            # No key to settle after the write: awaited as it is (the task and the shield
+            # were 6 % of a request's instructions). Cancelled meanwhile, the put is written
+            # all the same: the spool holds it from before this first waits.
+            outcome = await store
         for pos, check_pos in zip(accepted_at, range(len(accepted)), strict=True):
             activity_id = accepted_items[check_pos]["activity_id"]
             self.metrics.count_activity(activity_id, "accepted")

@@ -541,6 +541,24 @@ async def test_a_request_cancelled_while_storing_still_settles_its_key(
     assert (await retry.json())["duplicate"] is True
 
 
+async def test_a_request_cancelled_while_storing_without_a_key_is_still_spooled(
+    make_gateway: GatewayFactory, sandbox_state: SandboxState
+) -> None:
+    """Without a key nothing is settled after the write, and the write is not shielded:
+    the spool holds the put from before the request first waits, so cancelling it (a
+    client gone at shutdown) loses nothing accepted."""
+    client = await make_gateway(spool_commit="loop")  # commits at the end of this turn
+    relay = client.app[RELAY]
+    task = asyncio.create_task(relay.submit(activity("gone@example.com"), "127.0.0.1", "r"))
+    await asyncio.sleep(0)  # the task runs up to its first wait: the spool's answer
+    assert not task.done()
+    task.cancel()  # before the spool's group commit, queued after this test's turn
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(lambda: len(sandbox_state.activities) == 1)
+    assert sandbox_state.activities[0].email == "gone@example.com"
+
+
 # -- the console's feed
 
 

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import load_settings
+from gateway.runtime import tune_gc
 from gateway.server import runner_options
 from tests.bench.workload import ACTIVITY_ID, PATH, batch_body, client_ip, one_body, per_ip
 
@@ -86,6 +87,7 @@ async def _run(args: argparse.Namespace, spool_dir: str) -> list[float]:
     port = sock.getsockname()[1]
     site = web.SockSite(runner, sock)
     await site.start()
+    tune_gc()  # as `serve` does once listening
     per_run: list[float] = []
     try:
         serial = 0
