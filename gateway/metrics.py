@@ -46,17 +46,23 @@ RETRY_REASONS = ("server_error", "rate_limit", "network", "bad_answer", "interna
 
 
 class TallyHistogram(Histogram):
-    """prometheus-client's Histogram, plus `add`: a loop turn's observations counted per
-    bucket, added at once (what `observe` does one value at a time)."""
+    """prometheus-client's Histogram whose observations can be tallied: `tally` is a
+    list of one count per bucket, then the sum; `add` applies one at once (what
+    `observe` does one value at a time)."""
 
-    def bucket(self, value: float) -> int:
-        """The index of the bucket (`le`) a value is counted in."""
-        return bisect_left(self._upper_bounds, value)
+    def tally(self) -> list[float]:
+        """An empty tally: a count per bucket (`le`), then the sum."""
+        return [0.0] * (len(self._upper_bounds) + 1)
 
-    def add(self, counts: Sequence[float], total: float) -> None:
-        """Add `counts[i]` observations to bucket i, and `total` to the sum."""
-        self._sum.inc(total)
-        for bucket, count in zip(self._buckets, counts, strict=True):
+    def count(self, tally: list[float], value: float) -> None:
+        """Count one observation in a tally."""
+        tally[bisect_left(self._upper_bounds, value)] += 1
+        tally[-1] += value
+
+    def add(self, tally: Sequence[float]) -> None:
+        """Apply a tally: its counts to their buckets, its sum to the sum."""
+        self._sum.inc(tally[-1])
+        for bucket, count in zip(self._buckets, tally[:-1], strict=True):
             if count:
                 bucket.inc(count)
 
@@ -65,7 +71,7 @@ class Tally:
     """The counts and observations of one loop turn, applied to their metrics at its end.
 
     prometheus-client takes a lock for each increment (and with `--workers` writes it to a
-    file): a request made eight of them, 5 % of its instructions (docs/benchmarks.md).
+    file): a request made eight of them (figures in docs/benchmarks.md).
     Here each is a dict update (and a bisect); each series gets one increment per loop
     turn. A scrape sees them one turn late at most: `flush` runs before the registry is
     collected (`_FlushFirst`), and at the end of the turn. Without a running loop (a
@@ -74,7 +80,7 @@ class Tally:
 
     def __init__(self) -> None:
         self._counts: dict[Any, float] = {}
-        self._observed: dict[TallyHistogram, list[float]] = {}  # per bucket, then the sum
+        self._observed: dict[TallyHistogram, list[float]] = {}  # TallyHistogram.tally
         self._due = False
 
     def inc(self, counter: Any, amount: float = 1.0) -> None:
@@ -92,9 +98,8 @@ class Tally:
             return
         tally = self._observed.get(histogram)
         if tally is None:
-            tally = self._observed[histogram] = [0.0] * (len(histogram._upper_bounds) + 1)
-        tally[histogram.bucket(value)] += 1
-        tally[-1] += value
+            tally = self._observed[histogram] = histogram.tally()
+        histogram.count(tally, value)
 
     def _schedule(self) -> bool:
         try:
@@ -113,7 +118,7 @@ class Tally:
         for counter, amount in counts.items():
             counter.inc(amount)
         for histogram, tally in observed.items():
-            histogram.add(tally[:-1], tally[-1])
+            histogram.add(tally)
 
 
 class _FlushFirst:
