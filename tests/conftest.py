@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
+from gateway.feed import Forwarded
 from gateway.keys import METRICS
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, create_sandbox_app
@@ -246,3 +247,8 @@ def own_server(tmp_path: Path) -> Iterator[RedisServer]:
 
     with redis_support.running(tmp_path) as running:
         yield running
+
+
+def forwarded(key: str, body: dict[str, Any], answer: dict[str, Any] | None = None) -> Forwarded:
+    """A record of what was forwarded to Ortto (a 200), as delivery gives the feed."""
+    return {"key": key, "time": 1.0, "body": body, "status": 200, "answer": answer or {}}

@@ -32,13 +32,13 @@ from gateway.console_core import (
     sse_event,
 )
 from gateway.console_state import Console, PublicAddress
-from gateway.feed import Forwarded, MemoryFeed
+from gateway.feed import MemoryFeed
 from gateway.keys import FEED
 from gateway.metrics import Metrics
 from gateway.sandbox import SandboxState, wait_for
 from gateway.server import serve
 from gateway.spool import Spool
-from tests.conftest import API_KEY, base_settings
+from tests.conftest import API_KEY, base_settings, forwarded
 from tests.spool_support import to_queue
 
 Client = TestClient[web.Request, web.Application]
@@ -298,14 +298,12 @@ async def test_settings_masked_and_the_key_in_no_answer(
     aiohttp_client: ClientFactory, settings: Settings
 ) -> None:
     feed = MemoryFeed()
-    forwarded: Forwarded = {
-        "key": "k1",
-        "time": 1.0,
-        "body": {"activity_id": "act:cm:login", "fields": {"str::email": "jane@example.com"}},
-        "status": 200,
-        "answer": {"echo": f"X-Api-Key: {API_KEY}"},  # an upstream echoing the key
-    }
-    feed.record_forward("k1", lambda: forwarded)
+    record = forwarded(
+        "k1",
+        {"activity_id": "act:cm:login", "fields": {"str::email": "jane@example.com"}},
+        {"echo": f"X-Api-Key: {API_KEY}"},  # an upstream echoing the key
+    )
+    feed.record_forward("k1", lambda: record)
     metrics = Metrics(CollectorRegistry(), settings.activities, process_metrics=False)
     metrics.spool_depth.set(3)
     metrics.delivery_paused.labels("auth").set(1)
@@ -337,14 +335,8 @@ async def test_personal_setting_shows_full_emails(
     aiohttp_client: ClientFactory, settings: Settings
 ) -> None:
     feed = MemoryFeed()
-    forwarded: Forwarded = {
-        "key": "k",
-        "time": 1.0,
-        "body": {"e": "jane@example.com"},
-        "status": 200,
-        "answer": {},
-    }
-    feed.record_forward("k", lambda: forwarded)
+    record = forwarded("k", {"e": "jane@example.com"})
+    feed.record_forward("k", lambda: record)
     client = await console_client(aiohttp_client, replace(settings, console_personal=True), feed)
     async with client.get("/console/api/forwarded/k") as resp:
         assert (await resp.json())["body"]["e"] == "jane@example.com"

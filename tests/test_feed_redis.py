@@ -15,7 +15,7 @@ from gateway.feed import FeedEvent, Forwarded, ShowForwarded
 from gateway.feed_open import open_feed
 from gateway.feed_redis import RedisFeed, seq_of, stream_id_of
 from gateway.sandbox import wait_for
-from tests.conftest import API_KEY, base_settings
+from tests.conftest import API_KEY, base_settings, forwarded
 from tests.redis_support import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -68,20 +68,14 @@ async def test_two_workers_are_read_merged_in_order(feeds: list[RedisFeed]) -> N
         await w1.flush()
 
 
-def shown(forwarded: Forwarded) -> ShowForwarded:
-    return lambda: forwarded
+def shown(record: Forwarded) -> ShowForwarded:
+    return lambda: record
 
 
 async def test_forwarded_bodies_are_found_by_key(feeds: list[RedisFeed]) -> None:
     w0, w1, reader = feeds
     for n in range(250):  # more than one page of the lookup
-        body: Forwarded = {
-            "key": f"k{n}",
-            "time": 1.0,
-            "body": {"n": n},
-            "status": 200,
-            "answer": {},
-        }
+        body = forwarded(f"k{n}", {"n": n})
         (w0 if n % 2 else w1).record_forward(body["key"], shown(body))
     await w0.flush()
     await w1.flush()
@@ -114,13 +108,7 @@ async def test_a_forwarded_body_that_cannot_be_shown_is_dropped_and_the_rest_wri
 async def test_nothing_secret_is_stored(feeds: list[RedisFeed], server: RedisServer) -> None:
     w0, _, _ = feeds
     w0.publish(event(1, person="0123456789ab", reason="busy"))
-    body: Forwarded = {
-        "key": "k",
-        "time": 1.0,
-        "body": {"f": "****@x.com"},
-        "status": 200,
-        "answer": {},
-    }
+    body = forwarded("k", {"f": "****@x.com"})
     w0.record_forward("k", lambda: body)
     await w0.flush()
     raw = Redis.from_url(server.url)
