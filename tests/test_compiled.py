@@ -141,6 +141,21 @@ def test_a_current_build_is_what_python_imports(tmp_path: Path) -> None:
     assert f"ImportError: {stem}{SUFFIX}" in done.stderr
 
 
+@pytest.mark.integration
+def test_check_config_says_whether_it_runs_compiled_and_why_not(tmp_path: Path) -> None:
+    package = made_up_build(tmp_path)
+    edit(package, MODULES[0])
+    code = "import sys; from gateway.cli import main; sys.exit(main(['check-config']))"
+    done = run_python(package, code, GATEWAY_API_KEY="k" * 32)
+    assert done.returncode == 0, done.stderr
+    assert "ortto-gateway: compiled: no\n" in done.stderr
+    path = compiled.source_path(package, MODULES[0]).relative_to(package.parent).as_posix()
+    assert (
+        f"ortto-gateway: warning: compiled modules ignored: {path} changed since the build\n"
+        in done.stderr
+    )
+
+
 def test_this_process_runs_what_the_tree_holds() -> None:
     files = {m: importlib.import_module(m).__file__ or "" for m in MODULES}
     running = [m for m, path in files.items() if not path.endswith(".py")]
