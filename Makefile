@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo run test test-fast lint bench soak screenshots docs clean
+.PHONY: demo run test test-fast test-compiled compiled clean-compiled lint bench soak screenshots docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -24,16 +24,38 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gateway tests
+	$(BIN)/mypy gateway tests setup.py
 
-# `make test`: lint, then every test (real Redis, nginx, Chromium, Prometheus; ~3 min).
+# `make test`: lint, then every test (real Redis, nginx, Chromium, Prometheus; ~3 min)
+# in pure Python, then `make test-compiled`.
 # `make test-fast`: only the tests that start no server and no process (pure modules,
 # in seconds); tests/conftest.py marks the rest `integration`.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	ORTTO_GATEWAY_NO_EXTENSIONS=1 $(BIN)/pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-compiled
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
+
+# `make compiled`: the modules of gateway/compiled.py compiled with mypyc, in place
+# (docs/compiled.md). The package runs them until a source of the package changes, then
+# pure Python (with a warning) until the next `make compiled`.
+compiled: $(STAMP) clean-compiled
+	ORTTO_GATEWAY_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace
+
+clean-compiled:
+	find gateway -name '*.so' -delete
+	rm -rf gateway/compiled.json build
+
+# The fast tests again, against a fresh compiled build, removed afterwards. Without a C
+# compiler they are left out, unless CI is set: then that is a failure.
+test-compiled: $(STAMP)
+	@command -v cc >/dev/null || case "$$CI" in 1|true|yes) \
+	  echo "no C compiler (cc) to build the compiled modules" >&2; exit 1;; *) \
+	  echo "test-compiled: left out, no C compiler (cc)"; exit 0;; esac; \
+	$(MAKE) --no-print-directory compiled && \
+	ORTTO_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS); \
+	status=$$?; $(MAKE) --no-print-directory clean-compiled; exit $$status
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
@@ -49,7 +71,7 @@ soak: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
-clean:
+clean: clean-compiled
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site
 
 # Regenerates the settings table (README.md or docs/*.md) from gateway/config.py.

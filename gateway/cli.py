@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, compiled
 from gateway.config import (
     ConfigError,
     Settings,
@@ -205,6 +205,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     check_workers(settings, args.workers)
     setup_logging(settings.log_level)
+    compiled.warn_if_ignored()
     if settings.delivery == "queue":
         # Spool files of a former worker count: their accepted activities must still go out.
         from gateway.spool.adopt import adopt_orphans
@@ -223,6 +224,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _check_config(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     print(json.dumps(describe(settings), indent=2, sort_keys=False))
+    print(f"ortto-gateway: compiled: {compiled.summary()}", file=sys.stderr)
+    if (ignored := compiled.ignored()) is not None:
+        print(f"ortto-gateway: warning: compiled modules ignored: {ignored}", file=sys.stderr)
     if not settings.activities:
         print(
             "ortto-gateway: warning: GATEWAY_ACTIVITIES is empty: every activity is refused",

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway import compiled
 from gateway.app import create_app, create_metrics_app
 from gateway.config import ConfigError, HostPort, Settings
 from gateway.console import warn_console_off
@@ -216,6 +217,7 @@ async def serve(
                     "upstream": settings.upstream_base,
                     "delivery": settings.delivery,
                     "worker": worker,
+                    "compiled": compiled.summary(),
                 }
             },
         )

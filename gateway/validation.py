@@ -766,18 +766,16 @@ def _value(name: Any, value: Any, section: str, notes: Notes) -> FieldValue:
     prefix = name[:3] if isinstance(name, str) else None
     # The common valid scalars first, before any error text is built (profiled: the
     # eager `where` strings cost more than the checks).
-    kind = type(value)
-    valid: FieldValue = value  # returned as it is once a fast check below passes
-    if kind is str:
+    if type(value) is str:
         if (prefix == "str" and len(value) <= MAX_STR_CHARS) or (
             prefix == "txt" and len(value) <= MAX_TXT_CHARS
         ):
-            return valid
-    elif kind is int:
+            return value
+    elif type(value) is int:
         if prefix == "int" and INT64_MIN <= value <= INT64_MAX:
-            return valid
-    elif kind is bool and prefix == "bol":
-        return valid
+            return value
+    elif type(value) is bool and prefix == "bol":
+        return value
     where = f"{section}.{_show(name, quote=False)}"
     check = _VALUE_CHECKS.get(prefix) if prefix is not None else None
     if check is None:

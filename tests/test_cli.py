@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from gateway import compiled
 from gateway.cli import main
 from gateway.config import DECLARATIONS, env_name
 from gateway.settings_docs import documents, settings_help, table_in
@@ -32,6 +33,7 @@ def test_check_config_prints_masked_settings(capsys: pytest.CaptureFixture[str])
     assert data["api_key"].startswith("****")
     assert API_KEY not in out.out + out.err
     assert data["upstream_endpoint"] == "https://api.ap3api.com/v1/activities/create"
+    assert out.err == f"ortto-gateway: compiled: {compiled.summary()}\n"
 
 
 def test_check_config_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

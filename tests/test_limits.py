@@ -316,7 +316,32 @@ def test_rule_rejects_empty_limits() -> None:
 # -- the fallback store (a fake primary here; test_limits_redis runs it against Redis)
 
 
-class FlakyStore(MemoryStore):
+class WrappedStore:
+    """A MemoryStore behind the LimitStore methods, for a fake store to change some.
+
+    A wrapper, not a subclass: MemoryStore may be compiled (docs/compiled.md), and a
+    class defined here cannot inherit from a compiled one."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    async def acquire(self, rules: Sequence[Rule], now: float) -> Decision:
+        return await self.inner.acquire(rules, now)
+
+    async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
+        return await self.inner.acquire_many(checks, now)
+
+    async def forget(self, rules: Sequence[Rule]) -> None:
+        await self.inner.forget(rules)
+
+    def key_count(self) -> int:
+        return self.inner.key_count()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class FlakyStore(WrappedStore):
     """A primary that fails on demand, or blocks until released."""
 
     def __init__(self) -> None:
@@ -482,7 +507,7 @@ class Clock:
         return self.now
 
 
-class RecordingStore(MemoryStore):
+class RecordingStore(WrappedStore):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[list[list[str]]] = []
@@ -619,7 +644,7 @@ async def test_batch_of_eleven_from_one_person() -> None:
     assert results == [LimitResult("accepted")] * 10 + [LimitResult("rate_limited_person", DAY)]
 
 
-class LateStore(MemoryStore):
+class LateStore(WrappedStore):
     """Answers as a shared call run a little after this caller's time would."""
 
     async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:

@@ -27,6 +27,7 @@ from gateway.sinks import QUEUED, SinkResult
 from gateway.spool import QueuedActivity
 from gateway.validation import EnrichedActivity
 from tests.conftest import FakeClock, base_settings
+from tests.test_limits import WrappedStore
 
 CLIENT = "203.0.113.7"
 OTHER_CLIENT = "198.51.100.4"
@@ -391,7 +392,7 @@ async def test_a_sink_failure_is_the_answer_and_counted_per_activity(rig: Rig) -
     assert rig.refusals("act:cm:login", "shutting_down") == 2
 
 
-class DownStore(MemoryStore):
+class DownStore(WrappedStore):
     """A limit store that cannot be reached (Redis down, LIMITER_ON_ERROR=closed)."""
 
     async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway import compiled
 from gateway.keys import LIFECYCLE
 from gateway.sandbox import Fault, SandboxState, wait_for
 from tests.conftest import ACTIVITIES, API_KEY, GatewayFactory
@@ -113,6 +114,8 @@ async def test_sigterm_drains_and_exits_cleanly(
             assert resp.status == 202
     assert await gw.stop_async(signal.SIGTERM) == 0
     log = gw.log_path.read_text()
+    # The process chose as this one did: the same tree, the same environment.
+    assert f'"compiled":"{compiled.summary()}"' in log
     assert '"msg":"shutting down: draining"' in log
     assert '"msg":"stopped"' in log
     assert "drain timeout" not in log  # the drain delivered everything before exiting
