@@ -47,14 +47,15 @@ clean-compiled:
 	find gateway -name '*.so' -delete
 	rm -rf gateway/compiled.json build
 
-# The fast tests again, against a fresh compiled build, removed afterwards. Without a C
-# compiler they are left out, unless CI is set: then that is a failure.
+# The suite again against a fresh compiled build, removed afterwards: all but the Chromium
+# and `slow` tests (the rest runs the same server code), to keep `make test` under ten
+# minutes. Without a C compiler it is left out, unless CI is set: then that is a failure.
 test-compiled: $(STAMP)
 	@command -v cc >/dev/null || case "$$CI" in 1|true|yes) \
 	  echo "no C compiler (cc) to build the compiled modules" >&2; exit 1;; *) \
 	  echo "test-compiled: left out, no C compiler (cc)"; exit 0;; esac; \
 	$(MAKE) --no-print-directory compiled && \
-	ORTTO_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS); \
+	ORTTO_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest -q -m "not chromium and not slow" $(PYTEST_ARGS); \
 	status=$$?; $(MAKE) --no-print-directory clean-compiled; exit $$status
 
 bench: $(STAMP)

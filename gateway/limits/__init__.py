@@ -4,8 +4,8 @@ The Redis store lives in `gateway.limits.redis` and is not imported here: the `r
 package is an optional dependency (`ortto-gateway[redis]`).
 """
 
-from gateway.limits.base import Decision, LimiterUnavailable, LimitStore, Rule
-from gateway.limits.fallback import FallbackStore, LimiterClosed, OnError
+from gateway.limits.base import Decision, LimiterClosed, LimiterUnavailable, LimitStore, Rule
+from gateway.limits.fallback import FallbackStore, OnError
 from gateway.limits.limiter import Check, Limiter, LimitResult, Verdict, rules_of
 from gateway.limits.memory import MemoryStore
 

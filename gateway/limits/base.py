@@ -44,6 +44,12 @@ class LimiterUnavailable(Exception):
     """A shared store did not answer in time (down, slow or failing); its verdict is unknown."""
 
 
+class LimiterClosed(LimiterUnavailable):
+    """The shared store is unavailable and the policy is `closed` (`FallbackStore`): refuse
+    with 503. Here, not in fallback.py: a compiled build tests `isinstance` against a
+    compiled class by its known subclasses, so every subclass is compiled with it."""
+
+
 class LimitStore(Protocol):
     """Where the logs of accepted events live: in process or shared (Redis)."""
 

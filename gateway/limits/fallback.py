@@ -24,7 +24,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from gateway.limits.base import ALLOWED, Decision, LimiterUnavailable, LimitStore, Rule
+from gateway.limits.base import (
+    ALLOWED,
+    Decision,
+    LimiterClosed,
+    LimiterUnavailable,
+    LimitStore,
+    Rule,
+)
 
 log = logging.getLogger("gateway.limits")
 
@@ -34,10 +41,6 @@ _MODES = ("local", "open", "closed")
 # What a failing primary raises: `RedisStore` wraps everything in `LimiterUnavailable`;
 # the others cover any store that does not. Anything else (a bad check) propagates.
 _FAILURES = (LimiterUnavailable, OSError, TimeoutError)
-
-
-class LimiterClosed(LimiterUnavailable):
-    """The shared store is unavailable and the policy is `closed`: refuse with 503."""
 
 
 class FallbackStore:
