@@ -58,7 +58,11 @@ test-compiled: $(STAMP)
 	ORTTO_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest -q -m "not chromium and not slow" $(PYTEST_ARGS); \
 	status=$$?; $(MAKE) --no-print-directory clean-compiled; exit $$status
 
+# `make bench` builds the compiled core first (when there is a C compiler): every gateway
+# row runs it but `durable_pure`, the same row in pure Python (docs/benchmarks.md).
 bench: $(STAMP)
+	@if command -v cc >/dev/null; then $(MAKE) --no-print-directory compiled; \
+	  else echo "bench: no C compiler (cc): every row runs pure Python"; fi
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 # The console and demo screenshots the README links (docs/screenshots/).

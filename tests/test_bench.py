@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import compiled
 from tests import redis_support
 from tests.bench.report import three_hosts_lines
 from tests.bench.soak import Received, verdict
@@ -62,7 +63,15 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
 
     rows = results["rows"]
-    assert list(rows) == ["baseline", "shell", "durable", "memory", "info_logs", "batch10"]
+    assert list(rows) == [
+        "baseline",
+        "shell",
+        "durable",
+        "durable_pure",
+        "memory",
+        "info_logs",
+        "batch10",
+    ]
     assert rows["batch10"]["activities_per_request"] == 10
     for row in rows.values():
         assert row["accepted_per_s"] > 0
@@ -84,6 +93,9 @@ def test_a_short_bench_run_reports_every_row(tmp_path: Path) -> None:
     assert "baseline: bare aiohttp app" in report
     assert "gateway, durable spool" in report
     assert "10 activities per request: " in report
+    # `make test` runs this pure (ORTTO_GATEWAY_NO_EXTENSIONS=1): the report says so.
+    assert results["machine"]["compiled"] == compiled.summary()
+    assert "compiled core (make compiled: " in report
     assert "HTTP shell alone (relay stubbed)" in report
     assert "spool commits (GATEWAY_SPOOL_COMMIT=loop): loop in every gateway row" in report
     assert "redis: rows skipped (--no-redis)" in report

@@ -8,6 +8,7 @@ ROW_ORDER = (
     "baseline",
     "shell",
     "durable",
+    "durable_pure",
     "memory",
     "info_logs",
     "batch10",
@@ -40,6 +41,10 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         "durable_target": DURABLE_TARGET,
         "info_over_warning": _ratio(rate.get("info_logs", 0), rate.get("durable", 0)),
         "info_over_warning_per_cpu": _ratio(per_cpu.get("info_logs", 0), per_cpu.get("durable", 0)),
+        "compiled_over_pure": _ratio(rate.get("durable", 0), rate.get("durable_pure", 0)),
+        "compiled_over_pure_per_cpu": _ratio(
+            per_cpu.get("durable", 0), per_cpu.get("durable_pure", 0)
+        ),
         "batch10_over_durable": _ratio(rate.get("batch10", 0), rate.get("durable", 0)),
         "batch10_over_durable_per_cpu": _ratio(
             per_cpu.get("batch10", 0), per_cpu.get("durable", 0)
@@ -223,6 +228,15 @@ def render(results: dict[str, Any]) -> str:
             f"INFO logging (one JSON line per request, to a file): {iw:.2f} of the WARNING "
             f"throughput, {_f(d['info_over_warning_per_cpu'], '.2f')} per server CPU-second "
             f"({n_lines:,} lines, {n_bytes / 1e6:.1f} MB written)"
+        )
+    cp = d.get("compiled_over_pure")
+    if cp is not None and "durable_pure" in rows:
+        built = m.get("compiled", "no")
+        lines.append(
+            f"compiled core (make compiled: {built}) over pure Python, durable spool: "
+            f"{cp:.2f}x in accepted/s, {_f(d['compiled_over_pure_per_cpu'], '.2f')}x per "
+            "server CPU-second"
+            + ("" if built.startswith("yes") else " (no build: both rows ran pure Python)")
         )
     b10 = d.get("batch10_over_durable")
     if b10 is not None and "batch10" in rows:

@@ -9,6 +9,8 @@ one of them is under load at a time):
 3. gateway, durable spool (SQLite file in a temp dir): max accepted/s; then, once the
    spool has drained into the sandbox, activities per upstream request; then latency at
    a fixed offered rate of half that maximum.
+3b. gateway, durable spool, pure Python (`ORTTO_GATEWAY_NO_EXTENSIONS=1`): the compiled
+   core's gain, when `make bench` could build it (the report says whether it runs).
 4. gateway, in-memory spool (`GATEWAY_SPOOL_PATH=:memory:`): max accepted/s.
 5. gateway, durable spool with `GATEWAY_LOG_LEVEL=INFO` (one JSON line per request).
 5b. gateway, durable spool, 10 activities per request (each its own person): reported
@@ -54,6 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from gateway import compiled
 from gateway.server import free_port
 from tests.bench import report
 from tests.bench.load import LoadResult, closed_loop, open_loop, run_wrk, wrk_version
@@ -388,9 +391,11 @@ class Bench:
         drain_timeout: str = "10s",
         workers: int | None = None,
         module: str = "gateway",
+        pure: bool = False,
     ) -> Target:
         """`serve` (or `serve --workers N` with this run's Redis: the scale-out rows;
-        `module` tests.bench.shell_only: the relay stubbed)."""
+        `module` tests.bench.shell_only: the relay stubbed; `pure`: the compiled modules
+        left unused, as ORTTO_GATEWAY_NO_EXTENSIONS=1 does)."""
         assert self.sandbox is not None
         port, metrics_port = free_port(HOST), free_port(HOST)
         extra: dict[str, str] = {}
@@ -400,6 +405,8 @@ class Bench:
             argv += ["--workers", str(workers)]
             # The supervisor's metrics directory (tempfile) goes to the run's temp dir too.
             extra = {"GATEWAY_REDIS_URL": self.redis.url, "TMPDIR": str(self.workdir)}
+        if pure:
+            extra[compiled.NO_EXTENSIONS] = "1"
         env = child_env(
             {
                 **extra,
@@ -702,6 +709,7 @@ ROWS = {
     "baseline": "baseline: bare aiohttp app",
     "shell": "gateway shell, relay stubbed",
     "durable": "gateway, durable spool",
+    "durable_pure": "gateway, durable, pure Python",
     "memory": "gateway, in-memory spool",
     "info_logs": "gateway, durable spool, INFO logs",
     "batch10": "gateway, durable, 10 per request",
@@ -742,6 +750,7 @@ def run_row(bench: Bench, row: Row, results: dict[str, Any], *, first_durable: b
         drain_timeout="10s" if first_durable else "1s",
         workers=workers,
         module="tests.bench.shell_only" if row.key == "shell" else "gateway",
+        pure=row.key == "durable_pure",
     )
     if workers is not None:
         # Where the supervisor's metrics directory went (TMPDIR = the run's temp dir).
@@ -814,6 +823,9 @@ def run(opts: Options) -> dict[str, Any]:
         bench = Bench(opts, workdir, procs)
         info = machine_info(REPO, workdir)
         info["fsync"] = fsync_probe(workdir)
+        # Whether the gateway rows (all but durable_pure) run the compiled core: the same
+        # tree and environment as this process (`make bench` builds it first).
+        info["compiled"] = compiled.summary()
         info["load_tool"] = (
             f"{wrk_version(bench.wrk)} -t{opts.threads} -c{opts.connections}"
             if bench.wrk
