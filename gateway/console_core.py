@@ -124,7 +124,10 @@ def last_event_id(header: str | None) -> int | None:
 
 def mask_emails(value: Any) -> Any:
     """A JSON value with every email's local part masked (`****@example.com`)."""
-    return mask_strings(value, lambda text: _EMAIL.sub(lambda m: "****@" + m.group(1), text))
+    return mask_strings(
+        value,
+        lambda text: _EMAIL.sub(lambda m: "****@" + m.group(1), text) if "@" in text else text,
+    )
 
 
 def delivery_state(registry: CollectorRegistry) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import io
 import re
 import time
@@ -65,33 +66,42 @@ def redact(text: str | bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_
     bound = limit * 4 + 64
     cut = len(text) > bound
     text = text[:bound]
-    needles = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
+    needles = tuple(s for s in secrets if len(s) >= MIN_SECRET_CHARS)
     for secret in needles:
         text = text.replace(secret, MASKED)
-    text = "".join(" " if unicodedata.category(c)[0] in "CZ" and c != " " else c for c in text)
+    if not text.isprintable():  # C-level: false exactly when a C* or Z* but " " is there
+        text = "".join(" " if unicodedata.category(c)[0] in "CZ" and c != " " else c for c in text)
     if cut:
         head, _, tail = text.rpartition(" ")
         if len(tail) < limit + SECRET_WINDOW:
             text = head + " \u2026"
-    text = _EMAIL.sub(_mask_email, text)
+    if "@" in text:  # the pattern backtracks over every run of a text without one
+        text = _EMAIL.sub(_mask_email, text)
     if needles:
-        windows = {
-            secret[i : i + SECRET_WINDOW]
-            for secret in needles
-            for i in range(max(1, len(secret) - SECRET_WINDOW + 1))
-        }
-        text = " ".join(
-            MASKED if any(w in word for w in windows) else word for word in text.split(" ")
-        )
+        windows = _windows(needles)
+        if windows.search(text):  # a word holds a window only if the whole text does
+            text = " ".join(MASKED if windows.search(word) else word for word in text.split(" "))
     text = " ".join(text.split())
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "\u2026"
     return text
 
 
+@functools.lru_cache(maxsize=8)
+def _windows(secrets: tuple[str, ...]) -> re.Pattern[str]:
+    """Any `SECRET_WINDOW` characters of any of `secrets` (the whole of a shorter one), as
+    one pattern: built once per set of secrets, not once per text redacted."""
+    windows = {
+        secret[i : i + SECRET_WINDOW]
+        for secret in secrets
+        for i in range(max(1, len(secret) - SECRET_WINDOW + 1))
+    }
+    return re.compile("|".join(re.escape(w) for w in sorted(windows)))
+
+
 def mask_emails(text: str) -> str:
     """Every email-like run's local part masked (`****@example.com`), as `redact` does."""
-    return _EMAIL.sub(_mask_email, text)
+    return _EMAIL.sub(_mask_email, text) if "@" in text else text
 
 
 def _mask_email(match: re.Match[str]) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.utils
+import random
 import time
+import unicodedata
 
 import orjson
 import pytest
@@ -11,8 +13,11 @@ import pytest
 from gateway.upstream import (
     EXCERPT_CHARS,
     MAX_RETRY_AFTER,
+    MIN_SECRET_CHARS,
+    SECRET_WINDOW,
     Entry,
     OrttoClient,
+    mask_emails,
     parse_retry_after,
     read_answer,
     redact,
@@ -73,6 +78,75 @@ KEY = "pk-test-5f1e0c7a9b8d4e3f2a1b0c9d8e7f6a5b"
 )
 def test_redact_masks_secrets_and_control_characters(text: str | bytes, expected: str) -> None:
     assert redact(text, [KEY, "", "abc"]) == expected
+
+
+def _redact_as_first_written(text: str, secrets: list[str]) -> str:
+    """`redact` before it was made cheaper (a category lookup per character, the windows
+    built per call): the behaviour the faster one must keep."""
+    bound = EXCERPT_CHARS * 4 + 64
+    cut = len(text) > bound
+    text = text[:bound]
+    needles = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
+    for secret in needles:
+        text = text.replace(secret, "****")
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" and c != " " else c for c in text)
+    if cut:
+        head, _, tail = text.rpartition(" ")
+        if len(tail) < EXCERPT_CHARS + SECRET_WINDOW:
+            text = head + " \u2026"
+    text = mask_emails(text)
+    if needles:
+        windows = {
+            secret[i : i + SECRET_WINDOW]
+            for secret in needles
+            for i in range(max(1, len(secret) - SECRET_WINDOW + 1))
+        }
+        text = " ".join(
+            "****" if any(w in word for w in windows) else word for word in text.split(" ")
+        )
+    text = " ".join(text.split())
+    if len(text) > EXCERPT_CHARS:
+        text = text[: EXCERPT_CHARS - 1].rstrip() + "\u2026"
+    return text
+
+
+def test_redact_answers_as_the_first_version_did() -> None:
+    """Random texts built of the parts redact reacts to: pieces of the secrets (one with
+    regex metacharacters), emails, every kind of space, control and format characters."""
+    secrets = [KEY, "a.b*c+d(e)[f]?g|h\\i", "abc", ""]
+    parts = [
+        KEY,
+        KEY[3:14],
+        KEY[:8],
+        "a.b*c+d(e)",
+        "c+d(e)[f]?g",
+        "x@example.com",
+        "'q'@d.io",
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\x00",
+        "\x1b[0m",
+        "\u00a0",
+        "\u2028",
+        "\u200b",
+        "\u3000",
+        "\ufeff",
+        "\U0001f600",
+        "é",
+        "word",
+        "x" * 400,
+        ",",
+        '"',
+        "{}",
+        "@",
+    ]
+    rng = random.Random(21)
+    for _ in range(3000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
+        assert redact(text, secrets) == _redact_as_first_written(text, secrets), repr(text)
 
 
 def test_redact_is_bounded_and_never_cuts_a_secret_open() -> None:
