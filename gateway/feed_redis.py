@@ -17,11 +17,12 @@ increases along the stream), also accepted by `follow`. Events of every worker a
 merged in the stream's order, each with the `worker` that published it.
 
 Never blocking, never raising. `publish` and `record_forward` append to a bounded
-buffer in memory and wake a background task that writes it in one pipeline; while
-Redis is down or slow a failed write is dropped (counted in `dropped`, logged once per
-outage), and past `MAX_BUFFER` new events are dropped too. The task starts with the
-first event (or `start()`); `close()` flushes what is left (for at most
-`CLOSE_TIMEOUT`) and closes the connections. Whoever opened the feed must await it.
+buffer in memory and wake a background task that writes it in one script call
+(`APPEND_SCRIPT`); while Redis is down or slow a failed write is dropped (counted in
+`dropped`, logged once per outage), and past `MAX_BUFFER` new events are dropped too.
+The task starts with the first event (or `start()`); `close()` flushes what is left (for
+at most `CLOSE_TIMEOUT`) and closes the connections. Whoever opened the feed must await
+it.
 
 Nothing secret is stored: events hold reason codes, hashed people and keys of
 activities; forwarded bodies are masked (by delivery's `show`) as they are written. The
@@ -51,7 +52,7 @@ log = logging.getLogger("gateway.feed")
 
 # Events and bodies waiting for a write; past it new ones are dropped (Redis down).
 MAX_BUFFER = 10_000
-# At most this many entries per pipeline.
+# At most this many events, and as many forwarded records, per script call.
 FLUSH_BATCH = 500
 # How long a follower's XREAD waits for new entries before asking again.
 FOLLOW_BLOCK_MS = 5_000
@@ -69,6 +70,21 @@ LOOKUP_PAGE = 100
 # `seq` = the id's milliseconds * SEQ_SCALE + its sequence number (capped below).
 SEQ_SCALE = 1000
 _FAILURES = (RedisError, OSError, TimeoutError)
+# Appends a batch in one call: KEYS events, forwarded; ARGV each stream's MAXLEN (about),
+# the number of events, the events' JSON, then each forwarded record's key and JSON. One
+# command instead of one XADD each: the client packs and parses one, where per entry it
+# cost more than the gateway's whole handling of the request (the entries, their order
+# and ids are what separate XADDs give; both keys share the `{feed}` slot).
+APPEND_SCRIPT = """
+local events = tonumber(ARGV[3])
+for i = 4, 3 + events do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
+end
+for i = 4 + events, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'k', ARGV[i], 'f', ARGV[i + 1])
+end
+return events
+"""
 
 
 class _Closeable(Protocol):
@@ -132,6 +148,7 @@ class RedisFeed:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"a Redis key prefix must be non-empty, without braces: {prefix!r}")
         self._client = client
+        self._append = client.register_script(APPEND_SCRIPT)
         self.events_key = f"{prefix}:{{feed}}:events"
         self.forwarded_key = f"{prefix}:{{feed}}:forwarded"
         self._worker = worker
@@ -193,7 +210,8 @@ class RedisFeed:
             await self._write_some()
 
     async def _write_some(self) -> bool:
-        """One pipeline of buffered entries; False (and them dropped) when it failed."""
+        """One script call for the buffered entries; False (and them dropped) when it
+        failed."""
         async with self._lock:
             events = [self._events.popleft() for _ in range(min(FLUSH_BATCH, len(self._events)))]
             forwards = [
@@ -201,14 +219,8 @@ class RedisFeed:
             ]
             if not events and not forwards:
                 return True
-            pipe = self._client.pipeline(transaction=False)
-            for event in events:
-                pipe.xadd(
-                    self.events_key,
-                    {"e": orjson.dumps(event)},
-                    maxlen=self._max_events,
-                    approximate=True,
-                )
+            args: list[bytes | str | int] = [self._max_events, self._max_forwarded, len(events)]
+            args += [orjson.dumps(event) for event in events]
             for key, show in forwards:
                 try:
                     shown = orjson.dumps(show())
@@ -219,15 +231,10 @@ class RedisFeed:
                         extra={"data": {"error": type(exc).__name__}},
                     )
                     continue
-                pipe.xadd(
-                    self.forwarded_key,
-                    {"k": key, "f": shown},
-                    maxlen=self._max_forwarded,
-                    approximate=True,
-                )
+                args += (key, shown)
             try:
                 async with asyncio.timeout(SOCKET_TIMEOUT):
-                    await pipe.execute()
+                    await self._append(keys=[self.events_key, self.forwarded_key], args=args)
             except _FAILURES as exc:
                 self.dropped += len(events) + len(forwards)
                 if not self._failing:

@@ -16,6 +16,7 @@ from gateway.feed_open import open_feed
 from gateway.feed_redis import RedisFeed, seq_of, stream_id_of
 from gateway.sandbox import wait_for
 from tests.conftest import API_KEY, base_settings, forwarded
+from tests.redis_cluster_support import running_cluster
 from tests.redis_support import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -105,6 +106,38 @@ async def test_a_forwarded_body_that_cannot_be_shown_is_dropped_and_the_rest_wri
     assert (await reader.recent())[-1]["request_id"] == "r7"
 
 
+async def test_a_batch_is_one_script_call_with_every_entry_in_order(
+    feeds: list[RedisFeed], server: RedisServer
+) -> None:
+    """One command per batch, not one XADD per entry: the client's cost of an entry was
+    more than the rest of a request's (docs/benchmarks.md)."""
+    w0, _, reader = feeds
+    admin = Redis.from_url(server.url)
+
+    async def calls(command: str) -> int:
+        stats: dict[str, dict[str, int]] = await admin.info("commandstats")
+        return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+
+    try:
+        await w0.flush()
+        before = {c: await calls(c) for c in ("xadd", "evalsha", "eval")}
+        for n in range(40):
+            w0.publish(event(n))
+            body = forwarded(f"b{n}", {"n": n})
+            w0.record_forward(body["key"], shown(body))
+        await w0.flush()
+        after = {c: await calls(c) for c in before}
+    finally:
+        await admin.aclose()
+    assert after["xadd"] - before["xadd"] == 80
+    # The 80 XADDs ran in the script: EVALSHA, and once per server a NOSCRIPT answer, then
+    # EVALSHA again after loading it.
+    assert 1 <= after["evalsha"] + after["eval"] - before["evalsha"] - before["eval"] <= 2
+    assert [e["request_id"] for e in await reader.recent()][-40:] == [f"r{n}" for n in range(40)]
+    found = await reader.forwarded("b39")
+    assert found is not None and found["body"] == {"n": 39}
+
+
 async def test_nothing_secret_is_stored(feeds: list[RedisFeed], server: RedisServer) -> None:
     w0, _, _ = feeds
     w0.publish(event(1, person="0123456789ab", reason="busy"))
@@ -155,3 +188,26 @@ def test_stream_ids_and_seqs() -> None:
     assert stream_id_of(1712345678901003) == "1712345678901-3"
     assert stream_id_of("1712345678901-3") == "1712345678901-3"
     assert stream_id_of(0) == stream_id_of("0") == "0-0"
+
+
+async def test_a_feed_on_a_redis_cluster_writes_and_reads(tmp_path: Path) -> None:
+    """Both streams share the `{feed}` slot, so one script call writes a batch there."""
+    with running_cluster(tmp_path) as cluster:
+        settings = base_settings(
+            tmp_path, "http://127.0.0.1:1", redis_url=cluster.url, redis_prefix="feedc"
+        )
+        writer, reader = open_feed(settings, worker=0), open_feed(settings)
+        assert isinstance(writer, RedisFeed) and isinstance(reader, RedisFeed)
+        try:
+            for n in range(3):
+                writer.publish(event(n))
+                body = forwarded(f"c{n}", {"n": n})
+                writer.record_forward(body["key"], shown(body))
+            await writer.flush()
+            assert writer.dropped == 0
+            assert [e["request_id"] for e in await reader.recent()] == ["r0", "r1", "r2"]
+            found = await reader.forwarded("c1")
+            assert found is not None and found["body"] == {"n": 1}
+        finally:
+            await writer.close()
+            await reader.close()
