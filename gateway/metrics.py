@@ -18,7 +18,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from gateway import __version__
+from gateway import __version__, compiled
 from gateway.reasons import REFUSAL_REASONS, WARNING_REASONS
 
 PREFIX = "ortto_gateway"
@@ -161,12 +161,14 @@ class Metrics:
         # A gauge rather than an Info: Info does not work in multiprocess mode (--workers).
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
-            "Version of the gateway (always 1).",
-            ["version", "python"],
+            "Version of the gateway (always 1); compiled: whether its compiled core runs.",
+            ["version", "python", "compiled"],
             registry=r,
             multiprocess_mode="max",
         )
-        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.build_info.labels(
+            __version__, platform.python_version(), "yes" if compiled.active() else "no"
+        ).set(1)
         self.activities = Counter(
             f"{PREFIX}_activities",
             "Activities by outcome at each step of the flow.",

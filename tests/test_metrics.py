@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 
 from prometheus_client import CollectorRegistry, generate_latest
 from pytest_aiohttp import AiohttpClient
 
+from gateway import __version__, compiled
 from gateway.app import create_metrics_app
 from gateway.keys import METRICS
 from gateway.metrics import OTHER_ACTIVITY, Metrics, status_group
@@ -35,6 +37,13 @@ def test_names_exist_and_series_start_at_zero() -> None:
         assert name in text
     assert 'ortto_gateway_activities_total{activity_id="act:cm:a",outcome="accepted"} 0.0' in text
     assert "process_cpu_seconds_total" in text or "ortto_gateway_process" in text
+
+
+def test_build_info_says_whether_the_compiled_core_runs() -> None:
+    metrics = Metrics(CollectorRegistry(), [])
+    running = "yes" if compiled.active() else "no"  # make test: "no", make test-compiled: "yes"
+    labels = {"version": __version__, "python": platform.python_version(), "compiled": running}
+    assert metrics.registry.get_sample_value("ortto_gateway_build_info", labels) == 1.0
 
 
 def test_activity_label_is_bounded() -> None:
