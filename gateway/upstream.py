@@ -211,7 +211,11 @@ class OrttoClient:
         self._session = session
         self.endpoint = endpoint
         # Every secret of the settings: what `redact` masks in the upstream's text.
-        self._secrets = tuple(dict.fromkeys(s for s in (api_key, *secrets) if s))
+        # Those `redact` masks (shorter ones would mask ordinary words): the key and the
+        # other configured secrets, each once.
+        self._secrets = tuple(
+            dict.fromkeys(s for s in (api_key, *secrets) if len(s) >= MIN_SECRET_CHARS)
+        )
         self._headers = {
             "X-Api-Key": api_key,
             "Content-Type": "application/json",
@@ -226,7 +230,7 @@ class OrttoClient:
     @property
     def secrets(self) -> tuple[str, ...]:
         """The key and the other configured secrets, as `redact` masks them."""
-        return tuple(s for s in self._secrets if len(s) >= MIN_SECRET_CHARS)
+        return self._secrets
 
     def redact(self, text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
         """`redact` with the key and the other configured secrets."""
