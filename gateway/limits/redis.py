@@ -732,7 +732,7 @@ def redis_client_from_url(
     path = [p for p in parts.path.split("/") if p]
     if len(path) not in (1, 2) or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError("a Sentinel URL ends with /service_name or /service_name/db")
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
         hosts,
         sentinel_kwargs={
             "socket_timeout": options.get("socket_timeout"),
