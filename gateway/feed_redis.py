@@ -72,9 +72,10 @@ SEQ_SCALE = 1000
 _FAILURES = (RedisError, OSError, TimeoutError)
 # Appends a batch in one call: KEYS events, forwarded; ARGV each stream's MAXLEN (about),
 # the number of events, the events' JSON, then each forwarded record's key and JSON. One
-# command instead of one XADD each: the client packs and parses one, where per entry it
-# cost more than the gateway's whole handling of the request (the entries, their order
-# and ids are what separate XADDs give; both keys share the `{feed}` slot).
+# command instead of one XADD each: the client packs and parses one, where an XADD per
+# entry cost the gateway nearly a fifth of its instructions (docs/benchmarks.md). The
+# entries, their order and ids are what separate XADDs give; both keys share the `{feed}`
+# slot.
 APPEND_SCRIPT = """
 local events = tonumber(ARGV[3])
 for i = 4, 3 + events do

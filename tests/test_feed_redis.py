@@ -109,8 +109,8 @@ async def test_a_forwarded_body_that_cannot_be_shown_is_dropped_and_the_rest_wri
 async def test_a_batch_is_one_script_call_with_every_entry_in_order(
     feeds: list[RedisFeed], server: RedisServer
 ) -> None:
-    """One command per batch, not one XADD per entry: the client's cost of an entry was
-    more than the rest of a request's (docs/benchmarks.md)."""
+    """One command per batch, not one XADD per entry: those cost the gateway nearly a
+    fifth of its instructions (docs/benchmarks.md)."""
     w0, _, reader = feeds
     admin = Redis.from_url(server.url)
 
