@@ -220,24 +220,21 @@ class RedisFeed:
             ]
             if not events and not forwards:
                 return True
-            args: list[bytes | str | int] = [self._max_events, self._max_forwarded, len(events)]
-            args += [orjson.dumps(event) for event in events]
+            encoded = [e for e in map(self._event_json, events) if e is not None]
+            shown: list[tuple[str, bytes]] = []
             for key, show in forwards:
-                try:
-                    shown = orjson.dumps(show())
-                except Exception as exc:  # an answer too odd to mask: that one is dropped
-                    self.dropped += 1
-                    log.warning(
-                        "console feed: a forwarded activity could not be shown",
-                        extra={"data": {"error": type(exc).__name__}},
-                    )
-                    continue
-                args += (key, shown)
+                body = self._forward_json(show)
+                if body is not None:
+                    shown.append((key, body))
+            args: list[bytes | str | int] = [self._max_events, self._max_forwarded, len(encoded)]
+            args += encoded
+            for key, body in shown:
+                args += (key, body)
             try:
                 async with asyncio.timeout(SOCKET_TIMEOUT):
                     await self._append(keys=[self.events_key, self.forwarded_key], args=args)
             except _FAILURES as exc:
-                self.dropped += len(events) + len(forwards)
+                self.dropped += len(encoded) + len(shown)
                 if not self._failing:
                     self._failing = True
                     log.warning(
@@ -251,6 +248,26 @@ class RedisFeed:
                     "console feed: Redis available again", extra={"data": {"dropped": self.dropped}}
                 )
             return True
+
+    def _event_json(self, event: FeedEvent) -> bytes | None:
+        """The event as JSON; None (dropped, logged) if it cannot be: never raising."""
+        try:
+            return orjson.dumps(event)
+        except Exception as exc:  # a value orjson refuses: that one event is dropped
+            self._drop("an event could not be encoded", exc)
+            return None
+
+    def _forward_json(self, show: ShowForwarded) -> bytes | None:
+        """What was forwarded, masked, as JSON; None (dropped, logged) if it cannot be."""
+        try:
+            return orjson.dumps(show())
+        except Exception as exc:  # an answer too odd to mask: that one is dropped
+            self._drop("a forwarded activity could not be shown", exc)
+            return None
+
+    def _drop(self, what: str, exc: Exception) -> None:
+        self.dropped += 1
+        log.warning(f"console feed: {what}", extra={"data": {"error": type(exc).__name__}})
 
     # -- reading: for the console
 

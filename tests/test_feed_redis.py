@@ -106,6 +106,21 @@ async def test_a_forwarded_body_that_cannot_be_shown_is_dropped_and_the_rest_wri
     assert (await reader.recent())[-1]["request_id"] == "r7"
 
 
+async def test_an_event_that_cannot_be_encoded_is_dropped_and_the_rest_written(
+    feeds: list[RedisFeed],
+) -> None:
+    w0, _, reader = feeds
+    w0.publish(event(1))
+    w0.publish(event(2, ms=2**70))  # an integer orjson refuses
+    w0.publish(event(3))
+    await w0.flush()
+    assert w0.dropped == 1
+    assert [e["request_id"] for e in await reader.recent()][-2:] == ["r1", "r3"]
+    w0.publish(event(4))  # the writer still runs
+    await w0.flush()
+    assert (await reader.recent())[-1]["request_id"] == "r4"
+
+
 async def test_a_batch_is_one_script_call_with_every_entry_in_order(
     feeds: list[RedisFeed], server: RedisServer
 ) -> None:
@@ -170,8 +185,11 @@ async def test_publish_with_redis_down_neither_raises_nor_blocks(
     feed = open_feed(settings, worker=0)
     assert isinstance(feed, RedisFeed)
     own_server.stop()
-    for n in range(100):
+    feed.record_forward("bad", lambda: {"too": {1, 2}})  # type: ignore[typeddict-item]
+    for n in range(99):
         feed.publish(event(n))  # returns at once: it only appends to a buffer
+    # Each entry counted once: the one that could not be shown is not counted again when
+    # the write of the others fails.
     await wait_for(lambda: feed.dropped == 100, timeout=DEADLINE)
     assert await feed.recent() == []  # the console shows nothing, and does not fail
     # Back again: events flow again.
