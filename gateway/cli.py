@@ -268,6 +268,7 @@ def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ValueError as exc:
         raise ConfigError(f"--listen: {exc}") from None
     setup_logging("WARNING")
+    compiled.warn_if_ignored()
     run_loop(run_demo(where))
     return 0
 

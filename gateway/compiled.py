@@ -95,6 +95,8 @@ def choose(package_dir: Path, environ: Mapping[str, str]) -> Choice:
     if not isinstance(recorded, dict) or recorded.get("compiled") != now["compiled"]:
         return Choice((), "the build compiled other modules than gateway.compiled.MODULES")
     before, after = recorded.get("sources") or {}, now["sources"]
+    if not isinstance(before, dict):
+        return Choice((), f"{MANIFEST} is not a build's manifest")
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     if changed:
         return Choice((), f"{_names([f'gateway/{p}' for p in changed])} changed since the build")

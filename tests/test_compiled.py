@@ -94,8 +94,11 @@ def test_a_build_of_other_modules_is_set_aside(tmp_path: Path) -> None:
     compiled.write_manifest({**recorded, "compiled": [*MODULES, "gateway.cli"]}, package)
     expected = "the build compiled other modules than gateway.compiled.MODULES"
     assert choose(package, {}) == Choice((), expected)
+    not_a_manifest = Choice((), f"{compiled.MANIFEST} is not a build's manifest")
+    compiled.write_manifest({**recorded, "sources": ["gateway/relay.py"]}, package)
+    assert choose(package, {}) == not_a_manifest
     (package / compiled.MANIFEST).write_text("{")
-    assert choose(package, {}) == Choice((), f"{compiled.MANIFEST} is not a build's manifest")
+    assert choose(package, {}) == not_a_manifest
 
 
 def run_python(package: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
