@@ -27,6 +27,7 @@ from gateway.limits import (
 )
 from gateway.limits.limiter import PENDING_WINDOW
 from tests import redis_support
+from tests.limits_support import WrappedStore
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -314,31 +315,6 @@ def test_rule_rejects_empty_limits() -> None:
 
 
 # -- the fallback store (a fake primary here; test_limits_redis runs it against Redis)
-
-
-class WrappedStore:
-    """A MemoryStore behind the LimitStore methods, for a fake store to change some.
-
-    A wrapper, not a subclass: MemoryStore may be compiled (docs/compiled.md), and a
-    class defined here cannot inherit from a compiled one."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStore()
-
-    async def acquire(self, rules: Sequence[Rule], now: float) -> Decision:
-        return await self.inner.acquire(rules, now)
-
-    async def acquire_many(self, checks: Sequence[Sequence[Rule]], now: float) -> list[Decision]:
-        return await self.inner.acquire_many(checks, now)
-
-    async def forget(self, rules: Sequence[Rule]) -> None:
-        await self.inner.forget(rules)
-
-    def key_count(self) -> int:
-        return self.inner.key_count()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class FlakyStore(WrappedStore):

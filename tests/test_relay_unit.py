@@ -27,7 +27,7 @@ from gateway.sinks import QUEUED, SinkResult
 from gateway.spool import QueuedActivity
 from gateway.validation import EnrichedActivity
 from tests.conftest import FakeClock, base_settings
-from tests.test_limits import WrappedStore
+from tests.limits_support import WrappedStore
 
 CLIENT = "203.0.113.7"
 OTHER_CLIENT = "198.51.100.4"
