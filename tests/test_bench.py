@@ -12,12 +12,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway import compiled
 from tests import redis_support
-from tests.bench.report import three_hosts_lines
+from tests.bench.report import derive, three_hosts_lines
 from tests.bench.run import ROWS, SCALE_OUT
 from tests.bench.soak import Received, verdict
 
@@ -186,3 +187,32 @@ def test_the_soak_fails_on_an_activity_received_twice_under_two_keys() -> None:
         "1 activities reached Ortto twice under two keys (e.g. soak-1@example.com)"
     ]
     assert verdict({**result, "received_twice": 0, "received_twice_examples": []}) == []
+
+
+def test_the_scale_out_ceiling_is_the_cpus_the_other_processes_left() -> None:
+    """2 CPUs, 0.4 cores to wrk, the sandbox and Redis in the 2-worker row, one worker
+    using 0.8 cores: two could reach at most (2 - 0.4) / 0.8 = 2.0x; with 0.6 cores
+    taken, 1.75x."""
+
+    def row(rate: float, server: float, others: float) -> dict[str, Any]:
+        cores = {"server": server, "load generator": others / 2, "redis": others / 2}
+        return {
+            "accepted_per_s": rate,
+            "accepted_per_server_cpu_s": rate / server,
+            "cpu_cores": {**cores, "total_busy": server + others},
+            "cpu_cores_rounds": [cores],
+            "redis_keys_at_end": [10],
+            "accepted_incl_warmup": [10],
+            "limiter_errors": [0],
+            "processes_left_after_stop": [0],
+        }
+
+    for others, ceiling in ((0.4, 2.0), (0.6, 1.75)):
+        results: dict[str, Any] = {
+            "machine": {"nproc": 2, "cpus_usable": 2},
+            "options": {"scale_out_load": "-t1 -c32"},
+            "rows": {"redis_w1": row(1000, 0.8, 0.2), "redis_w2": row(1500, 1.4, others)},
+        }
+        scale_out = derive(results)["scale_out"]
+        assert scale_out["ceiling_here"] == ceiling
+        assert scale_out["workers_2_over_1"] == 1.5

@@ -82,8 +82,15 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
                 r["redis_keys_at_end"], r["accepted_incl_warmup"], strict=True
             )
         ]
+        # What the two workers could reach at most here: the CPUs the other processes left
+        # them during the 2-worker row, each used at the 1-worker row's cost per activity.
+        others = sum(v for k, v in w2["cpu_cores"].items() if k not in ("server", "total_busy"))
+        cpus = results["machine"].get("cpus_usable") or results["machine"]["nproc"]
+        server_1 = w1["cpu_cores"].get("server", 0.0)
         out["scale_out"] = {
             "workers_2_over_1": ratio,
+            "ceiling_here": round(min(2.0, (cpus - others) / server_1), 2) if server_1 else None,
+            "other_processes_cores_2_workers": round(others, 2),
             "workers_2_over_1_per_cpu": _ratio(per_cpu["redis_w2"], per_cpu["redis_w1"]),
             "target_above": SCALE_OUT_TARGET,
             "met": ratio is not None and ratio > SCALE_OUT_TARGET,
@@ -393,6 +400,10 @@ def _scale_out_lines(results: dict[str, Any]) -> list[str]:
         f"{_f(so['workers_2_over_1_per_cpu'], '.2f')} per server CPU-second; the machine was "
         f"busy {_f(so['machine_busy_cores_2_workers'], '.2f')} of {nproc} CPUs during the "
         "2-worker row",
+        f"  the most 2 workers could reach on this machine: {_f(so.get('ceiling_here'), '.2f')}x"
+        f" (the CPUs less the {_f(so.get('other_processes_cores_2_workers'), '.2f')} cores "
+        "wrk, the sandbox, Redis and the VM's steal took, at the 1-worker row's CPU per "
+        "activity)",
         f"  Redis limits, 1 worker / durable row (in-process limits): "
         f"{_f(so['redis_1_worker_over_durable'], '.2f')} in accepted/s; redis-server used "
         f"{redis_cores} cores (1/2 workers)",
