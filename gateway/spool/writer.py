@@ -300,11 +300,10 @@ class Writer:
         """What is queued now, up to ``max_group`` rows, without waiting ("loop" mode)."""
         group: list[Op[Any]] = []
         rows = 0
-        while rows < self._max_group:
-            try:
-                op = self._ops.get_nowait()
-            except queue.Empty:
-                break
+        # `empty()` rather than catching queue.Empty, which every group would raise twice:
+        # on the loop, which is the only reader, what is not empty has an item to take.
+        while rows < self._max_group and not self._ops.empty():
+            op = self._ops.get_nowait()
             if op is not None:
                 group.append(op)
                 rows += op.size
