@@ -184,7 +184,7 @@ class Owner(Protocol):
     def _on_stop(self, error: BaseException | None) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Effect:
     """What a write changes in memory once its transaction has committed."""
 
@@ -194,6 +194,10 @@ class _Effect:
     drained_rows: int = 0
     drained_bytes: int = 0
     after: Callable[[], None] | None = None
+
+
+# A put's effect: its deltas are counted before its INSERT (see `_put_all`).
+_NO_EFFECT = _Effect()
 
 
 @dataclass
@@ -627,7 +631,8 @@ class Writer:
             except SpoolFull as exc:
                 failed.append((op, False, exc))
                 continue
-            work.add(_Effect(rows=len(op.items), nbytes=op.nbytes))
+            work.depth += len(op.items)
+            work.nbytes += op.nbytes
             accepted.append(op)
         rows = [item for op in accepted for item in op.items]
         if not rows:
@@ -648,9 +653,7 @@ class Writer:
         for op in accepted:
             ids = list(range(next_id, next_id + len(op.items)))
             next_id += len(op.items)
-            # Already counted in `work` above: the effect here is for the bookkeeping after
-            # commit, so it carries no deltas of its own.
-            done.append((op, ids, _Effect()))
+            done.append((op, ids, _NO_EFFECT))  # counted in `work` above
 
     def _ack(self, ids: tuple[int, ...]) -> _Effect:
         assert self._db is not None
