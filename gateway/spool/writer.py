@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 from gateway.spool import commit, dead_letters, schema
 from gateway.spool.dead_letters import DeadLetter
@@ -67,9 +67,9 @@ _QUEUE_AFTER = f"SELECT {schema.QUEUE_ROW} FROM queue WHERE id > ? ORDER BY id L
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Counters published by the writer thread after every group."""
+class Snapshot(NamedTuple):
+    """Counters published by the writer after every group (a tuple: immutable, and cheaper
+    to build than a frozen dataclass, whose __init__ sets each field by a call)."""
 
     depth: int = 0
     bytes: int = 0
