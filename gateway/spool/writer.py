@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
@@ -169,6 +170,10 @@ class ListDead(Op[list[DeadLetter]]):
     limit: int
     error_contains: str | None
 
+
+# The order of writes within a group (writes only: a read's phase is None), in C rather
+# than a Python key function called for each operation.
+_PHASE: Callable[[Op[Any]], int] = attrgetter("phase")
 
 # (operation, succeeded, result or exception)
 Outcome = tuple[Op[Any], bool, object]
@@ -487,7 +492,7 @@ class Writer:
         # (The group's snapshot publishes whatever the look found.)
         self._external_change_due()
         self.probe()  # while writes fail, a group of reads alone would never notice the end
-        writes = sorted((op for op in group if op.phase is not None), key=_phase)
+        writes = sorted((op for op in group if op.phase is not None), key=_PHASE)
         reads = [op for op in group if op.phase is None]
         outcomes: list[Outcome] = []
         # Operations of one group were all in flight together, so any order is a valid
@@ -802,11 +807,6 @@ class Writer:
     def _list_dead(self, limit: int, error_contains: str | None) -> list[DeadLetter]:
         assert self._db is not None
         return dead_letters.newest(self._db, limit, error_contains)
-
-
-def _phase(op: Op[Any]) -> int:
-    assert op.phase is not None
-    return op.phase
 
 
 def _db_error(exc: BaseException) -> SpoolError:
