@@ -648,7 +648,7 @@ class Writer:
                 cursor = self._db.execute(
                     f"INSERT INTO queue ({schema.QUEUE_PUT}) VALUES "  # noqa: S608
                     + ",".join([_PUT_MARKS] * len(chunk)),
-                    [value for item in chunk for value in schema.put_values(item, now)],
+                    schema.put_values(chunk, now),
                 )
             last = cursor.lastrowid
         except sqlite3.Error as exc:
