@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import sqlite3
@@ -645,11 +646,7 @@ class Writer:
         try:
             for start in range(0, len(rows), INSERT_CHUNK):
                 chunk = rows[start : start + INSERT_CHUNK]
-                cursor = self._db.execute(
-                    f"INSERT INTO queue ({schema.QUEUE_PUT}) VALUES "  # noqa: S608
-                    + ",".join([_PUT_MARKS] * len(chunk)),
-                    schema.put_values(chunk, now),
-                )
+                cursor = self._db.execute(_insert_sql(len(chunk)), schema.put_values(chunk, now))
             last = cursor.lastrowid
         except sqlite3.Error as exc:
             raise _FatalGroupError(f"cannot insert: {exc}") from exc
@@ -807,6 +804,14 @@ class Writer:
     def _list_dead(self, limit: int, error_contains: str | None) -> list[DeadLetter]:
         assert self._db is not None
         return dead_letters.newest(self._db, limit, error_contains)
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    """The INSERT of `rows` activities: one text per size (at most INSERT_CHUNK of them),
+    built once, whose hash the sqlite3 module's statement cache then need not recompute."""
+    marks = ",".join([_PUT_MARKS] * rows)
+    return f"INSERT INTO queue ({schema.QUEUE_PUT}) VALUES {marks}"  # noqa: S608
 
 
 def _db_error(exc: BaseException) -> SpoolError:
