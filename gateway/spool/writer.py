@@ -190,7 +190,7 @@ class Owner(Protocol):
     def _on_stop(self, error: BaseException | None) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class _Effect:
     """What a write changes in memory once its transaction has committed."""
 
@@ -200,10 +200,6 @@ class _Effect:
     drained_rows: int = 0
     drained_bytes: int = 0
     after: Callable[[], None] | None = None
-
-
-# A put's effect: its deltas are counted before its INSERT (see `_put_all`).
-_NO_EFFECT = _Effect()
 
 
 @dataclass
@@ -515,6 +511,7 @@ class Writer:
         assert db is not None
         work = _Counters(self._depth, self._bytes, self._dead)
         done: list[tuple[Op[Any], object, _Effect]] = []
+        stored: list[Outcome] = []  # the puts' answers (already counted in `work`)
         failed: list[Outcome] = []
         now = time.time()
         changes = db.total_changes
@@ -533,7 +530,7 @@ class Writer:
             for op in ops:
                 if isinstance(op, Put):
                     if op is puts[0]:  # in phase order: after the removals, all at once
-                        self._put_all(puts, work, now, done, failed)
+                        stored = self._put_all(puts, work, now, failed)
                     continue
                 db.execute("SAVEPOINT op")
                 try:
@@ -572,7 +569,7 @@ class Writer:
         elif db.total_changes > changes:  # a write that needed the disk went through
             self._write_error = None
         outcomes.extend(failed)
-        if done:  # a group whose every operation was refused wrote nothing
+        if done or stored:  # a group whose every operation was refused wrote nothing
             self._commits += 1
         self._depth, self._bytes, self._dead = work.depth, work.nbytes, work.dead
         drained_rows = drained_bytes = 0
@@ -582,6 +579,7 @@ class Writer:
             drained_rows += effect.drained_rows
             drained_bytes += effect.drained_bytes
             outcomes.append((op, True, result))
+        outcomes.extend(stored)
         if drained_rows:
             self._drained.append((time.monotonic(), drained_rows, drained_bytes))
 
@@ -615,10 +613,10 @@ class Writer:
         puts: list[Put],
         work: _Counters,
         now: float,
-        done: list[tuple[Op[Any], object, _Effect]],
         failed: list[Outcome],
-    ) -> None:
-        """Insert every put of the group with one statement per INSERT_CHUNK rows.
+    ) -> list[Outcome]:
+        """Insert every put of the group with one statement per INSERT_CHUNK rows; the
+        answers of those that fit (their ids), which hold once the group commits.
 
         A put can only be refused for room, which is decided here before any SQL, so
         puts need no SAVEPOINT each. Each SQLite call releases the GIL and must take it
@@ -642,7 +640,7 @@ class Writer:
             accepted.append(op)
         rows = [item for op in accepted for item in op.items]
         if not rows:
-            return
+            return []
         try:
             for start in range(0, len(rows), INSERT_CHUNK):
                 chunk = rows[start : start + INSERT_CHUNK]
@@ -652,10 +650,11 @@ class Writer:
             raise _FatalGroupError(f"cannot insert: {exc}") from exc
         assert last is not None
         next_id = last - len(rows) + 1
+        stored: list[Outcome] = []
         for op in accepted:
-            ids = list(range(next_id, next_id + len(op.items)))
+            stored.append((op, True, list(range(next_id, next_id + len(op.items)))))
             next_id += len(op.items)
-            done.append((op, ids, _NO_EFFECT))  # counted in `work` above
+        return stored
 
     def _ack(self, ids: tuple[int, ...]) -> _Effect:
         assert self._db is not None
