@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gateway.spool.errors import SpoolError
 from gateway.spool.items import QueuedActivity
@@ -81,9 +81,13 @@ QUEUE_ROW = "id, payload, enqueued_at, attempts, activity_id, person, created"
 QUEUE_PUT = "payload, enqueued_at, activity_id, person, created"
 
 
-def put_values(item: QueuedActivity, enqueued_at: float) -> tuple[object, ...]:
-    """The values of `QUEUE_PUT` for one activity, in its order."""
-    return (item.payload, enqueued_at, item.activity_id, item.person, item.created)
+def put_values(items: Sequence[QueuedActivity], enqueued_at: float) -> list[object]:
+    """The values of `QUEUE_PUT` for each of `items` in turn, in its order: what a
+    multi-row INSERT binds (one call for them all, not one per activity)."""
+    values: list[object] = []
+    for item in items:
+        values += (item.payload, enqueued_at, item.activity_id, item.person, item.created)
+    return values
 
 
 # What a queue row carries besides its id: copied as they are when rows move between files.

@@ -335,7 +335,7 @@ def _insert(db: sqlite3.Connection, record: _Record) -> None:
     """Queue the record with its columns; a dead letter goes through the queue (its id is
     then a queue id no later row can take, as every dead letter's is)."""
     item = QueuedActivity(record.payload, record.activity_id, record.person_hash, record.created)
-    values = (*schema.put_values(item, record.enqueued_at), record.attempts)
+    values = [*schema.put_values([item], record.enqueued_at), record.attempts]
     cursor = db.execute(
         f"INSERT INTO queue ({schema.QUEUE_PUT}, attempts)"  # noqa: S608 - names from schema
         f" VALUES ({', '.join('?' * len(values))})",

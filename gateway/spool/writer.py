@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import sqlite3
@@ -29,8 +30,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 from gateway.spool import commit, dead_letters, schema
 from gateway.spool.dead_letters import DeadLetter
@@ -67,9 +69,9 @@ _QUEUE_AFTER = f"SELECT {schema.QUEUE_ROW} FROM queue WHERE id > ? ORDER BY id L
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Counters published by the writer thread after every group."""
+class Snapshot(NamedTuple):
+    """Counters published by the writer after every group (a tuple: immutable, and cheaper
+    to build than a frozen dataclass, whose __init__ sets each field by a call)."""
 
     depth: int = 0
     bytes: int = 0
@@ -169,6 +171,10 @@ class ListDead(Op[list[DeadLetter]]):
     limit: int
     error_contains: str | None
 
+
+# The order of writes within a group (writes only: a read's phase is None), in C rather
+# than a Python key function called for each operation.
+_PHASE: Callable[[Op[Any]], int] = attrgetter("phase")
 
 # (operation, succeeded, result or exception)
 Outcome = tuple[Op[Any], bool, object]
@@ -300,11 +306,10 @@ class Writer:
         """What is queued now, up to ``max_group`` rows, without waiting ("loop" mode)."""
         group: list[Op[Any]] = []
         rows = 0
-        while rows < self._max_group:
-            try:
-                op = self._ops.get_nowait()
-            except queue.Empty:
-                break
+        # `empty()` rather than catching queue.Empty, which every group would raise twice:
+        # on the loop, which is the only reader, what is not empty has an item to take.
+        while rows < self._max_group and not self._ops.empty():
+            op = self._ops.get_nowait()
             if op is not None:
                 group.append(op)
                 rows += op.size
@@ -484,7 +489,7 @@ class Writer:
         # (The group's snapshot publishes whatever the look found.)
         self._external_change_due()
         self.probe()  # while writes fail, a group of reads alone would never notice the end
-        writes = sorted((op for op in group if op.phase is not None), key=_phase)
+        writes = sorted((op for op in group if op.phase is not None), key=_PHASE)
         reads = [op for op in group if op.phase is None]
         outcomes: list[Outcome] = []
         # Operations of one group were all in flight together, so any order is a valid
@@ -506,6 +511,7 @@ class Writer:
         assert db is not None
         work = _Counters(self._depth, self._bytes, self._dead)
         done: list[tuple[Op[Any], object, _Effect]] = []
+        stored: list[Outcome] = []  # the puts' answers (already counted in `work`)
         failed: list[Outcome] = []
         now = time.time()
         changes = db.total_changes
@@ -524,7 +530,7 @@ class Writer:
             for op in ops:
                 if isinstance(op, Put):
                     if op is puts[0]:  # in phase order: after the removals, all at once
-                        self._put_all(puts, work, now, done, failed)
+                        stored = self._put_all(puts, work, now, failed)
                     continue
                 db.execute("SAVEPOINT op")
                 try:
@@ -563,7 +569,7 @@ class Writer:
         elif db.total_changes > changes:  # a write that needed the disk went through
             self._write_error = None
         outcomes.extend(failed)
-        if done:  # a group whose every operation was refused wrote nothing
+        if done or stored:  # a group whose every operation was refused wrote nothing
             self._commits += 1
         self._depth, self._bytes, self._dead = work.depth, work.nbytes, work.dead
         drained_rows = drained_bytes = 0
@@ -573,6 +579,7 @@ class Writer:
             drained_rows += effect.drained_rows
             drained_bytes += effect.drained_bytes
             outcomes.append((op, True, result))
+        outcomes.extend(stored)
         if drained_rows:
             self._drained.append((time.monotonic(), drained_rows, drained_bytes))
 
@@ -606,10 +613,10 @@ class Writer:
         puts: list[Put],
         work: _Counters,
         now: float,
-        done: list[tuple[Op[Any], object, _Effect]],
         failed: list[Outcome],
-    ) -> None:
-        """Insert every put of the group with one statement per INSERT_CHUNK rows.
+    ) -> list[Outcome]:
+        """Insert every put of the group with one statement per INSERT_CHUNK rows; the
+        answers of those that fit (their ids), which hold once the group commits.
 
         A put can only be refused for room, which is decided here before any SQL, so
         puts need no SAVEPOINT each. Each SQLite call releases the GIL and must take it
@@ -628,30 +635,26 @@ class Writer:
             except SpoolFull as exc:
                 failed.append((op, False, exc))
                 continue
-            work.add(_Effect(rows=len(op.items), nbytes=op.nbytes))
+            work.depth += len(op.items)
+            work.nbytes += op.nbytes
             accepted.append(op)
         rows = [item for op in accepted for item in op.items]
         if not rows:
-            return
+            return []
         try:
             for start in range(0, len(rows), INSERT_CHUNK):
                 chunk = rows[start : start + INSERT_CHUNK]
-                cursor = self._db.execute(
-                    f"INSERT INTO queue ({schema.QUEUE_PUT}) VALUES "  # noqa: S608
-                    + ",".join([_PUT_MARKS] * len(chunk)),
-                    [value for item in chunk for value in schema.put_values(item, now)],
-                )
+                cursor = self._db.execute(_insert_sql(len(chunk)), schema.put_values(chunk, now))
             last = cursor.lastrowid
         except sqlite3.Error as exc:
             raise _FatalGroupError(f"cannot insert: {exc}") from exc
         assert last is not None
         next_id = last - len(rows) + 1
+        stored: list[Outcome] = []
         for op in accepted:
-            ids = list(range(next_id, next_id + len(op.items)))
+            stored.append((op, True, list(range(next_id, next_id + len(op.items)))))
             next_id += len(op.items)
-            # Already counted in `work` above: the effect here is for the bookkeeping after
-            # commit, so it carries no deltas of its own.
-            done.append((op, ids, _Effect()))
+        return stored
 
     def _ack(self, ids: tuple[int, ...]) -> _Effect:
         assert self._db is not None
@@ -802,9 +805,12 @@ class Writer:
         return dead_letters.newest(self._db, limit, error_contains)
 
 
-def _phase(op: Op[Any]) -> int:
-    assert op.phase is not None
-    return op.phase
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    """The INSERT of `rows` activities: one text per size (at most INSERT_CHUNK of them),
+    built once, whose hash the sqlite3 module's statement cache then need not recompute."""
+    marks = ",".join([_PUT_MARKS] * rows)
+    return f"INSERT INTO queue ({schema.QUEUE_PUT}) VALUES {marks}"  # noqa: S608
 
 
 def _db_error(exc: BaseException) -> SpoolError:
