@@ -660,8 +660,7 @@ class Delivery:
         """A string of an activity as sent, for the console: emails and secrets masked,
         cut to `FORWARDED_VALUE_CHARS`. The gateway's own validated output, so the cheap
         checks do (`redact`, for Ortto's text, also looks for parts of secrets)."""
-        if "@" in text:
-            text = mask_emails(text)
+        text = mask_emails(text)
         for secret in self._client.secrets:
             if secret in text:
                 text = text.replace(secret, MASKED)

@@ -75,8 +75,7 @@ def redact(text: str | bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_
         head, _, tail = text.rpartition(" ")
         if len(tail) < limit + SECRET_WINDOW:
             text = head + " \u2026"
-    if "@" in text:  # the pattern backtracks over every run of a text without one
-        text = _EMAIL.sub(_mask_email, text)
+    text = mask_emails(text)
     if needles:
         windows = _windows(needles)
         if windows.search(text):  # a word holds a window only if the whole text does
@@ -100,7 +99,8 @@ def _windows(secrets: tuple[str, ...]) -> re.Pattern[str]:
 
 
 def mask_emails(text: str) -> str:
-    """Every email-like run's local part masked (`****@example.com`), as `redact` does."""
+    """Every email-like run's local part masked (`****@example.com`), as `redact` does.
+    Only where there is an `@`: the pattern backtracks over every run of a text without."""
     return _EMAIL.sub(_mask_email, text) if "@" in text else text
 
 
